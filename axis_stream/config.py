@@ -1,0 +1,274 @@
+"""Configuration: a dataclass tree loaded from TOML and validated here, and nowhere else.
+
+Every setting has a default; ``config/axis-stream.toml`` documents each one. Unknown keys and
+values of the wrong type or range are ``ConfigError``s that name the key. Paths can be overridden
+from the environment (``AXIS_STREAM_STATE_DIR``, ``AXIS_STREAM_WATCH_DIR``, ``AXIS_STREAM_DATA_ROOT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from axis_stream.errors import ConfigError
+
+VIT_BLOCK_MATRICES = [
+    "visual.transformer.resblocks.*.attn.in_proj_weight",
+    "visual.transformer.resblocks.*.attn.out_proj.weight",
+    "visual.transformer.resblocks.*.mlp.c_fc.weight",
+    "visual.transformer.resblocks.*.mlp.c_proj.weight",
+]
+
+
+@dataclass
+class PathsConfig:
+    state_dir: Path = Path("/var/lib/axis-stream")
+    watch_dir: Path = Path("/srv/axis-stream/incoming")
+    archive_dir: Path | None = None      # default: <state_dir>/archive
+    quarantine_dir: Path | None = None   # default: <state_dir>/quarantine
+    data_root: Path | None = None        # datasets for Stage 2
+
+    @property
+    def basis_dir(self) -> Path:
+        return self.state_dir / "basis"
+
+    @property
+    def archive(self) -> Path:
+        return self.archive_dir or self.state_dir / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.quarantine_dir or self.state_dir / "quarantine"
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+
+@dataclass
+class BaseConfig:
+    model: str = "ViT-B-32"              # open_clip architecture name
+    pretrained: str = "openai"           # open_clip pretrained tag, or a local weights file
+    model_config: Path | None = None     # optional open_clip model config JSON (custom architectures)
+
+
+@dataclass
+class BasisConfig:
+    matrix_patterns: list[str] = field(default_factory=lambda: list(VIT_BLOCK_MATRICES))
+    conv_as_matrix: bool = False         # treat 4-D conv weights as (out, in*kh*kw) matrices
+    k_mode: str = "fraction"             # fraction | count | gavish-donoho
+    k_fraction: float = 0.10
+    k_count: int = 76
+    svd: str = "randomized"              # exact | randomized (certified, falls back to exact)
+    svd_tol: float = 1e-4
+    keep_versions: int = 5
+    trust_pickles: bool = False          # allow whole-model pickles in the watched folder
+
+    def validate(self) -> None:
+        _choice("basis.k_mode", self.k_mode, ("fraction", "count", "gavish-donoho"))
+        _choice("basis.svd", self.svd, ("exact", "randomized"))
+        _range("basis.k_fraction", self.k_fraction, 0.0, 1.0, low_open=True)
+        _range("basis.k_count", self.k_count, 1, None)
+        _range("basis.svd_tol", self.svd_tol, 0.0, None, low_open=True)
+        _range("basis.keep_versions", self.keep_versions, 1, None)
+        if not self.matrix_patterns:
+            raise ConfigError("basis.matrix_patterns: must name at least one pattern")
+
+
+@dataclass
+class WatchConfig:
+    observer: str = "auto"               # auto | inotify | polling
+    poll_interval_s: float = 1.0         # polling observer interval
+    stable_interval_s: float = 2.0       # size and mtime unchanged this long = complete
+    rescan_interval_s: float = 60.0      # periodic full rescan (inotify overflow, network filesystems)
+    discard: str = "delete"              # delete | archive
+
+    def validate(self) -> None:
+        _choice("watch.observer", self.observer, ("auto", "inotify", "polling"))
+        _choice("watch.discard", self.discard, ("delete", "archive"))
+        for name in ("poll_interval_s", "stable_interval_s", "rescan_interval_s"):
+            _range(f"watch.{name}", getattr(self, name), 0.0, None, low_open=True)
+
+
+@dataclass
+class TriggerConfig:
+    target: str = ""
+    cron: str = ""                       # crontab expression, e.g. "0 3 * * *"
+    every_folds: int = 0                 # queue after every M folds (0 = off)
+
+    def validate(self) -> None:
+        if not self.target:
+            raise ConfigError("scheduler.triggers.target: required")
+        if bool(self.cron) == bool(self.every_folds):
+            raise ConfigError("scheduler.triggers: give exactly one of cron or every_folds")
+        _range("scheduler.triggers.every_folds", self.every_folds, 0, None)
+
+
+@dataclass
+class SchedulerConfig:
+    gpu_slots: int = 1                   # adaptation jobs running at once
+    executor: str = "local"              # local child processes
+    triggers: list[TriggerConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _range("scheduler.gpu_slots", self.gpu_slots, 1, None)
+        _choice("scheduler.executor", self.executor, ("local",))
+        for t in self.triggers:
+            t.validate()
+
+
+@dataclass
+class AdaptConfig:
+    n_fraction: float = 0.10             # trainable top-N singular values per matrix, fraction of min(m, n)
+    epochs: int = 10
+    lr: float = 1e-1
+    weight_decay: float = 0.1
+    batch_size: int = 64
+    grad_clip: float = 1.0
+    val_fraction: float = 0.10
+    val_max: int = 5000
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    amp: bool = True                     # mixed precision on CUDA
+
+    def validate(self) -> None:
+        _range("adapt.n_fraction", self.n_fraction, 0.0, 1.0, low_open=True)
+        _range("adapt.epochs", self.epochs, 1, None)
+        _range("adapt.lr", self.lr, 0.0, None, low_open=True)
+        _range("adapt.weight_decay", self.weight_decay, 0.0, None)
+        _range("adapt.batch_size", self.batch_size, 1, None)
+        _range("adapt.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        _range("adapt.val_max", self.val_max, 1, None)
+        _range("adapt.num_workers", self.num_workers, 0, None)
+
+
+@dataclass
+class MetricsConfig:
+    address: str = "127.0.0.1:9464"      # host:port for /metrics, /healthz, /readyz; "" disables
+
+    def validate(self) -> None:
+        if self.address:
+            host, _, port = self.address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"metrics.address: expected host:port, got {self.address!r}")
+
+
+@dataclass
+class LogConfig:
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        _choice("log.level", self.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+
+ENV_OVERRIDES = {
+    "AXIS_STREAM_STATE_DIR": "state_dir",
+    "AXIS_STREAM_WATCH_DIR": "watch_dir",
+    "AXIS_STREAM_DATA_ROOT": "data_root",
+}
+
+
+def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (or only defaults when None), apply environment overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    cfg = _build(Config, data, "")
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    for var, name in ENV_OVERRIDES.items():
+        value = (os.environ if env is None else env).get(var)
+        if value:
+            setattr(cfg.paths, name, Path(value))
+    for f in dataclasses.fields(cfg.paths):
+        value = getattr(cfg.paths, f.name)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(cfg.paths, f.name, base_dir / value)
+    if cfg.base.model_config is not None and not cfg.base.model_config.is_absolute():
+        cfg.base.model_config = base_dir / cfg.base.model_config
+    return cfg.validate()
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Construct dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    kwargs = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    args = getattr(hint, "__args__", ())
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, key) for v in value]
+    if type(None) in args:  # Optional[X]
+        inner = next(a for a in args if a is not type(None))
+        return None if value in ("", None) else _convert(inner, value, key)
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, float, str) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _range(key: str, value: float, low: float, high: float | None, low_open: bool = False) -> None:
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{key}: must be {bound}, got {value!r}")

@@ -1,0 +1,68 @@
+"""Typed errors. Each says in one line which file or key is at fault and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AxisError(Exception):
+    """Base of every error axis-stream raises on purpose."""
+
+
+class ConfigError(AxisError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+class BasisError(AxisError):
+    """The basis directory is missing, corrupt or belongs to another base model."""
+
+
+class CheckpointError(AxisError):
+    """A checkpoint was rejected. ``reason`` is a short label (used in metrics and quarantine)."""
+
+    reason = "invalid"
+
+    def __init__(self, path: str | Path, message: str):
+        self.path = Path(path)
+        self.message = message
+        super().__init__(f"{self.path.name}: {message}")
+
+
+class TruncatedFile(CheckpointError):
+    reason = "truncated"
+
+
+class NotACheckpoint(CheckpointError):
+    reason = "not_a_checkpoint"
+
+
+class UntrustedPickle(CheckpointError):
+    reason = "untrusted_pickle"
+
+
+class MissingKeys(CheckpointError):
+    reason = "missing_keys"
+
+
+class ShapeMismatch(CheckpointError):
+    reason = "shape_mismatch"
+
+
+class BadDtype(CheckpointError):
+    reason = "bad_dtype"
+
+
+class NonFinite(CheckpointError):
+    reason = "non_finite"
+
+
+class DifferentBase(CheckpointError):
+    reason = "different_base"
+
+
+class ZeroDelta(CheckpointError):
+    reason = "zero_delta"
+
+
+class Duplicate(CheckpointError):
+    reason = "duplicate"

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny open_clip CLIP built in code, its weights file, and checkpoints made from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from axis_stream import config, models
+
+
+def finetuned_like(base: dict[str, torch.Tensor], seed: int, scale: float = 0.02, rank: int = 4,
+                   prefix: str = "visual.") -> dict[str, torch.Tensor]:
+    """A checkpoint that looks fine-tuned: low-rank-plus-noise changes to every float tensor under ``prefix``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in base.items():
+        t = t.clone()
+        if name.startswith(prefix) and t.is_floating_point():
+            if t.dim() == 2:
+                m, n = t.shape
+                r = min(rank, m, n)
+                low = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g) / r
+                t += scale * (low + 0.1 * torch.randn(m, n, generator=g))
+            else:
+                t += scale * torch.randn(t.shape, generator=g)
+        out[name] = t.contiguous()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> tuple[config.BaseConfig, dict[str, torch.Tensor]]:
+    """The tiny CLIP's config (weights saved to a local safetensors file) and its state dict."""
+    root = tmp_path_factory.mktemp("tiny-base")
+    cfg_path = root / "axis-tiny.json"
+    cfg_path.write_text(json.dumps(models.TINY_CLIP))
+    torch.manual_seed(0)
+    model = models.create_base(config.BaseConfig(model="axis-tiny", pretrained="", model_config=cfg_path))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    weights = root / "axis-tiny-base.safetensors"
+    save_file(state, weights)
+    return config.BaseConfig(model="axis-tiny", pretrained=str(weights), model_config=cfg_path), state
+
+
+@pytest.fixture
+def make_checkpoint(tiny_base, tmp_path):
+    """``make_checkpoint(seed, name=None, **kw) -> Path``: a fine-tuned-like safetensors checkpoint."""
+    _, base = tiny_base
+
+    def make(seed: int, name: str | None = None, directory: Path | None = None, **kw) -> Path:
+        path = (directory or tmp_path) / (name or f"ckpt-{seed}.safetensors")
+        save_file(finetuned_like(base, seed, **kw), path)
+        return path
+
+    return make
