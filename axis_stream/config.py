@@ -36,6 +36,7 @@ class PathsConfig:
     archive_dir: Path | None = None      # default: <state_dir>/archive
     quarantine_dir: Path | None = None   # default: <state_dir>/quarantine
     data_root: Path | None = None        # datasets for Stage 2
+    log_file: Path | None = None         # also append log lines here (stderr/the journal always gets them)
 
     @property
     def basis_dir(self) -> Path:
