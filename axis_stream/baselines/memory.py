@@ -1,0 +1,64 @@
+"""Peak memory of one training step, measured the same way for every method.
+
+On CUDA it is the allocator's own peak statistic. Elsewhere there is no allocator statistic, so it
+is the bytes of the tensors the model holds plus the peak of the tensors created during the step,
+counted storage by storage with a dispatch mode (forward and backward alike).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Tracks the bytes of storages created under it that are still alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.live:
+                    nbytes = t.untyped_storage().nbytes()
+                    self.live[ref.cdata] = (ref, nbytes)
+                    self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def step_peak_bytes(module: nn.Module, step: Callable[[], None], device: torch.device | str = "cpu") -> int:
+    """Peak memory while ``step()`` runs (typically one forward and backward of ``module``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    held = resident_bytes(module)
+    with _LiveTensors() as tracker:
+        step()
+    return held + tracker.peak
