@@ -79,7 +79,7 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
 @main.command()
 @_CONFIG_OPTION
 @click.option("--target", required=True, help="Dataset to adapt to, e.g. flowers102, or imagefolder:PATH.")
-@click.option("--n-fraction", type=float, help="Trainable top-N singular values per matrix, as a fraction of min(m, n).")
+@click.option("--n-fraction", type=float, help="Trained top-N singular values per matrix, fraction of min(m, n).")
 @click.option("--epochs", type=int, help="Training epochs.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--batch-size", type=int, help="Batch size.")
@@ -100,7 +100,8 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, epochs
                    **{k: v for k, v in given.items() if v is not None})
     click.echo(f"queued job {record['id']}: adapt {target}")
     if not wait:
-        click.echo(f"follow it with `axis-stream jobs show {record['id']}` or `axis-stream jobs logs --follow {record['id']}`")
+        click.echo(f"follow it with `axis-stream jobs show {record['id']}` "
+                   f"or `axis-stream jobs logs --follow {record['id']}`")
         return
     try:
         for record in _guard(jobs.watch_job, socket_path, record["id"]):

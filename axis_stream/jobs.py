@@ -17,7 +17,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import signal
 import sqlite3
 import sys
@@ -142,7 +141,7 @@ class JobStore:
             for n in range(10_000):
                 record = make(f"{prefix}-{n:02d}")
                 try:
-                    self._db.execute(f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
+                    self._db.execute(f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({_marks(len(_FIELDS))})",
                                      [_encode(f, getattr(record, f)) for f in _FIELDS])
                     return record
                 except sqlite3.IntegrityError:
@@ -156,7 +155,7 @@ class JobStore:
 
     def list(self, limit: int | None = None, states: tuple[str, ...] = STATES) -> list[JobRecord]:
         """Jobs in ``states``, newest first."""
-        sql = (f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE state IN ({', '.join('?' * len(states))}) "
+        sql = (f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE state IN ({_marks(len(states))}) "
                "ORDER BY created_at DESC, id DESC LIMIT ?")
         with self._lock:
             rows = self._db.execute(sql, (*states, -1 if limit is None else limit)).fetchall()
@@ -167,7 +166,7 @@ class JobStore:
         sets = ", ".join(f"{name} = ?" for name in fields)
         values = [_encode(name, value) for name, value in fields.items()]
         with self._lock:
-            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
+            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({_marks(len(from_states))})",
                                    (*values, job_id, *from_states))
         return cur.rowcount == 1
 
@@ -175,9 +174,13 @@ class JobStore:
         """Add one fold to ``trigger``'s persistent count and return the new count."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO fold_counts VALUES (?, 1) ON CONFLICT (trigger) DO UPDATE SET folds = folds + 1",
-                             (trigger,))
+            self._db.execute("INSERT INTO fold_counts VALUES (?, 1) "
+                             "ON CONFLICT (trigger) DO UPDATE SET folds = folds + 1", (trigger,))
             return self._db.execute("SELECT folds FROM fold_counts WHERE trigger = ?", (trigger,)).fetchone()[0]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -250,8 +253,9 @@ class JobRunner:
             log.info("job %s: queued before the restart, dispatching again", record.id)
             self._dispatch(record)
         for index, trigger in self._cron:
-            self._scheduler.add_job(self._fire_trigger, trigger, args=[index, f"cron:{self.config.scheduler.triggers[index].cron}"],
-                                    id=f"trigger-{index}", executor="triggers", misfire_grace_time=300, coalesce=True)
+            origin = f"cron:{self.config.scheduler.triggers[index].cron}"
+            self._scheduler.add_job(self._fire_trigger, trigger, args=[index, origin], id=f"trigger-{index}",
+                                    executor="triggers", misfire_grace_time=300, coalesce=True)
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop dispatching (queued jobs stay queued for the next start) and stop running jobs.
@@ -306,8 +310,8 @@ class JobRunner:
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job, or stop a running one (its child process is gone when this returns)."""
         record = self.get(job_id)
-        if record.state == "queued" and self._store.update(job_id, ("queued",), state="cancelled",
-                                                           error="cancelled before it started", finished_at=time.time()):
+        if record.state == "queued" and self._store.update(
+                job_id, ("queued",), state="cancelled", error="cancelled before it started", finished_at=time.time()):
             log.info("job %s: cancelled while queued", job_id)
             try:
                 self._scheduler.remove_job(job_id)
@@ -376,8 +380,8 @@ class JobRunner:
     def _dispatch(self, record: JobRecord) -> None:
         """Hand a queued job to APScheduler; dispatching twice is harmless (only one run leaves "queued")."""
         if self._scheduler.running:
-            self._scheduler.add_job(self._execute, args=[record.id], id=record.id, name=f"{record.kind} {record.target}",
-                                    replace_existing=True)
+            self._scheduler.add_job(self._execute, args=[record.id], id=record.id,
+                                    name=f"{record.kind} {record.target}", replace_existing=True)
 
     def _changed(self, job_id: str) -> None:
         if self.on_change is None:
@@ -419,9 +423,11 @@ class JobRunner:
                 state, error, result = self._supervise(self._store.get(job_id), run)
             except Exception as exc:
                 log.exception("job %s: supervising the job process failed", job_id)
-                state, error, result = "failed", one_line(f"supervising the job failed: {type(exc).__name__}: {exc}"), None
+                error = one_line(f"supervising the job failed: {type(exc).__name__}: {exc}")
+                state, result = "failed", None
             self._store.update(job_id, ("running",), state=state, error=error, result=result,
                                finished_at=time.time(), pid=None)
+            _append_line(Path(record.log_path), f"axis-stream: job {job_id} {state}" + (f": {error}" if error else ""))
             log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s: %s%s", job_id, state,
                     f": {error}" if error else "")
             self._changed(job_id)
@@ -464,7 +470,7 @@ class JobRunner:
             while messages.open and reader.poll():
                 messages.receive(reader)
         finally:
-            _signal_group(proc.pid, signal.SIGKILL)      # leftovers of the job (e.g. data-loader workers), or all of it on error
+            _signal_group(proc.pid, signal.SIGKILL)      # leftovers (e.g. data-loader workers), or all of it on error
             proc.join()
             reader.close()
         messages.flush_progress()
@@ -515,6 +521,15 @@ class _Messages:
             self.runner._store.update(self.job_id, ("running",), progress=self._progress)
             self.runner._changed(self.job_id)
             self._stored_at, self._dirty = time.monotonic(), False
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Close a job's log with its outcome, which a killed child cannot write itself."""
+    try:
+        with path.open("a") as fh:
+            fh.write(f"{datetime.now().isoformat(sep=' ', timespec='seconds')} {line}\n")
+    except OSError as exc:
+        log.warning("%s: cannot append the job's outcome: %s", path, exc.strerror)
 
 
 def _request_stop(run: _Run, reason: str) -> None:
@@ -634,27 +649,13 @@ def run_selftest(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 # -- control-API handlers --------------------------------------------------------------------------
 
-ADAPT_PARAMS: dict[str, type] = {"n_fraction": float, "epochs": int, "lr": float, "batch_size": int,
-                                 "seed": int, "data_root": str}
-_TARGET = re.compile(r"[^\x00-\x1f\x7f]{1,4096}")      # a dataset name or imagefolder:PATH, one printable line
-
-
 def adapt_params(args: dict[str, Any], config: Config) -> dict[str, Any]:
-    """Checked parameters of an adapt job; settings not given come from ``config.adapt`` and are recorded."""
-    unknown = sorted(set(args) - set(ADAPT_PARAMS) - {"target"})
-    if unknown:
-        raise RequestError(f"unknown parameter {unknown[0]!r}; known: target, {', '.join(ADAPT_PARAMS)}")
-    target = arg(args, "target", str)
-    if not _TARGET.fullmatch(target):
-        raise RequestError(f"target {target!r} must be a dataset name or imagefolder:PATH on one line")
-    given = {name: arg(args, name, kind) for name, kind in ADAPT_PARAMS.items() if args.get(name) is not None}
-    settings = {f.name for f in dataclasses.fields(config.adapt)}
-    merged = dataclasses.replace(config.adapt, **{k: v for k, v in given.items() if k in settings})
-    merged.validate()
-    params = {"target": target, **{name: getattr(merged, name) for name in ADAPT_PARAMS if name in settings}}
-    data_root = given.get("data_root") or config.paths.data_root
-    if data_root is not None:
-        params["data_root"] = str(data_root)
+    """An adapt job's parameters, checked now by Stage 2's own rules so that a bad one fails the request,
+    not the job; settings not given come from the config's ``[adapt]`` section when the job runs."""
+    from axis_stream.adapt.recipe import job_settings      # torch; the daemon has it loaded already
+
+    params = {name: value for name, value in args.items() if value is not None}
+    job_settings(params, config)
     return params
 
 

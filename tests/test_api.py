@@ -71,7 +71,8 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server):
         (b'{"op": "need", "args": {"n": "3"}}\n', "need: argument 'n' must be int, got str '3'"),
         (b'{"op": "refuse"}\n', "refused on purpose"),
         (b'{"op": "boom"}\n', "internal error in boom: RuntimeError: kaboom second line"),
-        (b'{"op": "echo", "args": {"x": "' + b"a" * (2 << 20) + b'"}}\n', f"request larger than {api.MAX_REQUEST_BYTES} bytes"),
+        (b'{"op": "echo", "args": {"x": "' + b"a" * (2 << 20) + b'"}}\n',
+         f"request larger than {api.MAX_REQUEST_BYTES} bytes"),
     ]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(10)
@@ -137,7 +138,7 @@ def test_job_ops_over_the_socket(daemon):
     runner, sock = daemon
     record = api.request(sock, "adapt.real", target="flowers102", epochs=2)
     assert (record["kind"], record["state"], record["params"]["epochs"]) == ("adapt", "queued", 2)
-    with pytest.raises(AxisError, match="unknown parameter 'epoch'"):
+    with pytest.raises(AxisError, match="unknown adapt parameter.* epoch;"):
         api.request(sock, "adapt.real", target="flowers102", epoch=2)
     with pytest.raises(AxisError, match=r"adapt.epochs: must be >= 1, got 0"):
         api.request(sock, "adapt.real", target="flowers102", epochs=0)

@@ -16,7 +16,6 @@ from apscheduler.triggers.cron import CronTrigger
 
 from axis_stream import config, jobs
 from axis_stream.basis import Basis
-from axis_stream.api import RequestError
 from axis_stream.errors import AxisError, ConfigError
 
 
@@ -48,7 +47,8 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def make_config(state_dir: Path, gpu_slots: int = 1, triggers: list[config.TriggerConfig] | None = None) -> config.Config:
+def make_config(state_dir: Path, gpu_slots: int = 1,
+                triggers: list[config.TriggerConfig] | None = None) -> config.Config:
     cfg = config.Config()
     cfg.paths.state_dir = state_dir
     cfg.scheduler.gpu_slots = gpu_slots
@@ -138,6 +138,8 @@ def test_crashed_failed_and_killed_jobs_fail_with_a_reason_and_the_runner_keeps_
     assert final(runner, fail).error == "RuntimeError: selftest asked to fail"
     assert "Traceback" in runner.logs(fail)
     assert final(runner, killed).error == "job process was killed by SIGKILL (out of memory?)"
+    assert runner.logs(killed, tail=1).endswith(f"axis-stream: job {killed} failed: job process was killed by SIGKILL "
+                                                "(out of memory?)\n")
     assert final(runner, after).state == "succeeded"
 
 
@@ -245,7 +247,7 @@ def test_every_m_folds_trigger_queues_an_adaptation_and_its_count_survives_resta
     runner.notify_fold(2)
     [record] = runner.list()
     assert (record.kind, record.target, record.origin) == ("adapt", "flowers102", "folds:2@v2")
-    assert record.params["epochs"] == config.AdaptConfig().epochs          # defaults recorded with the job
+    assert record.params == {"target": "flowers102"}                   # the config's [adapt] applies when it runs
     final(runner, record.id)
     runner.notify_fold(3)
     runner.shutdown()
@@ -282,19 +284,16 @@ def test_an_invalid_crontab_is_a_config_error(tmp_path):
         jobs.JobRunner(cfg, cfg.paths.basis_dir)
 
 
-def test_adapt_params_fill_defaults_and_refuse_bad_input(tmp_path):
+def test_adapt_params_are_checked_by_stage_2s_rules_when_submitted(tmp_path):
     cfg = make_config(tmp_path)
-    cfg.paths.data_root = tmp_path / "data"
-    params = jobs.adapt_params({"target": "imagefolder:/data/x", "epochs": 3, "lr": 1}, cfg)
-    assert params == {"target": "imagefolder:/data/x", "n_fraction": 0.1, "epochs": 3, "lr": 1.0, "batch_size": 64,
-                      "seed": 0, "data_root": str(tmp_path / "data")}
-    for args, message in [({}, "missing argument 'target'"),
-                          ({"target": "a\nb"}, "must be a dataset name"),
-                          ({"target": "x", "epoch": 3}, "unknown parameter 'epoch'"),
-                          ({"target": "x", "epochs": "ten"}, "'epochs' must be int"),
-                          ({"target": "x", "epochs": True}, "'epochs' must be int"),
-                          ({"target": "x", "n_fraction": 1.5}, r"adapt.n_fraction: must be > 0.0 and <= 1.0")]:
-        with pytest.raises((RequestError, ConfigError), match=message):
+    args = {"target": "imagefolder:/data/x", "epochs": 3, "lr": None}
+    assert jobs.adapt_params(args, cfg) == {"target": "imagefolder:/data/x", "epochs": 3}
+    for args, message in [({}, "adapt needs a target"),
+                          ({"target": "x", "epoch": 3}, "unknown adapt parameter.* epoch;"),
+                          ({"target": "x", "epochs": "ten"}, "adapt parameter epochs: expected int"),
+                          ({"target": "x", "n_fraction": 1.5}, r"n_fraction must be a number in \(0, 1\]"),
+                          ({"target": "x", "epochs": 0}, "adapt.epochs: must be >= 1, got 0")]:
+        with pytest.raises(AxisError, match=message):
             jobs.adapt_params(args, cfg)
 
 
@@ -313,7 +312,8 @@ def test_job_store_refuses_a_newer_schema_and_a_non_database(tmp_path):
 
 
 def test_progress_line_and_table_render_records():
-    assert jobs.progress_line({"epoch": 2, "step": 40, "of": 100, "loss": 0.31234}) == "epoch 2  step 40/100  loss 0.3123"
+    line = jobs.progress_line({"epoch": 2, "step": 40, "of": 100, "loss": 0.31234})
+    assert line == "epoch 2  step 40/100  loss 0.3123"
     record = {"id": "j1", "state": "succeeded", "kind": "adapt", "target": "cars", "basis_version": 3,
               "created_at": 0.0, "started_at": 10.0, "finished_at": 3735.0, "error": None, "progress": None,
               "result": {"val_accuracy": 0.5, "test_accuracy": 0.25}}
