@@ -206,3 +206,116 @@ def serve(config_path: str) -> None:
     except AxisError as exc:
         raise click.ClickException(str(exc)) from None
 
+
+# -- the basis: fold checkpoints, inspect it, roll it back (no daemon needed) ------------------------
+
+def _basis_options(command):
+    """``--config`` and ``--basis`` (which overrides the config's <state_dir>/basis)."""
+    command = click.option("--basis", "basis_dir", type=click.Path(file_okay=False),
+                           help="Basis directory (default: <state_dir>/basis from the config).")(command)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="Config TOML (defaults apply without one).")(command)
+
+
+def _open_basis(config_path: str | None, basis_dir: str | None):
+    """The basis for reading only (no base model needed)."""
+    from axis_stream import config
+    from axis_stream.basis import Basis
+    from axis_stream.errors import AxisError
+
+    try:
+        return Basis.open(basis_dir or config.load(config_path).paths.basis_dir)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_basis_options
+def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None) -> None:
+    """Fold checkpoints into the basis one after another (creating the basis on first use)."""
+    from pathlib import Path
+
+    from axis_stream import basis, config
+    from axis_stream.errors import AxisError, CheckpointError
+
+    try:
+        target = basis.open_from_config(config.load(config_path), basis_dir, create=True)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    total, rejected = len(target.manifest["matrices"]), 0
+    for path in paths:
+        try:
+            with click.progressbar(length=total, label=Path(path).name) as bar:
+                record = target.fold_checkpoint(path, progress=lambda done, _: bar.update(done - bar.pos))
+        except CheckpointError as exc:
+            rejected += 1
+            click.echo(f"rejected {exc} ({exc.reason})", err=True)
+            continue
+        click.echo(record.line())
+    if rejected:
+        raise SystemExit(1)
+
+
+@main.group(name="basis")
+def basis_group() -> None:
+    """Inspect the merged basis, its ledger of folded sources, and roll it back."""
+
+
+@basis_group.command(name="show")
+@click.argument("version", type=int, required=False)
+@_basis_options
+def basis_show(version: int | None, config_path: str | None, basis_dir: str | None) -> None:
+    """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current)."""
+    from axis_stream import basis
+    from axis_stream.errors import AxisError
+
+    try:
+        click.echo("\n".join(basis.summary_lines(_open_basis(config_path, basis_dir), version)))
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@basis_group.command(name="history")
+@_basis_options
+def basis_history(config_path: str | None, basis_dir: str | None) -> None:
+    """The versions on disk and the ledger of the folded sources."""
+    from axis_stream import basis
+
+    click.echo("\n".join(basis.history_lines(_open_basis(config_path, basis_dir))))
+
+
+@basis_group.command(name="rollback")
+@click.argument("version", type=int)
+@_basis_options
+def basis_rollback(version: int, config_path: str | None, basis_dir: str | None) -> None:
+    """Make VERSION's basis current again (written as a new version)."""
+    from axis_stream.errors import AxisError
+
+    target = _open_basis(config_path, basis_dir)
+    try:
+        new = target.rollback(version)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"version {new} now holds version {version}'s basis ({target.manifest['count']} sources)")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config TOML naming the base model the releases were fine-tuned from.")
+def convert(src: str, out: str, config_path: str | None) -> None:
+    """Convert task-vector releases (SRC/<MODEL>/<Dataset>Val/finetuned.pt, heads) to safetensors in OUT."""
+    from axis_stream import config
+    from axis_stream.convert import convert_from_config
+    from axis_stream.errors import AxisError
+
+    try:
+        results = convert_from_config(config.load(config_path), src, out)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    for r in results:
+        click.echo(r.line())
+    if not results or not all(r.ok for r in results):
+        raise SystemExit(1)

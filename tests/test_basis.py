@@ -1,0 +1,388 @@
+"""The persistent basis: equal to chained Stage 1 folds, bit-exact on disk, crash-safe, and unchanged by bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from axis_stream import errors, models, stage1
+from axis_stream.basis import Basis, summary_lines
+from axis_stream.cli import main
+from axis_stream.config import BasisConfig
+from conftest import finetuned_like
+from test_ingest import BAD, _write_bad, one_thread  # noqa: F401 (autouse fixture)
+
+IDENTITY = {"name": "axis-tiny", "pretrained": "test"}
+
+
+def settings(**kw) -> BasisConfig:
+    return BasisConfig(**{"svd": "exact", **kw})
+
+
+def task_matrices(sd, base, names):
+    return {n: models.as_matrix(sd[n].float() - base[n].float()) for n in names}
+
+
+def snapshot_equal(a, b) -> bool:
+    return (a.factors.keys() == b.factors.keys() and a.means.keys() == b.means.keys()
+            and all(torch.equal(getattr(a.factors[n], p), getattr(b.factors[n], p))
+                    for n in a.factors for p in "UsV")
+            and all(torch.equal(a.means[n], b.means[n]) for n in a.means))
+
+
+@pytest.fixture
+def new_basis(tiny_base, tmp_path):
+    _, base = tiny_base
+
+    def make(name="basis", **kw) -> Basis:
+        return Basis.create(tmp_path / name, base, settings(**kw), IDENTITY)
+
+    return make
+
+
+@pytest.mark.parametrize("k_mode", ["fraction", "count", "gavish-donoho"])
+def test_folding_equals_chained_stage1_and_means_equal_the_batch_mean(tiny_base, make_checkpoint, new_basis,
+                                                                      tmp_path, k_mode):
+    _, base = tiny_base
+    basis = new_basis(k_mode=k_mode, k_count=5)
+    seeds = [11, 12, 13, 14]
+    # the last one is image-encoder-only and leaves one mean unchanged: absent names count as tau = 0
+    sds = [finetuned_like(base, s) for s in seeds]
+    sds[-1]["visual.ln_post.bias"] = base["visual.ln_post.bias"].clone()
+    paths = [make_checkpoint(s) for s in seeds[:-1]]
+    paths.append(tmp_path / "visual-only.safetensors")
+    save_file({k[7:]: v for k, v in sds[-1].items() if k.startswith("visual.")}, paths[-1])
+    names = list(basis.manifest["matrices"])
+    for i, path in enumerate(paths):
+        record = basis.fold_checkpoint(path)
+        assert record.version == i + 1 and basis.version == i + 1 and record.file == path.name
+    chained: dict[str, stage1.Factors | None] = dict.fromkeys(names)
+    for sd in sds:
+        for n, delta in task_matrices(sd, base, names).items():
+            cur = chained[n]
+            if k_mode == "fraction":
+                k = stage1.k_for(delta.shape, 0.10)
+            elif k_mode == "count":
+                k = min(5, min(delta.shape))
+            else:
+                k = max(cur.rank if cur else 0, stage1.gavish_donoho_rank(torch.linalg.svdvals(delta), delta.shape))
+            chained[n] = stage1.fold(cur, delta, k, svd="exact")
+    snap = basis.load()
+    assert snap.count == 4 and len(basis.history()) == 4
+    for n in names:
+        got, want = snap.factors[n], chained[n]
+        assert torch.equal(got.U, want.U) and torch.equal(got.s, want.s) and torch.equal(got.V, want.V), n
+        assert snap.manifest["matrices"][n]["rank"] == want.rank
+    # non-matrix parameters: the plain float64 batch mean of the task deltas (text tower: all zero)
+    dense = basis.materialize()
+    for n, b in base.items():
+        if n in names:
+            assert torch.allclose(dense[n].double(), chained[n].to_dense().double().reshape(b.shape), atol=1e-6)
+            continue
+        mean = sum(sd[n].double() - b.double() for sd in sds) / len(sds)
+        if not mean.any():
+            assert n not in snap.means and n not in dense, n
+        else:
+            assert torch.allclose(snap.means[n].double(), mean, atol=1e-6, rtol=0), n
+    assert "visual.ln_post.bias" in snap.means  # changed by three of the four
+    assert not any(n.startswith("transformer.") for n in snap.means)
+
+
+def test_reopened_basis_is_bit_identical_and_the_checkpoint_is_not_needed(tiny_base, make_checkpoint,
+                                                                          new_basis):
+    _, base = tiny_base
+    basis = new_basis()
+    for seed in (21, 22):
+        path = make_checkpoint(seed)
+        basis.fold_checkpoint(path)
+        path.unlink()  # durable once fold_checkpoint returned
+    written = basis.load()
+    dense = basis.materialize()
+    reopened = Basis.open(basis.directory, base)
+    reopened.verify()
+    assert reopened.version == 2 and snapshot_equal(reopened.load(), written)
+    again = reopened.materialize()
+    assert dense.keys() == again.keys() and all(torch.equal(dense[n], again[n]) for n in dense)
+    full = reopened.materialize(with_base=True)
+    assert full.keys() == base.keys()
+    for n, b in base.items():
+        want = b.float() + dense[n] if n in dense else b
+        assert full[n].dtype == b.dtype and torch.allclose(full[n].float(), want, atol=1e-6)
+
+
+def test_the_ledger_and_provenance(tiny_base, make_checkpoint, new_basis):
+    basis = new_basis()
+    paths = [make_checkpoint(s) for s in (31, 32, 33)]
+    calls = []
+    for p in paths:
+        basis.fold_checkpoint(p, progress=lambda done, total: calls.append((done, total)))
+    n_matrices = len(basis.manifest["matrices"])
+    assert calls[-n_matrices:] == [(i + 1, n_matrices) for i in range(n_matrices)]
+    ledger = basis.history()
+    assert [r.file for r in ledger] == [p.name for p in paths] and [r.version for r in ledger] == [1, 2, 3]
+    first = ledger[0]
+    assert first.new_kept_total == sum(info["k"] for info in basis.manifest["matrices"].values())
+    assert all(s["new_kept"] == s["k"] and s["svd_method"] == "exact" for s in first.matrices.values())
+    for info in basis.manifest["matrices"].values():
+        assert len(info["share"]) == 3 and abs(sum(info["share"]) - 1) < 1e-4
+        assert 0 < info["energy"] <= info["source_energy"]
+    text = "\n".join(summary_lines(basis))
+    assert "ckpt-31" in text and "version 3" in text
+
+
+def test_versions_keep_and_rollback(tiny_base, make_checkpoint, new_basis):
+    _, base = tiny_base
+    basis = new_basis(keep_versions=3)
+    paths = [make_checkpoint(s) for s in (41, 42, 43, 44)]
+    snaps = {}
+    for p in paths:
+        version = basis.fold_checkpoint(p).version
+        snaps[version] = basis.load()
+    assert basis.versions() == [2, 3, 4]
+    with pytest.raises(errors.BasisError, match="no version 1"):
+        basis.rollback(1)
+    assert basis.rollback(2) == 5
+    assert basis.version == 5 and basis.versions() == [3, 4, 5]
+    restored = basis.load()
+    assert restored.count == 2 and snapshot_equal(restored, snaps[2])
+    assert basis.manifest["restored_from"] == 2 and [r.file for r in basis.history()] == [p.name for p in paths[:2]]
+    basis.fold_checkpoint(paths[2])  # rolled away, so no longer a duplicate
+    assert basis.version == 6 and snapshot_equal(basis.load(), snaps[3])
+    Basis.open(basis.directory, base).verify()
+
+
+def test_open_checks_the_base_settings_and_files(tiny_base, make_checkpoint, new_basis):
+    _, base = tiny_base
+    basis = new_basis()
+    basis.fold_checkpoint(make_checkpoint(51))
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in base.items()}
+    with pytest.raises(errors.BasisError, match="was built for base axis-tiny/test"):
+        Basis.open(basis.directory, other)
+    with pytest.raises(errors.BasisError, match="k_fraction"):
+        Basis.open(basis.directory, base, settings=settings(k_fraction=0.5))
+    reader = Basis.open(basis.directory)  # no base: read-only use
+    assert reader.load().count == 1
+    with pytest.raises(errors.BasisError, match="needs the base model"):
+        reader.fold_checkpoint(make_checkpoint(52))
+    factors = basis.directory / "versions" / "v000001" / "factors.safetensors"
+    data = bytearray(factors.read_bytes())
+    data[-3] ^= 0xFF
+    factors.write_bytes(bytes(data))
+    with pytest.raises(errors.BasisError, match="corrupt"):
+        reader.verify()
+    with pytest.raises(errors.BasisError, match="not a basis"):
+        Basis.open(basis.directory.parent)
+
+
+def test_leftovers_of_a_killed_write_are_removed_on_open(tiny_base, make_checkpoint, new_basis):
+    _, base = tiny_base
+    basis = new_basis()
+    basis.fold_checkpoint(make_checkpoint(61))
+    versions = basis.directory / "versions"
+    shutil.copytree(versions / "v000001", versions / "v000002")  # renamed but never made current
+    (versions / ".tmp-v000002-dead").mkdir()
+    (versions / ".trash-v000000-dead").mkdir()
+    (basis.directory / ".CURRENT.x1y2.tmp").write_text("v000002\n")
+    reopened = Basis.open(basis.directory, base)
+    assert sorted(p.name for p in versions.iterdir()) == ["v000000", "v000001"]
+    assert not list(basis.directory.glob(".CURRENT*"))
+    assert reopened.fold_checkpoint(make_checkpoint(62)).version == 2
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing catches it and no cleanup runs in the basis code."""
+
+
+def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
+                                                                            new_basis, monkeypatch):
+    """The deterministic complement of the SIGKILL test: die right before each file-system step."""
+    import axis_stream.basis as basis_module
+
+    _, base = tiny_base
+    seed = new_basis("seed", keep_versions=1)
+    seed.fold_checkpoint(make_checkpoint(95))
+    new = make_checkpoint(96)
+    seed_state = _basis_state(seed.directory)
+    steps = [(basis_module, "save_file"), (basis_module.atomic, "fsync_file"), (basis_module.atomic, "fsync_dir"),
+             (basis_module.os, "rename"), (basis_module.os, "replace"), (basis_module.shutil, "rmtree")]
+    outcomes, n = [], 0
+    while True:
+        n += 1
+        target = seed.directory.parent / f"crash-{n}"
+        shutil.copytree(seed.directory, target)
+        calls = [0]
+        with monkeypatch.context() as m:
+            for owner, name in steps:
+                real = getattr(owner, name)
+
+                def step(*args, _real=real, **kw):
+                    calls[0] += 1
+                    if calls[0] == n:
+                        raise Crash
+                    return _real(*args, **kw)
+
+                m.setattr(owner, name, step)
+            try:
+                Basis.open(target, base).fold_checkpoint(new)
+                crashed = False
+            except Crash:
+                crashed = True
+        reopened = Basis.open(target, base)
+        reopened.verify()
+        outcomes.append(reopened.version)
+        if reopened.version == 1:
+            assert _basis_state(target) == seed_state
+        if not crashed:
+            break
+    assert outcomes[-1] == 2 and outcomes.count(1) >= 5 and outcomes.count(2) >= 2, outcomes
+
+
+def _basis_state(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", sorted(set(BAD) | {"duplicate", "duplicate-renamed"}))
+def test_bad_input_leaves_the_basis_unchanged(tiny_base, make_checkpoint, new_basis, tmp_path, kind):
+    _, base = tiny_base
+    basis = new_basis()
+    first = make_checkpoint(71)
+    basis.fold_checkpoint(first)
+    before = _basis_state(basis.directory)
+    if kind == "duplicate":
+        path, expected = first, errors.Duplicate
+    elif kind == "duplicate-renamed":
+        path, expected = tmp_path / "copy.safetensors", errors.Duplicate
+        shutil.copyfile(first, path)
+    else:
+        path, kw = _write_bad(kind, base, tmp_path, lambda sd: make_checkpoint(72))
+        assert set(kw.get("required", [])) <= set(basis.manifest["matrices"])  # the basis requires them all
+        expected = BAD[kind]
+    with pytest.raises(expected, match=f"^{path.name}: "):
+        basis.fold_checkpoint(path)
+    assert _basis_state(basis.directory) == before
+    assert basis.version == 1
+
+
+def test_cli_fold_show_history_rollback(tiny_base, make_checkpoint, tmp_path):
+    base_cfg, _ = tiny_base
+    cfg = tmp_path / "axis.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[base]\nmodel = "axis-tiny"\npretrained = "{base_cfg.pretrained}"\n'
+                   f'model_config = "{base_cfg.model_config}"\n[basis]\nsvd = "exact"\n')
+    runner = CliRunner()
+    good = [make_checkpoint(81), make_checkpoint(82)]
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(os.urandom(100))
+    res = runner.invoke(main, ["fold", *map(str, good), str(bad), "--config", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert "version 2" in res.output and "junk.safetensors" in res.output and "not_a_checkpoint" in res.output
+    basis_dir = tmp_path / "state" / "basis"
+    assert Basis.open(basis_dir).version == 2
+    res = runner.invoke(main, ["basis", "show", "--config", str(cfg)])
+    assert res.exit_code == 0 and "visual.transformer.resblocks.0.attn.in_proj_weight" in res.output
+    assert "ckpt-81" in res.output and "ckpt-82" in res.output
+    res = runner.invoke(main, ["basis", "history", "--basis", str(basis_dir)])
+    assert res.exit_code == 0 and "ckpt-81.safetensors" in res.output and "ckpt-82.safetensors" in res.output
+    res = runner.invoke(main, ["basis", "rollback", "1", "--basis", str(basis_dir)])
+    assert res.exit_code == 0 and "version 3" in res.output
+    assert Basis.open(basis_dir).load().count == 1
+    res = runner.invoke(main, ["basis", "rollback", "99", "--basis", str(basis_dir)])
+    assert res.exit_code != 0 and "no version 99" in res.output
+
+
+# --- crash safety: SIGKILL at random instants of a fold ---
+
+HELPER = r"""
+import json, os, signal, sys, time
+import torch
+torch.set_num_threads(1)   # no thread pool before fork
+from axis_stream import ingest
+from axis_stream.basis import Basis
+f = ingest.SafetensorsFile(sys.argv[1])
+base = {k: f.read(k) for k in f.keys()}
+f.close()
+torch.linalg.svd(torch.randn(8, 4))  # load the linear algebra libraries once, here
+print("ready", flush=True)
+for line in sys.stdin:
+    basis_dir, ckpt, delay = line.rstrip("\n").split("\t")
+    delay = float(delay)
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Basis.open(basis_dir, base).fold_checkpoint(ckpt)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    killed = False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if 0 <= delay <= time.perf_counter() - start:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            killed, status = True, None
+            break
+        time.sleep(0.0002)
+    print(json.dumps({"killed": killed, "status": status, "seconds": time.perf_counter() - start}), flush=True)
+"""
+
+
+def test_sigkill_at_random_instants_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint, tmp_path):
+    base_cfg, base = tiny_base
+    seed_basis = Basis.create(tmp_path / "seed", base, settings(keep_versions=1), IDENTITY)
+    seed_basis.fold_checkpoint(make_checkpoint(91))
+    new = make_checkpoint(92)
+    reference = Basis.create(tmp_path / "reference", base, settings(keep_versions=1), IDENTITY)
+    reference.fold_checkpoint(make_checkpoint(91))
+    expected = {1: reference.load()}
+    reference.fold_checkpoint(new)
+    expected[2] = reference.load()
+
+    helper = subprocess.Popen([sys.executable, "-c", HELPER, base_cfg.pretrained], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert helper.stdout.readline().strip() == "ready"
+
+        def trial(i: int, delay: float) -> dict:
+            target = tmp_path / f"trial-{i}"
+            shutil.copytree(seed_basis.directory, target)
+            helper.stdin.write(f"{target}\t{new}\t{delay}\n")
+            helper.stdin.flush()
+            return json.loads(helper.stdout.readline())
+
+        runs = [trial(i, -1) for i in (0, 1)]  # no kill: how long a whole open + fold takes in the child
+        assert all(r["status"] == 0 and not r["killed"] for r in runs)
+        span = min(r["seconds"] for r in runs)
+        # stratified over the whole fold, then again over its last fifth (write, fsync, rename, pointer, prune)
+        rng = random.Random(1234)
+        delays = [span * 1.05 * (j + rng.random()) / 20 for j in range(20)]
+        delays += [span * (0.8 + 0.25 * (j + rng.random()) / 10) for j in range(10)]
+        outcomes = []
+        for i, delay in enumerate(delays, start=2):
+            result = trial(i, delay)
+            basis = Basis.open(tmp_path / f"trial-{i}", base)  # cleans up after the killed writer
+            basis.verify()
+            assert basis.version in (1, 2), result
+            assert snapshot_equal(basis.load(), expected[basis.version])
+            assert not [p for p in (basis.directory / "versions").iterdir() if p.name.startswith(".")]
+            outcomes.append(basis.version)
+            if basis.version == 1:  # the killed fold can simply be done again
+                assert basis.fold_checkpoint(new).version == 2
+                assert snapshot_equal(basis.load(), expected[2])
+        assert 1 in outcomes  # the kills did land inside folds
+    finally:
+        helper.stdin.close()
+        helper.wait(timeout=60)
