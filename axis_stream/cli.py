@@ -319,3 +319,17 @@ def convert(src: str, out: str, config_path: str | None) -> None:
         click.echo(r.line())
     if not results or not all(r.ok for r in results):
         raise SystemExit(1)
+
+
+@main.command(name="evaluate")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Experiment TOML (see config/experiment-tiny.toml): base, sources, targets, methods, budgets.")
+def evaluate_cmd(config_path: str) -> None:
+    """Run the baseline comparisons; results go to <output_dir>/results.csv (resumable) and plots/."""
+    from axis_stream import evaluate
+    from axis_stream.errors import AxisError
+
+    try:
+        evaluate.run_experiment(evaluate.load_experiment(config_path), click.echo)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,31 +1,24 @@
 """Models whose weights are a function of a few trainable values, run through ``functional_call``.
 
-aTLAS and LoRA both materialise their adapted weights once per call and run the frozen base
-module with them, like Stage 2's ``SVDAdapted``, so one head, loop and evaluation serve them all.
+aTLAS, LoRA and the zero-shot reference materialise their weights once per call and run the frozen
+base module with them, exactly like Stage 2's ``SVDAdapted``, and expose the same surface
+(``call``, ``weights``, ``trainable_count``, ``lambdas``, ``load_lambdas``), so Stage 2's head,
+training loop and evaluation serve them all unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-
-class _Method(nn.Module):
-    """Calls one method of the wrapped module, so ``functional_call`` can run e.g. ``encode_image``."""
-
-    def __init__(self, module: nn.Module, method: str):
-        super().__init__()
-        self.module = module
-        self.method = method
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.module, self.method)(*args, **kwargs)
+from axis_stream.adapt.model import AdaptError, _Method
 
 
 class Materialized(nn.Module):
-    """A frozen ``base`` run with the weights ``weights()`` returns (subclasses define it and their trainables)."""
+    """A frozen ``base`` run with the weights ``weights()`` returns; the trainables are the subclass's parameters."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -33,17 +26,34 @@ class Materialized(nn.Module):
         self._methods: dict[str, _Method] = {}
 
     def weights(self) -> dict[str, Tensor]:
+        """The base parameters this model replaces, by name, differentiable in its trainables."""
         raise NotImplementedError
 
-    def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    def trained(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name (the base is frozen)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.trained().values())
+
+    def lambdas(self) -> dict[str, Tensor]:
+        """Detached copies of the trained values (Stage 2 saves and restores its best values with these)."""
+        return {n: p.detach().clone() for n, p in self.trained().items()}
+
+    def load_lambdas(self, values: Mapping[str, Tensor], source: str = "saved values") -> None:
+        trained = self.trained()
+        if set(values) != set(trained) or any(values[n].shape != p.shape for n, p in trained.items()):
+            raise AdaptError(f"{source}: the saved values do not match this model's trainable parameters")
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(values[name])
+
+    def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
         """Run ``base.<method>(*args, **kwargs)`` with the weights materialised once for this call."""
         if method not in self._methods:
             self._methods[method] = _Method(self.base, method)
-        weights = {f"module.{name}": w for name, w in self.weights().items()}
-        return functional_call(self._methods[method], weights, args, kwargs)
+        weights = self.weights() if weights is None else weights
+        return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.call("forward", *args, **kwargs)

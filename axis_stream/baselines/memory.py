@@ -26,26 +26,37 @@ def resident_bytes(module: nn.Module) -> int:
 
 
 class _LiveTensors(TorchDispatchMode):
-    """Tracks the bytes of storages created under it that are still alive, and their peak."""
+    """Tracks the bytes of storages created under it that are still alive, and their peak.
 
-    def __init__(self) -> None:
+    Storages of ``resident`` tensors (the model's own) are not counted again when an op returns a view of them.
+    """
+
+    def __init__(self, resident: list[torch.Tensor]) -> None:
         super().__init__()
+        self.resident = {StorageWeakRef(t.untyped_storage()).cdata for t in resident}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 ref = StorageWeakRef(t.untyped_storage())
-                if ref.cdata not in self.live:
-                    nbytes = t.untyped_storage().nbytes()
-                    self.live[ref.cdata] = (ref, nbytes)
-                    self.current += nbytes
-        self.peak = max(self.peak, self.current)
+                if ref.cdata in self.resident:
+                    continue
+                seen = self.live.get(ref.cdata)
+                if seen is not None and not seen[0].expired():
+                    continue
+                if seen is not None:  # a freed storage's address, reused before it was swept
+                    self.current -= seen[1]
+                nbytes = t.untyped_storage().nbytes()
+                self.live[ref.cdata] = (ref, nbytes)
+                self.current += nbytes
+        if self.current > self.peak:  # ``current`` still counts freed storages: sweep them, then compare
+            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                self.current -= self.live.pop(key)[1]
+            self.peak = max(self.peak, self.current)
         return out
 
 
@@ -59,6 +70,6 @@ def step_peak_bytes(module: nn.Module, step: Callable[[], None], device: torch.d
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
     held = resident_bytes(module)
-    with _LiveTensors() as tracker:
+    with _LiveTensors(list(module.parameters()) + list(module.buffers())) as tracker:
         step()
     return held + tracker.peak
