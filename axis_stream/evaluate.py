@@ -538,7 +538,7 @@ class _Harness:
                                             weight_decay=hp.weight_decay, batch_size=hp.batch_size,
                                             grad_clip=hp.grad_clip, seed=hp.seed)
         steps = hp.epochs * math.ceil(len(feats["train"][1]) / hp.batch_size)
-        test = references._accuracy(*feats["test"], head)
+        test = references.accuracy(*feats["test"], head)
         return Outcome(model, head, head.numel(), val, test, (time.perf_counter() - tic) / max(steps, 1))
 
     def _peak_memory(self, outcome: Outcome, train: Any, batch_size: int) -> int:

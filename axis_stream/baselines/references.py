@@ -86,7 +86,7 @@ def features(model: Materialized, data: Dataset, batch_size: int, device: torch.
     return torch.cat(feats), torch.cat(labels)
 
 
-def _accuracy(feats: Tensor, labels: Tensor, head: Tensor) -> float:
+def accuracy(feats: Tensor, labels: Tensor, head: Tensor) -> float:
     pred = (F.normalize(feats, dim=-1) @ head.mT).argmax(dim=-1)
     return float((pred == labels).float().mean()) if len(labels) else 0.0
 
@@ -103,7 +103,7 @@ def linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], head:
     steps = math.ceil(len(y) / batch_size) * epochs
     optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    best, best_val = weight.detach().clone(), _accuracy(*val, weight.detach())
+    best, best_val = weight.detach().clone(), accuracy(*val, weight.detach())
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=gen).split(batch_size):
@@ -114,7 +114,7 @@ def linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], head:
             torch.nn.utils.clip_grad_norm_([weight], grad_clip)
             optimizer.step()
             scheduler.step()
-        acc = _accuracy(*val, weight.detach())
+        acc = accuracy(*val, weight.detach())
         if acc > best_val:
             best, best_val = weight.detach().clone(), acc
     return best, best_val
