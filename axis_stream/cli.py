@@ -14,12 +14,22 @@ def main() -> None:
 
 
 @main.command()
-def quickstart() -> None:
-    """Run the main job on an embedded default and print what happened."""
-    from axis_stream.quickstart import fold_summary
+@click.option("--workdir", type=click.Path(file_okay=False), help="Workspace folder (default: a new temporary one).")
+def quickstart(workdir: str | None) -> None:
+    """Run the main job on an embedded default and print what happened.
 
-    for line in fold_summary():
-        click.echo(line)
+    Fine-tunes a tiny CLIP on generated tasks, starts the daemon, drops the checkpoints into its
+    watched folder, waits for the folds, runs an adaptation job, and reports.
+    """
+    from axis_stream.errors import AxisError
+    from axis_stream.quickstart import run
+
+    try:
+        for line in run(workdir):
+            click.echo(line)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+
 
 
 # -- jobs and the control socket: these commands talk to a running `axis-stream serve` ---------------

@@ -101,10 +101,9 @@ class FoldQueue:
 
 
 class FoldWorker:
-    """Folds one file into the basis and disposes of it: the daemon's per-file path, also usable locally.
+    """Folds one file into the basis, then discards it (folded) or quarantines it (rejected).
 
-    The basis is created at the first fold (so "no basis yet" means nothing was folded). With
-    ``dispose=False`` (files named on a command line) nothing is deleted, archived or quarantined.
+    The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
     """
 
     def __init__(self, config: Config, base_state: Mapping[str, torch.Tensor], identity: Mapping[str, str],
@@ -119,7 +118,7 @@ class FoldWorker:
         if (self.paths.basis_dir / CURRENT).exists():
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
 
-    def process(self, path: Path, dispose: bool = True) -> Outcome:
+    def process(self, path: Path) -> Outcome:
         """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file."""
         if not path.is_file():
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
@@ -128,13 +127,12 @@ class FoldWorker:
             record = self._fold(path)
         except errors.Duplicate as exc:
             if self._folded_before_restart(path):
-                if dispose:
-                    self._discard(path)
+                self._discard(path)
                 return self._report(Outcome(path.name, "already_folded", "its fold was durable before a "
                                             "restart, only the discard was missing; discarded now"))
-            return self._reject(path, exc.reason, exc.message, dispose)
+            return self._reject(path, exc.reason, exc.message)
         except errors.CheckpointError as exc:
-            return self._reject(path, exc.reason, exc.message, dispose)
+            return self._reject(path, exc.reason, exc.message)
         except (OSError, errors.BasisError) as exc:
             # Not the file's fault (disk full, permissions, a broken basis): keep it for a retry.
             if self.metrics:
@@ -142,14 +140,13 @@ class FoldWorker:
             return self._report(Outcome(path.name, "error", f"left in place for a retry: {exc}"))
         except Exception as exc:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
-            return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", dispose, internal=True)
+            return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
-        if dispose:
-            self._discard(path)
+        self._discard(path)
         if self.metrics:
             self.metrics.fold_succeeded(seconds, float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
-        return self._report(Outcome(path.name, "folded", f"folded into v{record.version} in {seconds:.2f} s "
+        return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s "
                                     f"(energy kept {float(record.energy_kept):.1%})",
                                     version=record.version, seconds=seconds))
 
@@ -169,11 +166,15 @@ class FoldWorker:
         sha = ingest.file_sha256(path)
         return any(e.get("sha256") == sha and e.get("file") == path.name for e in ledger(self.basis))
 
-    def _reject(self, path: Path, reason: str, message: str, dispose: bool, internal: bool = False) -> Outcome:
-        if dispose:
-            where = self._quarantine(path, reason, message)
-            if where is None:
+    def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:
+        try:
+            if self._quarantine(path, reason, message) is None:
                 return self._report(Outcome(path.name, "vanished", "gone before it could be quarantined"))
+        except OSError as exc:
+            if self.metrics:
+                self.metrics.folds.labels("error").inc()
+            return self._report(Outcome(path.name, "error", f"rejected ({reason}: {message}) but could not be "
+                                        f"quarantined, left in place: {exc}", reason=reason))
         if self.metrics:
             self.metrics.fold_rejected(reason, internal=internal)
         return self._report(Outcome(path.name, "error" if internal else "rejected", message, reason=reason))
@@ -181,6 +182,7 @@ class FoldWorker:
     def _quarantine(self, path: Path, reason: str, message: str) -> Path | None:
         """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first)."""
         folder = self.paths.quarantine
+        folder.mkdir(parents=True, exist_ok=True)
         dest = free_name(folder, path.name)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         note = dest.with_name(dest.name + ".reason")
@@ -193,7 +195,8 @@ class FoldWorker:
         return dest
 
     def _discard(self, path: Path) -> None:
-        """After the new version is durable: delete, or move into the archive."""
+        """After the new version is durable: delete, or move into the archive. A failure leaves the
+        file for the next rescan, which finds it in the ledger and discards it then."""
         try:
             if self.config.watch.discard == "archive":
                 move_into(path, free_name(self.paths.archive, path.name))
@@ -202,13 +205,16 @@ class FoldWorker:
                 fsync_dir(path.parent)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.error("folded %s but could not %s it (retried at the next rescan): %s",
+                      path.name, self.config.watch.discard, exc)
 
     @staticmethod
     def _report(outcome: Outcome) -> Outcome:
         level = {"rejected": logging.WARNING, "error": logging.ERROR}.get(outcome.result, logging.INFO)
-        verb = {"folded": "folded", "rejected": "rejected", "error": "failed on",
-                "already_folded": "already folded", "vanished": "skipped"}[outcome.result]
-        log.log(level, "%s %s: %s", verb, outcome.file, outcome.message)
+        verb = {"folded": "folded %s %s", "rejected": "rejected %s: %s", "error": "failed on %s: %s",
+                "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
+        log.log(level, verb, outcome.file, outcome.message)
         return outcome
 
 
@@ -325,6 +331,8 @@ class Daemon:
                 log.warning("abandoned the fold of %s: the basis keeps its last version and the file "
                             "stays in %s for the next start", path.name, self.config.paths.watch_dir)
                 break
+            except Exception:           # a bug here must not stop the queue; the file is retried later
+                log.exception("processing %s failed", path.name)
             finally:
                 self.queue.done(path)
 
@@ -389,7 +397,7 @@ class Daemon:
             seconds = record.finished_at - record.started_at if record.started_at else None
             result = record.result or {}
             accuracy = result.get("test_accuracy") if record.state == "succeeded" else None
-            self.metrics.job_finished(seconds, record.target, accuracy)
+            self.metrics.job_finished(seconds, target_label(record.target), accuracy)
 
     def status(self) -> dict[str, Any]:
         """What ``axis-stream status`` shows."""
@@ -417,9 +425,14 @@ class Daemon:
         return {"status": lambda args: self.status(), "basis.history": basis_history}
 
 
-def setup_logging(config: Config) -> None:
+def target_label(target: str) -> str:
+    """A short metric label for a target: its name, or the folder name of an ``imagefolder:PATH``."""
+    return Path(target.split(":", 1)[1]).name if target.startswith("imagefolder:") else target
+
+
+def setup_logging(config: Config, stderr: bool = True) -> None:
     """One line per event on stderr (the journal under systemd), and in ``paths.log_file`` if set."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)] if stderr else []
     if config.paths.log_file is not None:
         config.paths.log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(config.paths.log_file))

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from axis_stream import api, config
 from axis_stream.basis import Basis
-from axis_stream.daemon import FoldQueue, free_name, move_into
+from axis_stream.daemon import REJECT_REASONS, FoldQueue, FoldWorker, free_name, move_into
+from axis_stream.metrics import Metrics
 
 from conftest import finetuned_like
 
@@ -391,3 +392,64 @@ def test_free_name_and_move_into(tmp_path):
     dest = free_name(tmp_path / "q", "a.pt")
     move_into(src, dest)
     assert not src.exists() and dest.read_bytes() == b"new" and (tmp_path / "q" / "a.pt").read_bytes() == b"old"
+
+
+@pytest.fixture
+def worker_setup(tiny_base, tmp_path):
+    """A FoldWorker on a temporary state folder, without the daemon around it."""
+    base_cfg, base = tiny_base
+
+    def make(**watch) -> tuple[FoldWorker, config.Config]:
+        cfg = config.load(write_config(tmp_path, base_cfg, **watch), env={})
+        cfg.paths.watch_dir.mkdir(exist_ok=True)
+        return FoldWorker(cfg, base, {"name": "axis-tiny", "pretrained": ""}, Metrics(REJECT_REASONS)), cfg
+
+    def ckpt(folder: Path, seed: int, name: str) -> Path:
+        save_file(finetuned_like(base, seed), folder / name)
+        return folder / name
+
+    return make, ckpt
+
+
+def test_worker_archives_and_sorts_out_duplicates_by_the_ledger(worker_setup):
+    make, ckpt = worker_setup
+    worker, cfg = make(discard="archive")
+    inbox = cfg.paths.watch_dir
+    a = ckpt(inbox, 1, "a.safetensors")
+    keep = a.read_bytes()
+    assert worker.process(a).result == "folded"
+    assert not a.exists() and (cfg.paths.archive / "a.safetensors").read_bytes() == keep
+    a.write_bytes(keep)                      # same name, same bytes: a fold whose discard was lost
+    out = worker.process(a)
+    assert out.result == "already_folded" and (cfg.paths.archive / "a-2.safetensors").exists()
+    (inbox / "copy-of-a.safetensors").write_bytes(keep)      # same bytes, another name: a duplicate
+    out = worker.process(inbox / "copy-of-a.safetensors")
+    assert (out.result, out.reason) == ("rejected", "duplicate")
+    assert (cfg.paths.quarantine / "copy-of-a.safetensors.reason").read_text().startswith("already folded")
+    assert len(worker.basis.manifest["ledger"]) == 1
+    assert worker.process(inbox / "gone.safetensors").result == "vanished"
+
+
+def test_worker_quarantines_internal_errors_and_keeps_files_on_environment_errors(worker_setup, monkeypatch):
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    inbox = cfg.paths.watch_dir
+    assert worker.process(ckpt(inbox, 1, "a.safetensors")).result == "folded"
+    version = worker.basis.version
+
+    def boom(exc):
+        def fold_checkpoint(path, progress=None):
+            raise exc
+        return fold_checkpoint
+
+    monkeypatch.setattr(worker.basis, "fold_checkpoint", boom(OSError(28, "No space left on device")))
+    b = ckpt(inbox, 2, "b.safetensors")
+    out = worker.process(b)
+    assert out.result == "error" and b.exists() and "No space left" in out.message      # kept for a retry
+    monkeypatch.setattr(worker.basis, "fold_checkpoint", boom(RuntimeError("a bug")))
+    out = worker.process(b)
+    assert (out.result, out.reason) == ("error", "internal_error") and not b.exists()
+    assert "RuntimeError: a bug [reason=internal_error]" in (cfg.paths.quarantine / "b.safetensors.reason").read_text()
+    assert worker.basis.version == version
+    m = worker.metrics
+    assert m.folds.labels("error")._value.get() == 2 and m.rejects.labels("internal_error")._value.get() == 1
