@@ -343,3 +343,26 @@ def evaluate_cmd(config_path: str) -> None:
         evaluate.run_experiment(evaluate.load_experiment(config_path), click.echo)
     except AxisError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# -- real offline suites: data from installed packages -----------------------------------------------
+
+@main.group(name="data")
+def data_group() -> None:
+    """Build the real-data suites' task files from installed packages (no download)."""
+
+
+@data_group.command(name="prepare")
+@click.argument("suite", type=click.Choice(["text", "vision", "vision-ci"]))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: ~/.cache/axis-stream/suites/SUITE/data).")
+def data_prepare(suite: str, out: str | None) -> None:
+    """Write SUITE's task files; says which package to install when one is missing."""
+    from axis_stream.errors import AxisError
+    from axis_stream.suites.prepare import prepare
+
+    try:
+        paths = prepare(suite, out)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in paths:
+        click.echo(f"wrote {path}")

@@ -78,7 +78,7 @@ def fit(forward: Callable[[object], Tensor], params: list[Tensor], head: Tensor,
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and (step + 1) % max(1, recipe.steps // 5) == 0:
             log(f"  step {step + 1}/{recipe.steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} "
                 f"({time.monotonic() - t0:.0f}s)")
