@@ -181,21 +181,22 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
          tol: float = 1e-4, seed: int = 0) -> Factors:
     """One streaming Stage 1 step, ``Stage1({current, delta})`` with the top strategy (paper A.11).
 
-    Only the top ``k`` components of ``delta`` can enter the union's top ``k``, and of those only
-    the ones above the current basis's k-th singular value, so only they are computed. The
+    Only the top ``k`` components of ``delta`` can enter the union's top ``k``, its ``j``-th only if
+    it beats the current basis's ``(k + 1 - j)``-th singular value, so only those are computed. The
     re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. The returned
     ``Factors`` carries the fold's ``FoldStats``.
     """
     _check_k(k)
     _check_matrix(delta, "new task matrix", current.shape if current is not None else None)
     delta = _as_work(delta)
-    floor = 0.0
+    floor = torch.zeros(k, dtype=delta.dtype, device=delta.device)
     parts = []
     if current is not None:
         cur = (current.U.to(delta.dtype), current.s.to(delta.dtype), current.V.to(delta.dtype))
         parts.append(cur)
-        if current.rank >= k:
-            floor = float(cur[1].sort(descending=True).values[k - 1])
+        # floor[j]: what the new j-th component (0-based) must beat, the current (k-1-j)-th or 0
+        largest = cur[1].sort(descending=True).values[:k]
+        floor[k - largest.numel():] = largest.flip(0)
     U, s, V, report = _svd.top_svd(delta, k, method=svd, tol=tol, floor=floor, seed=seed)
     parts.append((U, s, V))
     chosen = _top(_pool(parts), k)
