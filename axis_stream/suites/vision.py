@@ -68,8 +68,9 @@ def _idx_labels(path: Path) -> Tensor:
     return torch.frombuffer(bytearray(data[8:]), dtype=torch.uint8).long().clone()
 
 
-def fashion(directory: Path = FASHION_DIR) -> Task:
-    """Fashion-MNIST as shipped by Debian (60k train, 10k test)."""
+def fashion(directory: Path | None = None) -> Task:
+    """Fashion-MNIST as shipped by Debian (60k train, 10k test), from ``FASHION_DIR`` by default."""
+    directory = directory or FASHION_DIR
     names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
              "t10k-labels-idx1-ubyte.gz"]
     paths = [Path(directory) / n for n in names]

@@ -1,0 +1,26 @@
+"""Full runs of the vision suite: a small open_clip ViT pretrained here on Fashion-MNIST, real image tasks.
+
+Runs config/suite-vision.toml (AXIS at N = 10/20/40 % vs aTLAS, zero-shot, linear probe; 3 seeds),
+config/suite-vision-fewshot.toml,
+config/suite-vision-noisy.toml and config/suite-vision-ablations.toml with ``axis-stream evaluate``'s
+engine, then writes the tables to benchmarks/results/suite-vision/tables.md. Resumable: finished runs
+are skipped; the source fine-tunes are cached under ~/.cache/axis-stream/suites/vision.
+
+    apt-get install dataset-fashion-mnist && pip install -e ".[suites]"
+    nohup python benchmarks/suite_vision.py > suite_vision.log 2>&1 &
+    python benchmarks/suite_vision.py --tables-only      # the tables from what has finished
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from axis_stream.suites.report import run_benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [ROOT / "config" / f"suite-vision{part}.toml" for part in ("", "-fewshot", "-noisy", "-ablations")]
+
+if __name__ == "__main__":
+    print(run_benchmark("vision", CONFIGS, ROOT / "benchmarks" / "results" / "suite-vision" / "tables.md",
+                        tables_only="--tables-only" in sys.argv[1:]))
