@@ -49,17 +49,6 @@ class Task:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def few_shot(self, shots: int, seed: int) -> "Task":
-        """The same task keeping ``shots`` training examples per class (seeded), test split unchanged."""
-        g = torch.Generator().manual_seed(seed)
-        keep = []
-        for c in range(self.num_classes):
-            idx = torch.nonzero(self.train_y == c).flatten()
-            keep.append(idx[torch.randperm(idx.numel(), generator=g)[:shots]])
-        idx = torch.cat(keep).sort().values
-        return Task(self.name, self.classes, self.prompts, take(self.train_x, idx), self.train_y[idx],
-                    self.test_x, self.test_y)
-
 
 def take(x: Sequence[str] | Tensor, idx: Tensor) -> Sequence[str] | Tensor:
     """Rows ``idx`` of a list of strings or of a tensor."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -133,6 +133,3 @@ def cached(path: Path, settings: Mapping, build: Callable[[], dict[str, Tensor]]
     atomic_write_json(record, {"settings": want, "seconds": round(time.monotonic() - t0, 1)})
     return state
 
-
-def recipe_dict(recipe: Recipe) -> dict:
-    return asdict(recipe)
