@@ -1,0 +1,223 @@
+"""Stage 2's model: every basis matrix becomes ``W_fixed + U_N diag(Lambda) V_N^T`` with only Lambda trainable.
+
+The basis stores each merged task matrix as ``U diag(s) V^T``. Stage 2 trains the top-N singular
+values (``Lambda``) and freezes everything else (paper section 3.3, SPEC section 5). The frozen rest
+of the spectrum, ``U_r diag(s_r) V_r^T``, never changes, so it is added once, in place, into the base
+weight: ``W_fixed = theta_pre + U_r diag(s_r) V_r^T``. That keeps exactly one dense copy of every
+base matrix. The averaged non-matrix deltas are added in place the same way.
+
+Why materialise ``W`` once per step instead of a low-rank side path ``x W^T + ((x V) * Lambda) U^T``:
+open_clip's attention hands ``in_proj_weight`` straight to ``F.multi_head_attention_forward``, so a
+side path would mean rewriting attention for every architecture. Building ``W = W_fixed + (U * Lambda)
+V^T`` for each matrix once per forward and handing the dict to ``torch.func.functional_call`` works for
+any ``nn.Module`` whose matrices are named by patterns, adds one ``m x n x N`` matmul per matrix (a few
+percent of a ViT forward), and the module itself keeps running its own fast kernels.
+
+Where N exceeds the stored rank K, U and V are completed with orthonormal directions (seeded by the
+matrix name, so a job can be rebuilt exactly) and the extra singular values start at 0: what a full
+SVD of the dense merged matrix would give.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from axis_stream.errors import AxisError
+from axis_stream.stage1 import Factors, k_for
+from axis_stream.svd import work_dtype
+
+
+class AdaptError(AxisError):
+    """Stage 2 cannot run with these inputs; the message names the input and the reason."""
+
+
+def check_fraction(n_fraction: Any) -> float:
+    """``n_fraction`` as a float in (0, 1], or an ``AdaptError`` saying what is wrong with it."""
+    if isinstance(n_fraction, bool) or not isinstance(n_fraction, (int, float)) or not 0 < n_fraction <= 1:
+        raise AdaptError(f"n_fraction must be a number in (0, 1] (the trained fraction of min(m, n) "
+                         f"singular values per matrix, e.g. 0.1), got {n_fraction!r}")
+    return float(n_fraction)
+
+
+def complete_orthonormal(Q: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``Q [m, r]`` (orthonormal columns) extended to ``n`` orthonormal columns; the first ``r`` stay as they are.
+
+    The new columns are Gaussian directions with ``Q`` projected out, orthonormalised by a QR, then
+    projected once more (the QR's rounding lets a little of ``Q`` back in) and re-orthonormalised.
+    """
+    m, r = Q.shape
+    if n <= r:
+        return Q[:, :n]
+    if n > m:
+        raise AdaptError(f"cannot complete {r} directions in R^{m} to {n} orthonormal ones")
+    dtype = work_dtype(Q)
+    q = Q.to("cpu", dtype)
+    extra = torch.randn(m, n - r, generator=generator, dtype=dtype)
+    for _ in range(2):
+        extra = torch.linalg.qr(extra - q @ (q.mT @ extra)).Q
+    return torch.cat([Q, extra.to(Q.device, Q.dtype)], dim=1)
+
+
+def completion_generator(seed: int, name: str) -> torch.Generator:
+    """The generator for one matrix's completion: depends only on the job seed and the parameter name."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+
+
+class Spectrum(nn.Module):
+    """One matrix's trainable top-N spectrum: ``delta = U diag(lam) V^T``, reshaped to the parameter."""
+
+    def __init__(self, U: Tensor, lam: Tensor, V: Tensor, shape: torch.Size):
+        super().__init__()
+        self.register_buffer("U", U.contiguous())
+        self.register_buffer("V", V.contiguous())
+        self.lam = nn.Parameter(lam.clone())
+        self.shape = shape
+
+    def delta(self) -> Tensor:
+        return ((self.U * self.lam) @ self.V.mT).reshape(self.shape)
+
+
+class _Method(nn.Module):
+    """Calls one method of the wrapped module, so ``functional_call`` can run e.g. ``encode_image``."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
+
+
+class SVDAdapted(nn.Module):
+    """``base`` with each matrix in ``factors`` re-parametrised by its top-N singular values (Stage 2).
+
+    Takes ownership of ``base``: its matrix weights become ``W_fixed`` and its non-matrix parameters
+    get ``means`` added, in place; every base parameter is frozen. ``factors`` are in matrix form
+    (conv weights flattened to ``(out, in*kh*kw)``) and keyed by parameter name; a name missing from
+    ``means`` is an all-zero delta. Only ``lambdas`` (one ``Spectrum.lam`` per matrix) are trainable.
+    """
+
+    def __init__(self, base: nn.Module, factors: Mapping[str, Factors], means: Mapping[str, Tensor],
+                 n_fraction: float, *, seed: int = 0):
+        super().__init__()
+        n_fraction = check_fraction(n_fraction)
+        if not factors:
+            raise AdaptError("the basis has no matrices: fold at least one checkpoint before adapting")
+        params = dict(base.named_parameters())
+        tensors = base.state_dict(keep_vars=True)
+        _check_compatible(params, tensors, factors, means)
+        self.base = base.requires_grad_(False)
+        self.n_fraction = n_fraction
+        self.seed = seed
+        self.names = [name for name in params if name in factors]  # the module's own order
+        self.spectra = nn.ModuleList()
+        with torch.no_grad():
+            for name, mean in means.items():
+                tensors[name].add_(mean.to(tensors[name].dtype))
+            for name in self.names:
+                self.spectra.append(self._fold(name, params[name], factors[name]))
+        self._methods: dict[str, _Method] = {}
+
+    def _fold(self, name: str, param: Tensor, f: Factors) -> Spectrum:
+        """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part."""
+        shape = _matrix_shape(param)
+        n = k_for(shape, self.n_fraction)
+        order = torch.sort(f.s, descending=True, stable=True).indices
+        U, s, V = (t.to(param.device, param.dtype) for t in (f.U[:, order], f.s[order], f.V[:, order]))
+        if f.rank > n:
+            param.view(shape).add_((U[:, n:] * s[n:]) @ V[:, n:].mT)
+        gen = completion_generator(self.seed, name)
+        U_n = complete_orthonormal(U, n, gen)
+        V_n = complete_orthonormal(V, n, gen)
+        lam = torch.cat([s[:n], s.new_zeros(max(0, n - f.rank))])
+        return Spectrum(U_n, lam, V_n, param.shape)
+
+    # --- what training and evaluation use ---
+
+    def weights(self) -> dict[str, Tensor]:
+        """The current matrices ``W_fixed + U_N diag(Lambda) V_N^T``, differentiable in Lambda.
+
+        Built in the parameters' own precision even under autocast: Lambda's gradient is a sum over
+        every entry of a matrix, which half precision would blur.
+        """
+        device_type = self.spectra[0].lam.device.type
+        with torch.autocast(device_type, enabled=False):
+            return {name: self.base.get_parameter(name) + sp.delta() for name, sp in zip(self.names, self.spectra)}
+
+    def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
+        """Run ``base.<method>(*args, **kwargs)`` with the matrices materialised once for this call.
+
+        ``weights`` (from ``weights()``) lets several calls share one materialisation, e.g. in evaluation.
+        """
+        if method not in self._methods:
+            self._methods[method] = _Method(self.base, method)
+        weights = self.weights() if weights is None else weights
+        return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call("forward", *args, **kwargs)
+
+    # --- Lambda in and out, and the merged weights ---
+
+    def trainable_count(self) -> int:
+        return sum(sp.lam.numel() for sp in self.spectra)
+
+    def lambdas(self) -> dict[str, Tensor]:
+        """The trained values keyed by parameter name (what ``lambda.safetensors`` holds)."""
+        return {name: sp.lam.detach().clone() for name, sp in zip(self.names, self.spectra)}
+
+    def load_lambdas(self, values: Mapping[str, Tensor], source: str = "lambda file") -> None:
+        """Set Lambda from ``values``; names and sizes must be exactly this model's."""
+        missing = sorted(set(self.names) - set(values))
+        extra = sorted(set(values) - set(self.names))
+        if missing or extra:
+            raise AdaptError(f"{source}: matrices do not match the model (missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}); was it trained with another basis or n_fraction?")
+        with torch.no_grad():
+            for name, sp in zip(self.names, self.spectra):
+                v = values[name]
+                if v.shape != sp.lam.shape:
+                    raise AdaptError(f"{source}: {name} has {v.numel()} values, the model trains "
+                                     f"{sp.lam.numel()}; was it trained with another n_fraction?")
+                sp.lam.copy_(v)
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The full adapted weights in the base module's own state-dict layout (detached copies)."""
+        with torch.no_grad():
+            weights = self.weights()
+            return {name: (weights[name] if name in weights else t).detach().clone().contiguous()
+                    for name, t in self.base.state_dict().items()}
+
+
+def _matrix_shape(t: Tensor) -> tuple[int, int]:
+    return (int(t.shape[0]), int(t[0].numel()))
+
+
+def _check_compatible(params: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
+                      factors: Mapping[str, Factors], means: Mapping[str, Tensor]) -> None:
+    """Every basis entry must name a base parameter of the matching shape, or the basis is for another model."""
+    hint = "the basis was built for a different base model"
+    for name, f in factors.items():
+        if name not in params:
+            raise AdaptError(f"basis matrix {name!r} is not a parameter of the base model; {hint}")
+        p = params[name]
+        if p.dim() < 2:
+            raise AdaptError(f"basis matrix {name!r}: the base parameter is {p.dim()}-D; {hint}")
+        shape = _matrix_shape(p)
+        if f.shape != shape or f.s.shape != (f.rank,) or f.V.shape[1] != f.rank:
+            raise AdaptError(f"basis matrix {name!r} has factors for shape {f.shape} (rank {f.rank}), "
+                             f"the base parameter is {tuple(p.shape)}; {hint}")
+    for name, mean in means.items():
+        if name not in tensors or not tensors[name].is_floating_point():
+            raise AdaptError(f"basis mean {name!r} is not a floating-point tensor of the base model; {hint}")
+        if name in factors:
+            raise AdaptError(f"basis parameter {name!r} is both a matrix and an averaged parameter")
+        if tuple(mean.shape) != tuple(tensors[name].shape):
+            raise AdaptError(f"basis mean {name!r} has shape {tuple(mean.shape)}, the base model's "
+                             f"{tuple(tensors[name].shape)}; {hint}")
