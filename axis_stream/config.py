@@ -119,14 +119,35 @@ class TriggerConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str = "auto"                # the cluster to join: "auto", "host:6379" or "ray://host:10001"
+    num_gpus: float = 1.0                # GPUs each task requests
+    num_cpus: float = 1.0                # CPUs each task requests
+    max_retries: int = 0                 # re-runs of a task whose worker or node was lost
+    ship_basis: bool = False             # send the pinned basis version through the object store
+
+    def validate(self, prefix: str) -> None:
+        if not self.address:
+            raise ConfigError(f"{prefix}.address: required (\"auto\", host:port or ray://host:port)")
+        _range(f"{prefix}.num_gpus", self.num_gpus, 0.0, None)
+        _range(f"{prefix}.num_cpus", self.num_cpus, 0.0, None)
+        _range(f"{prefix}.max_retries", self.max_retries, 0, None)
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
 class SchedulerConfig:
     gpu_slots: int = 1                   # adaptation jobs running at once
-    executor: str = "local"              # local child processes
+    executor: str = "local"              # local child processes | ray tasks on a Ray cluster
+    ray: RayConfig = field(default_factory=RayConfig)
     triggers: list[TriggerConfig] = field(default_factory=list)
 
     def validate(self) -> None:
         _range("scheduler.gpu_slots", self.gpu_slots, 1, None)
-        _choice("scheduler.executor", self.executor, ("local",))
+        _choice("scheduler.executor", self.executor, EXECUTORS)
+        self.ray.validate("scheduler.ray")
         for t in self.triggers:
             t.validate()
 

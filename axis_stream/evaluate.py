@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from axis_stream import config, ingest, models, stage1
+from axis_stream import config, executors, ingest, models, stage1
 from axis_stream.atomic import atomic_write, atomic_write_bytes
 from axis_stream.baselines import atlas, merges, references
 from axis_stream.baselines.memory import step_peak_bytes
-from axis_stream.config import AdaptConfig, BaseConfig, ConfigError, VIT_BLOCK_MATRICES
+from axis_stream.config import AdaptConfig, BaseConfig, ConfigError, RayConfig, VIT_BLOCK_MATRICES
 from axis_stream.errors import AxisError
 
 Echo = Callable[[str], None]
@@ -126,6 +126,8 @@ class Experiment:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     suite: str = ""                      # a real offline suite (axis_stream.suites): its own model and data
+    executor: str = "local"              # local: runs here, one after another | ray: tasks on a Ray cluster
+    ray: RayConfig = field(default_factory=RayConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     stage1: Stage1Options = field(default_factory=Stage1Options)
@@ -224,6 +226,8 @@ def _validate(exp: Experiment) -> None:
     if not exp.seeds or any(level < 1 for level in exp.levels) or not exp.robustness.corrupt:
         raise ConfigError("seeds and robustness.corrupt need one or more values; levels must be >= 1")
     exp.adapt.validate()
+    config._choice("executor", exp.executor, config.EXECUTORS)
+    exp.ray.validate("ray")
 
 
 # --- the results file: one row per (method, target, sources, budget, seed, variant), appended durably ---
@@ -566,27 +570,30 @@ class _Harness:
         return progress
 
 
+RUN_ERRORS = (AxisError, ValueError, RuntimeError)
+"""What a failing run raises (bad data, a method that cannot apply): reported and left out, retried by a restart."""
+
+
 def run_experiment(exp: Experiment, echo: Echo = print) -> list[dict[str, str]]:
     """Run every row not yet in ``<output_dir>/results.csv``, then summarise and plot; returns all rows.
 
     A run that fails (bad data, a method that cannot apply) is reported and left out, so a restart
     retries it; the experiment goes on with the other runs. Raises ``AxisError`` at the end if any failed.
+    Runs execute here one after another, or with ``executor = "ray"`` as tasks on a Ray cluster
+    (``executors.evaluate_on_ray``); either way only this process appends rows, each once.
     """
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     results = Results(exp.output_dir / RESULTS)
     runs = plan(exp)
     todo = [r for r in runs if not all(results.has(row) for row in r.rows(exp.robustness.patch_dropout))]
     echo(f"{len(runs)} runs planned, {len(runs) - len(todo)} already in {results.path}, {len(todo)} to go")
-    harness = (_Harness(exp, echo) if not exp.suite else _suite_harness(exp, echo)) if todo else None
+    outcomes = (executors.evaluate_on_ray(exp, todo, echo) if exp.executor == "ray" and todo
+                else _run_here(exp, todo, echo))
     failed = []
-    for i, run in enumerate(todo, 1):
-        echo(f"[{i}/{len(todo)}] {run.method.label} -> {run.target.name}: {len(run.sources)} sources, "
-             f"N={run.budget:g}, seed {run.seed}" + _variant(run))
-        try:
-            rows = harness.execute(run, exp.output_dir / "runs" / run.folder(exp))
-        except (AxisError, ValueError, RuntimeError) as exc:
+    for run, rows in outcomes:
+        if isinstance(rows, Exception):
             failed.append(run)
-            echo(f"    FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            echo(f"    FAILED: {str(rows).splitlines()[0] if str(rows) else type(rows).__name__}")
             continue
         results.append(rows)
         echo(f"    test {rows[0]['test_accuracy']:.2%}, {rows[0]['trainable_params']} trainable, "
@@ -599,6 +606,35 @@ def run_experiment(exp: Experiment, echo: Echo = print) -> list[dict[str, str]]:
     if failed:
         raise AxisError(f"{len(failed)} of {len(todo)} runs failed (see above); run again to retry them")
     return rows
+
+
+def _run_here(exp: Experiment, todo: Sequence[Run], echo: Echo):
+    """The local executor: each run in this process, one after another; yields (run, rows or its error)."""
+    harness = make_harness(exp, echo) if todo else None
+    for i, run in enumerate(todo, 1):
+        echo(run_title(i, len(todo), run))
+        try:
+            rows = harness.execute(run, run_dir(exp, run))
+        except RUN_ERRORS as exc:
+            yield run, exc
+            continue
+        yield run, rows
+
+
+def make_harness(exp: Experiment, echo: Echo):
+    """The harness that executes runs: the generic one, or a real offline suite's."""
+    return _Harness(exp, echo) if not exp.suite else _suite_harness(exp, echo)
+
+
+def run_dir(exp: Experiment, run: Run) -> Path:
+    """Where a run's Stage 2 files go (and a stopped run resumes from)."""
+    return exp.output_dir / "runs" / run.folder(exp)
+
+
+def run_title(i: int, n: int, run: Run) -> str:
+    """The line announcing run ``i`` of ``n``."""
+    return (f"[{i}/{n}] {run.method.label} -> {run.target.name}: {len(run.sources)} sources, "
+            f"N={run.budget:g}, seed {run.seed}" + _variant(run))
 
 
 def _suite_harness(exp: Experiment, echo: Echo):

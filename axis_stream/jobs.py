@@ -33,7 +33,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from axis_stream import api
+from axis_stream import api, executors
 from axis_stream.api import RequestError, arg, one_line
 from axis_stream.atomic import atomic_write_json
 from axis_stream.config import Config
@@ -234,6 +234,7 @@ class JobRunner:
         self._running: dict[str, _Run] = {}
         self._stopping = False
         self._mp = multiprocessing.get_context("spawn")
+        self._remote = executors.RayJobs(config) if config.scheduler.executor == "ray" else None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.scheduler.gpu_slots), "triggers": ThreadPoolExecutor(1)},
             job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
@@ -440,6 +441,8 @@ class JobRunner:
         """Start the child, relay its progress, stop it on request; returns (state, error, result)."""
         out_dir = self.jobs_dir / record.id
         out_dir.mkdir(parents=True, exist_ok=True)
+        if self._remote is not None:
+            return self._supervise_remote(record, run, out_dir)
         reader, writer = self._mp.Pipe(duplex=False)
         proc = self._mp.Process(
             target=_child_main, name=f"axis-job-{record.id}",
@@ -488,6 +491,22 @@ class JobRunner:
             return "failed", f"job process was killed by {name}{hint}", None
         return "failed", f"job process exited with code {proc.exitcode} without a result", None
 
+    def _supervise_remote(self, record: JobRecord, run: _Run, out_dir: Path) -> tuple[str, str | None, dict | None]:
+        """The same with the ``ray`` executor: the job runs as a Ray task (``executors.RayJobs``)."""
+        messages = _Messages(self, record.id)
+        task = executors.JobTask(JOB_KINDS[record.kind], record.params, record.id, self.config, self.basis_dir,
+                                 record.basis_version, out_dir, Path(record.log_path))
+        self._remote.run(task, run.stop, messages.handle,
+                         on_pid=lambda pid: self._store.update(record.id, ("running",), pid=pid))
+        messages.flush_progress()
+        if messages.result is not None:
+            return "succeeded", None, messages.result
+        if run.stop_reason == "cancel":
+            return "cancelled", "cancelled while running", None
+        if run.stop_reason == "shutdown":
+            return "failed", SHUTDOWN_ERROR, None
+        return "failed", messages.error or "the Ray task ended without a result", None
+
 
 class _Messages:
     """The daemon side of a job's pipe: progress (stored at most once a second), result, error."""
@@ -507,6 +526,9 @@ class _Messages:
         except (EOFError, OSError):
             self.open = False
             return
+        self.handle(kind, payload)
+
+    def handle(self, kind: str, payload: Any) -> None:
         if kind == "progress":
             self._progress, self._dirty = payload, True
             if time.monotonic() - self._stored_at >= PROGRESS_INTERVAL_S:
