@@ -121,8 +121,9 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
             evaluate.run_experiment(exp, print)
     main, *others = exps
     targets = [t.name for t in main.targets]
-    refs = {"full fine-tune (reference)": finetune_references(suite_name, main.data_root, targets)}
     rows = {exp.output_dir.name: read_rows(exp.output_dir / evaluate.RESULTS) for exp in exps}
+    done = [t for t in targets if any(r["target"] == t for r in rows["main"])]  # no fine-tune for targets not run
+    refs = {"full fine-tune (reference)": finetune_references(suite_name, main.data_root, done)}
     text = [f"### {suite_name}: AXIS against aTLAS and the references (test accuracy %, mean ± std (runs))", ""]
     text += table(rows["main"], main_lines([f"{b:g}" for b in main.budgets]), targets, refs)
     if "fewshot" in rows:
