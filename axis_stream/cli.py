@@ -95,17 +95,33 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
 @click.option("--batch-size", type=int, help="Batch size.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Root folder of the datasets.")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.")
+@click.option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+@click.option("--max-train-samples", type=int, help="Use at most this many training images (quick runs).")
+@click.option("--max-eval-samples", type=int, help="Use at most this many validation and test images (quick runs).")
+@click.option("--classnames", "classnames_file", type=click.Path(exists=True, dir_okay=False),
+              help="Your own class names, one per line, in label order (default: shipped or folder names).")
+@click.option("--templates", "templates_file", type=click.Path(exists=True, dir_okay=False),
+              help="Your own prompt templates, one per line, with {} where the class name goes.")
 @click.option("--wait", is_flag=True, help="Print progress until the job ends, then its result.")
+@click.option("--local", is_flag=True, help="Run it here in the foreground (no daemon needed), with a progress bar.")
 def adapt(config_path: str | None, target: str, n_fraction: float | None, epochs: int | None, lr: float | None,
-          batch_size: int | None, seed: int | None, data_root: str | None, wait: bool) -> None:
-    """Queue a Stage 2 adaptation of the current basis to TARGET on the daemon."""
+          batch_size: int | None, seed: int | None, data_root: str | None, weight_decay: float | None,
+          device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
+          classnames_file: str | None, templates_file: str | None, wait: bool, local: bool) -> None:
+    """Queue a Stage 2 adaptation of the current basis to TARGET on the daemon (--local: run it here)."""
     from pathlib import Path
 
     from axis_stream import jobs
 
-    socket_path = _socket(config_path)
     given = {"target": target, "n_fraction": n_fraction, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-             "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None}
+             "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
+             "weight_decay": weight_decay, "device": device, "max_train_samples": max_train_samples,
+             "max_eval_samples": max_eval_samples, "classnames": _text_lines(classnames_file),
+             "templates": _text_lines(templates_file)}
+    if local:
+        return _adapt_local(config_path, {k: v for k, v in given.items() if v is not None})
+    socket_path = _socket(config_path)
     record = _call(socket_path, "adapt", hint="start `axis-stream serve` or rerun with --local",
                    **{k: v for k, v in given.items() if v is not None})
     click.echo(f"queued job {record['id']}: adapt {target}")
@@ -123,6 +139,75 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, epochs
     click.echo("\n".join(jobs.describe(record)))
     if record["state"] != "succeeded":
         raise SystemExit(1)
+
+
+def _text_lines(path: str | None) -> list[str] | None:
+    """The non-empty lines of a text file (class names, templates)."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _adapt_local(config_path: str | None, params: dict) -> None:
+    """``adapt --local``: Stage 2 in this process against the current basis, then its result."""
+    from axis_stream import config
+    from axis_stream.adapt import run_local
+    from axis_stream.adapt.recipe import summary_lines
+    from axis_stream.errors import AxisError
+
+    try:
+        result = run_local(params, config.load(config_path), _StageProgress())
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(summary_lines(result)))
+
+
+class _StageProgress:
+    """Stage 2 progress events as a progress bar per epoch and a line per evaluation."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        if event["phase"] == "train":
+            if self.bar is None:
+                self.bar = click.progressbar(length=event["of"], label=f"epoch {event['epoch']}/{event['epochs']}",
+                                             show_pos=True, item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}")
+                self.bar.__enter__()
+            self.bar.update(1, event["loss"])
+            if event["step"] == event["of"]:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+        elif event["phase"] == "validate":
+            best = f" (best {event['best_val_accuracy']:.2%})" if "best_val_accuracy" in event else " (before training)"
+            click.echo(f"epoch {event['epoch']}/{event['epochs']}: validation accuracy {event['val_accuracy']:.2%}{best}")
+
+
+@main.command(name="export")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config TOML (defaults apply without one): the base model, the basis and <state_dir>/jobs.")
+@click.option("--job", "job_id", required=True, help="The adapt job's id (its folder under <state_dir>/jobs).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, ending in .safetensors.")
+def export_cmd(config_path: str | None, job_id: str, out: str) -> None:
+    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors)."""
+    from pathlib import Path
+
+    from axis_stream import config
+    from axis_stream.adapt import export_job
+    from axis_stream.adapt.recipe import HEAD_FILE
+    from axis_stream.errors import AxisError
+
+    if Path(job_id).name != job_id or job_id in ("", ".", ".."):
+        raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
+    try:
+        cfg = config.load(config_path)
+        path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
+    except AxisError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
+               f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
 
 
 def _guard(generator, *args):

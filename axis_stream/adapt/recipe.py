@@ -340,3 +340,23 @@ def run_local(params: dict[str, Any], cfg: Config, progress: Progress) -> dict[s
     version = Basis.open(cfg.paths.basis_dir).version
     ctx = JobContext(job_id, cfg, cfg.paths.basis_dir, version, out_dir, progress)
     return {"job_id": job_id, "out_dir": str(out_dir), **run_adapt(params, ctx)}
+
+
+def summary_lines(result: Mapping[str, Any]) -> list[str]:
+    """A finished job's report as the lines ``adapt --local`` prints."""
+    mib = result["peak_memory_bytes"] / 2**20
+    step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
+    lines = [
+        f"adapted basis version {result['basis_version']} to {result['target_name']} ({result['num_classes']} classes, "
+        f"{result['sizes']['train']} train images) with {result['trainable_params']:,} trainable values "
+        f"(N = {result['n_fraction']:g})",
+        f"validation accuracy {result['val_accuracy']:.2%} (merged model before training "
+        f"{result['initial_val_accuracy']:.2%}, best epoch {result['best_epoch']})",
+        f"test accuracy {result['test_accuracy']:.2%} (before training {result['initial_test_accuracy']:.2%})",
+        f"{step}, peak memory {mib:,.0f} MiB ({result['peak_memory_kind']}) on {result['device']}, "
+        f"{result['seconds']:.0f} s in all",
+    ]
+    if "out_dir" in result:
+        lines.append(f"saved {LAMBDA_FILE}, {HEAD_FILE} and {REPORT_FILE} in {result['out_dir']}")
+        lines.append(f"full weights: axis-stream export --job {result['job_id']} --out model.safetensors")
+    return lines

@@ -1,0 +1,71 @@
+"""``axis-stream adapt --local`` and ``axis-stream export`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+from click.testing import CliRunner
+
+from axis_stream import cli, config
+from axis_stream.basis import Basis
+from test_adapt_data import write_colour_folders
+
+
+@pytest.fixture
+def setup(tiny_base, make_checkpoint, tmp_path) -> tuple[Path, Path]:
+    """A config TOML for the tiny base with a basis of one folded source, and a colour-folder target."""
+    base_cfg, base_sd = tiny_base
+    path = tmp_path / "axis-stream.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{tmp_path / 'state'}"
+[base]
+model = "{base_cfg.model}"
+pretrained = "{base_cfg.pretrained}"
+model_config = "{base_cfg.model_config}"
+[adapt]
+num_workers = 0
+device = "cpu"
+""")
+    cfg = config.load(path)
+    basis = Basis.create(cfg.paths.basis_dir, base_sd, cfg.basis, {"name": base_cfg.model, "pretrained": base_cfg.pretrained})
+    basis.fold_checkpoint(make_checkpoint(3))
+    return path, write_colour_folders(tmp_path / "colours", n_train=10, n_test=4)
+
+
+def test_adapt_local_then_export(setup, tmp_path):
+    cfg_path, colours = setup
+    runner = CliRunner()
+    result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target", f"imagefolder:{colours}",
+                                      "--epochs", "1", "--batch-size", "8", "--n-fraction", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1: validation accuracy" in result.output and "test accuracy" in result.output
+    assert "with 96 trainable values" in result.output
+    job_id = result.output.split("export --job ")[1].split()[0]
+    assert job_id.startswith("local-")
+    job_dir = config.load(cfg_path).paths.jobs_dir / job_id
+    assert json.loads((job_dir / "report.json").read_text())["basis_version"] == 1
+
+    out = tmp_path / "adapted.safetensors"
+    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    open_clip.create_model("axis-tiny", pretrained=str(out))
+
+
+def test_cli_errors_are_one_clear_line(setup, tmp_path):
+    cfg_path, colours = setup
+    runner = CliRunner()
+    result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target",
+                                      f"imagefolder:{colours}", "--n-fraction", "1.5"])
+    assert result.exit_code == 1 and "n_fraction must be a number in (0, 1]" in result.output
+    result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target", "flowers102",
+                                      "--data-root", str(tmp_path / "data")])
+    assert result.exit_code == 1 and "flowers-102/" in result.output and "nothing is downloaded" in result.output
+    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "nope", "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 1 and "not a finished adapt job" in result.output
+    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "../x", "--out", "x.safetensors"])
+    assert result.exit_code == 2 and "not a job id" in result.output
