@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -59,10 +60,14 @@ def connect(settings: RayConfig, key: str):
     except ImportError:
         raise ConfigError(f'{key} = "ray" needs Ray, which is not installed: {INSTALL_HINT}') from None
     if not ray.is_initialized():
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=settings.address, log_to_driver=True)
         except ConnectionError as exc:
             raise AxisError(f"cannot join the Ray cluster at {settings.address!r}: {_first_line(exc)}") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)   # ray.init installs its own; the daemon's stops it cleanly
         log.info("joined the Ray cluster at %s: %s", settings.address, ray.cluster_resources())
     return ray
 
@@ -107,7 +112,10 @@ class RayJobs:
     def __init__(self, config: Config):
         self.settings = config.scheduler.ray
         self.ray = connect(self.settings, "scheduler.executor")
-        self._inbox = self.ray.remote(num_cpus=0)(_Inbox).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=True)
+        self._inbox = self.ray.remote(num_cpus=0, scheduling_strategy=here)(_Inbox).remote()   # on the daemon's node
         # max_calls=1: a fresh worker process per job (GPU memory released, no state left from the last job)
         self._task = self.ray.remote(num_gpus=self.settings.num_gpus, num_cpus=self.settings.num_cpus,
                                      max_retries=self.settings.max_retries, retry_exceptions=False,
@@ -344,9 +352,11 @@ def evaluate_on_ray(exp: Experiment, runs: Sequence[Run], echo: Callable[[str], 
         echo(run_title(i, len(runs), run))
         try:
             kind, value = ray.get(ready[0])
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayTaskError as exc:      # an unexpected error in the run: reported, not retried
+            kind, value = "error", f"{type(exc.cause).__name__}: {_first_line(exc.cause)}"
+        except ray.exceptions.RayError as exc:          # worker process or node lost, retries used up
             kind, value = "error", (f"the Ray worker was lost ({type(exc).__name__}, "
-                                    f"max_retries = {exp.ray.max_retries}): {_first_line(exc)}")
+                                    f"ray.max_retries = {exp.ray.max_retries}): {_first_line(exc)}")
         yield run, (value if kind == "rows" else AxisError(value))
 
 

@@ -34,9 +34,13 @@ def closed_log(record: jobs.JobRecord) -> str:
 def ray_local():
     """A local Ray instance with 2 CPUs for this module's tests (tasks ask for no GPU)."""
     ray = pytest.importorskip("ray")
+    environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    os.environ.clear()                        # ray.init leaves RAY_* variables and a SIGTERM handler behind
+    os.environ.update(environ)
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 def ray_config(state_dir: Path, **ray_settings) -> config.Config:
