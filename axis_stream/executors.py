@@ -131,7 +131,8 @@ class RayJobs:
         """
         ray = self.ray
         shipped = self._basis_ref(task) if self.settings.ship_basis and task.basis_version is not None else None
-        ref = self._task.options(name=f"axis-job-{task.job_id}").remote(self._inbox, task, shipped)
+        ref = self._task.options(name=f"axis-job-{task.job_id}").remote(self._inbox, task, shipped,
+                                                                          self.settings.ship_basis)
         attempts, cancelled = 0, False
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_S)
@@ -227,11 +228,12 @@ def unpack_basis(files: dict[str, bytes], version: int, root: Path | None = None
     return target
 
 
-def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None) -> dict[str, Any]:
+def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_files: bool) -> dict[str, Any]:
     """The Ray task (in a fresh worker process): run the job function, relaying progress and its log.
 
-    Returns ``{"message": ("result", dict) | ("error", line), "files": {name: bytes}}``; the files
-    are the job's output folder when the basis was shipped (the daemon cannot see this node's disk).
+    ``shipped`` is the pinned basis version's files (None: read ``task.basis_dir`` in place). Returns
+    ``{"message": ("result", dict) | ("error", line), "files": {name: bytes}}``; with ``return_files``
+    the job writes into a scratch folder on this node, and its files come back (no shared filesystem).
     """
     import ray
 
@@ -246,7 +248,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None) -> dict[str
         log_file = scratch / "job.log"
         _redirect_output(log_file, task.config.log.level)
         relay = _LogRelay(log_file, lambda text: send("log", text))
-        out_dir = scratch / "out" if shipped is not None else task.out_dir
+        out_dir = scratch / "out" if return_files else task.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         basis_dir = unpack_basis(shipped, task.basis_version) if shipped is not None else task.basis_dir
         ctx = JobContext(job_id=task.job_id, config=task.config, basis_dir=basis_dir,
@@ -254,7 +256,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None) -> dict[str
         message = _call(task.spec, task.params, ctx)
         relay.stop()
         files = ({p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
-                 if shipped is not None else {})
+                 if return_files else {})
         ray.get(inbox.put.remote(task.job_id, "log", ""))  # every message sent before is in the inbox now
         return {"message": message, "files": files}
     finally:
