@@ -91,30 +91,31 @@ def _floors(floor: float | Tensor, k: int, like: Tensor) -> Tensor:
 def _orthonormalize(y: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``q, c, h`` with ``y = basis c + q h``, ``q`` orthonormal and orthogonal to ``basis``.
 
-    Block classical Gram-Schmidt run twice ("twice is enough"), then a QR of the block.
+    Block classical Gram-Schmidt, run a second time when the first cancels more than ``1 - 1/sqrt 2``
+    of a column's norm (the Daniel-Gragg-Kaufman-Stewart criterion), then a QR of the block.
     """
     c = basis.mT @ y
-    y = y - basis @ c
-    c2 = basis.mT @ y
-    y = y - basis @ c2
-    q, h = torch.linalg.qr(y)
-    return q, c + c2, h
+    out = y - basis @ c
+    if bool((torch.linalg.vector_norm(out, dim=0) < 0.5**0.5 * torch.linalg.vector_norm(y, dim=0)).any()):
+        c2 = basis.mT @ out
+        out = out - basis @ c2
+        c = c + c2
+    q, h = torch.linalg.qr(out)
+    return q, c, h
 
 
-def _ritz(R: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ritz values (descending), their coefficient vectors in ``W``, and their residual norms.
+def _ritz_estimates(R: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Ritz values (descending) and residual norms of the Krylov pair, cheaply, to decide when to stop.
 
-    ``R^T = Q^T A W``; with ``R R^T = X diag(theta^2) X^T`` the Ritz triplets are
-    ``(Q R^T X / theta, theta, W X)``, and the Krylov relation gives ``A v - theta u = Q' h X_last``
-    (``X_last``: the rows of ``X`` for the newest block), so residual norms cost no pass over ``A``.
-    Solved in float64, where squaring loses nothing that matters.
+    ``R^T = Q^T A W``; with ``R R^T = X diag(theta^2) X^T`` the right Ritz vectors are ``W X``, and
+    the Krylov relation gives ``A v - theta u = Q' h X_last`` (``X_last``: the rows of ``X`` for the
+    newest block), so residual norms cost no pass over ``A``. An eigensolve in float64 is cheaper
+    than an SVD and accurate enough for a stopping test.
     """
     r64 = R.double()
     evals, evecs = torch.linalg.eigh(r64 @ r64.mT)
-    theta = evals.flip(0).clamp_min(0).sqrt()
-    x = evecs.flip(1)
-    rho = torch.linalg.vector_norm(h.double() @ x[-h.shape[0]:], dim=0)
-    return theta, x, rho
+    rho = torch.linalg.vector_norm(h.double() @ evecs[-h.shape[0]:], dim=0)
+    return evals.flip(0).clamp_min(0).sqrt(), rho.flip(0)
 
 
 def _certificate(theta: Tensor, rho: Tensor, floors: Tensor, tol: float) -> tuple[int, float, float]:
@@ -175,14 +176,21 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
     Q[:, :b] = torch.linalg.qr(a @ omega).Q
     dim, next_check, last = 0, b, None
     while True:
-        w, c, rw = _orthonormalize(a.mT @ Q[:, dim:dim + b], W[:, :dim])
+        # Golub-Kahan recurrence A^T Q_i = W_{i-1} h_i^T + W_i rw_i, A W_i = Q_i rw_i^T + Q_{i+1} h_{i+1}
+        # (h_i: the QR factor that made Q_i): subtract the local terms, reorthogonalise the rest
+        z = a.mT @ Q[:, dim:dim + b]
+        if dim:
+            z -= W[:, dim - b:dim] @ h.mT
+        w, c, rw = _orthonormalize(z, W[:, :dim])
+        if dim:
+            c[dim - b:] += h.mT
         W[:, dim:dim + b], R[:dim, dim:dim + b], R[dim:dim + b, dim:dim + b] = w, c, rw
+        q, _, h = _orthonormalize(a @ w - Q[:, dim:dim + b] @ rw.mT, Q[:, :dim + b])
         dim += b
-        q, _, h = _orthonormalize(a @ w, Q[:, :dim])
         Q[:, dim:dim + b] = q
         if dim < next_check and dim + b <= cap:
             continue
-        theta, x, rho = _ritz(R[:dim, :dim], h)
+        theta, rho = _ritz_estimates(R[:dim, :dim], h)
         wanted = floors.clamp_min(max(a.shape) * torch.finfo(a.dtype).eps * float(theta[0]))
         r, err, excess = _certificate(theta, rho, wanted, tol)
         if excess <= 1 or dim + b > cap:
@@ -191,13 +199,14 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
         last = (dim, excess)
     if excess > 1:
         return a[:, :0], theta[:0].to(a.dtype), a[:0].mT, err, False, dim
-    x = x[:, :min(r + 1, k)]
-    V = W[:, :dim] @ x.to(a.dtype)
-    US = Q[:, :dim] @ (R[:dim, :dim].double().mT @ x).to(a.dtype)
-    rho = torch.linalg.vector_norm(a @ V - US, dim=0).double()
-    r, err, excess = _certificate(theta[:x.shape[1]], rho, wanted, tol)
-    s = theta[:r].to(a.dtype)
-    return US[:, :r] / s, s, V[:, :r], err, excess <= 1, dim
+    # the returned triplets come from a float64 SVD of R itself (no squaring), then are measured
+    x, s, yh = torch.linalg.svd(R[:dim, :dim].double())
+    n = min(r + 1, k)
+    s = s[:n]
+    U, V = Q[:, :dim] @ yh[:n].mT.to(a.dtype), W[:, :dim] @ x[:, :n].to(a.dtype)
+    rho = torch.linalg.vector_norm(a @ V - U * s.to(a.dtype), dim=0)
+    r, err, excess = _certificate(s, rho.double(), wanted, tol)
+    return U[:, :r], s[:r].to(a.dtype), V[:, :r], err, excess <= 1, dim
 
 
 def top_svd(a: Tensor, k: int, *, method: str = "exact", tol: float = 1e-4,
