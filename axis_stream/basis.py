@@ -121,9 +121,11 @@ class Basis:
 
     @classmethod
     def create(cls, directory: str | Path, base_state_dict: Mapping[str, Tensor],
-               settings: BasisConfig, identity: Mapping[str, str]) -> "Basis":
-        """Write version 0 (no sources) for this base. ``identity``: name, pretrained, sha256."""
+               settings: BasisConfig, identity: Mapping[str, str] | None = None) -> "Basis":
+        """Write version 0 (no sources) for this base. ``identity``: name, pretrained and optionally
+        sha256 (checked against the weights; computed when absent)."""
         directory = Path(directory)
+        identity = identity or {}
         settings.validate()
         if (directory / CURRENT).exists():
             raise errors.BasisError(f"{directory}: already holds a basis; open it instead")
@@ -514,7 +516,13 @@ class Basis:
         """The writers' lock (released by the kernel if the process dies); yields whether it was got."""
         if not self.directory.is_dir():
             raise errors.BasisError(f"{self.directory}: no such basis directory")
-        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if blocking:
+                raise errors.BasisError(f"{self.directory}: cannot lock for writing ({exc.strerror})") from None
+            yield False  # a reader without write access: nothing to clean up
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

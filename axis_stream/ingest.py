@@ -49,6 +49,7 @@ fraction of the base's norm was not fine-tuned from this base. Fine-tunes move w
 percent; two independent pretrainings of one architecture differ by about sqrt(2)."""
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _HASH_CHUNK = 4 * 2**20
+_FINITE_CHUNK = 1 << 20
 
 
 # --- low-level readers: names, shapes and dtypes without data; data one tensor at a time ---
@@ -295,16 +296,17 @@ class Checkpoint:
     def tensor(self, name: str) -> Tensor:
         """The tensor for base name ``name`` as stored; ``NonFinite`` if it holds NaN or Inf."""
         t = self._source.read(self.mapping.names[name])
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise errors.NonFinite(self.path, f"{name} contains NaN or Inf")
         return t
 
     def delta(self, name: str) -> Tensor | None:
-        """The task difference ``theta - theta_pre`` in float32, or None where it is exactly zero."""
+        """The task difference ``theta - theta_pre`` in float32, or None where the tensor equals the
+        base (rounded to the checkpoint's dtype: a half-precision copy of an unchanged tensor is unchanged)."""
         t, b = self.tensor(name), self._base[name]
         if t.dim() >= 2:
             self._tally.base_sq += float(torch.linalg.vector_norm(b.float())) ** 2
-        if t.dtype == b.dtype and torch.equal(t, b):
+        if torch.equal(t, b.to(t.dtype)):
             return None
         d = t.float() - b.float()
         del t
@@ -337,6 +339,12 @@ class Checkpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf, checked in chunks: ``isfinite`` on a whole tensor needs ~2x its size in temporaries."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
 
 
 def file_sha256(path: str | Path) -> str:

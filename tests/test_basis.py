@@ -252,12 +252,22 @@ def _basis_state(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("kind", sorted(set(BAD) | {"duplicate", "duplicate-renamed"}))
-def test_bad_input_leaves_the_basis_unchanged(tiny_base, make_checkpoint, new_basis, tmp_path, kind):
+@pytest.fixture(scope="module")
+def folded_once(tiny_base, tmp_path_factory) -> tuple[Basis, Path]:
+    """One basis with one folded checkpoint, shared by the bad-input tests (none may change it)."""
     _, base = tiny_base
-    basis = new_basis()
-    first = make_checkpoint(71)
+    root = tmp_path_factory.mktemp("folded-once")
+    first = root / "first.safetensors"
+    save_file(finetuned_like(base, 71), first)
+    basis = Basis.create(root / "basis", base, settings(), IDENTITY)
     basis.fold_checkpoint(first)
+    return basis, first
+
+
+@pytest.mark.parametrize("kind", sorted(set(BAD) | {"duplicate", "duplicate-renamed"}))
+def test_bad_input_leaves_the_basis_unchanged(tiny_base, make_checkpoint, folded_once, tmp_path, kind):
+    _, base = tiny_base
+    basis, first = folded_once
     before = _basis_state(basis.directory)
     if kind == "duplicate":
         path, expected = first, errors.Duplicate
@@ -368,8 +378,8 @@ def test_sigkill_at_random_instants_leaves_the_old_or_the_new_version(tiny_base,
         span = min(r["seconds"] for r in runs)
         # stratified over the whole fold, then again over its last fifth (write, fsync, rename, pointer, prune)
         rng = random.Random(1234)
-        delays = [span * 1.05 * (j + rng.random()) / 20 for j in range(20)]
-        delays += [span * (0.8 + 0.25 * (j + rng.random()) / 10) for j in range(10)]
+        delays = [span * 1.05 * (j + rng.random()) / 16 for j in range(16)]
+        delays += [span * (0.8 + 0.25 * (j + rng.random()) / 6) for j in range(6)]
         outcomes = []
         for i, delay in enumerate(delays, start=2):
             result = trial(i, delay)
@@ -379,7 +389,7 @@ def test_sigkill_at_random_instants_leaves_the_old_or_the_new_version(tiny_base,
             assert snapshot_equal(basis.load(), expected[basis.version])
             assert not [p for p in (basis.directory / "versions").iterdir() if p.name.startswith(".")]
             outcomes.append(basis.version)
-            if basis.version == 1:  # the killed fold can simply be done again
+            if basis.version == 1 and i % 4 == 0:  # the killed fold can simply be done again
                 assert basis.fold_checkpoint(new).version == 2
                 assert snapshot_equal(basis.load(), expected[2])
         assert 1 in outcomes  # the kills did land inside folds

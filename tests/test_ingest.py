@@ -68,6 +68,16 @@ def test_formats_give_the_same_task_vector(tiny_base, tmp_path, layout):
     assert_deltas(deltas_of(path, base), expected_deltas(sd, base))
 
 
+def test_a_half_precision_copy_of_an_unchanged_tensor_is_unchanged(tiny_base, tmp_path):
+    _, base = tiny_base
+    sd = {k: v.half() for k, v in finetuned_like(base, 5).items()}
+    path = tmp_path / "half.safetensors"
+    save_file(sd, path)
+    # the text tower only lost precision: no delta there
+    want = {n: sd[n].double() - base[n].double() for n in base if n.startswith("visual.")}
+    assert_deltas(deltas_of(path, base), want)
+
+
 def test_image_encoder_only_checkpoint_maps_onto_the_visual_tower(tiny_base, tmp_path):
     _, base = tiny_base
     sd = finetuned_like(base, 2)
