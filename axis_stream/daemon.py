@@ -291,7 +291,11 @@ class Daemon:
             self._servers.append(MetricsServer(self.config.metrics.address, self.metrics, lambda: self.ready).start())
         log.info("axis-stream %s starting: base %s (%s), watching %s", __version__, self.config.base.model,
                  self.config.base.pretrained or "random init", p.watch_dir)
-        base, identity = load_base(self.config)
+        try:
+            base, identity = load_base(self.config)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise errors.ConfigError(f"base: cannot build {self.config.base.model} with weights "
+                                     f"{self.config.base.pretrained or '(random init)'}: {one_line(str(exc))}") from None
         self.worker = FoldWorker(self.config, base, identity, self.metrics, progress=self.watchdog.ping)
         self.metrics.basis_state(*self.worker.basis_stats())
         self._start_jobs()

@@ -289,40 +289,55 @@ def test_serve_folds_good_files_once_quarantines_bad_ones_and_reports(setup, tmp
 
 # -- crash recovery ---------------------------------------------------------------------------------
 
-def test_kill_9_during_a_fold_loses_nothing_and_folds_nothing_twice(setup):
+def folding(cfg: config.Config, at_least: int) -> str | None:
+    """The file being folded, if the ledger holds ``at_least`` files but not that one yet."""
+    ledger = [e["file"] for e in read_ledger(cfg)]
+    current = api.request(cfg.paths.socket, "status")["queue"]["current"]
+    return current if len(ledger) >= at_least and current is not None and current not in ledger else None
+
+
+def test_kill_9_and_sigterm_during_folds_lose_nothing_and_fold_nothing_twice(setup):
     cfg_path, cfg, staging, checkpoint, _ = setup
     proc = start(cfg_path)
     try:
         sources = [checkpoint(seed) for seed in range(8)]
+        names = {s.name for s in sources}
         wait_ready(proc, cfg)
         for src in sources:
             drop(src, cfg.paths.watch_dir)
-        # Kill during a fold: the control socket names the file being folded, the ledger lacks it yet.
-        def folding() -> bool:
-            ledger = [e["file"] for e in read_ledger(cfg)]
-            current = api.request(cfg.paths.socket, "status")["queue"]["current"]
-            return len(ledger) >= 2 and current is not None and current not in ledger
-
-        wait_for(folding, 60, "a fold in progress", proc)
+        wait_for(lambda: folding(cfg, 2), 60, "a fold in progress", proc)
         proc.kill()
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    names = {s.name for s in sources}
     folded = [e["file"] for e in read_ledger(cfg)]
     assert len(folded) == len(set(folded)) < len(sources)
     assert names == set(folded) | set(files(cfg.paths.watch_dir))           # nothing lost
 
     # The state a kill between "version durable" and "file discarded" leaves: a folded file is still there.
-    first = read_ledger(cfg)[0]["file"]
+    first = folded[0]
     shutil.copyfile(staging / first, cfg.paths.watch_dir / first)
 
+    # Restart, then SIGTERM during a fold: that fold finishes, no other starts, the rest stay.
     proc = start(cfg_path)
     try:
         wait_ready(proc, cfg)
+        in_progress = wait_for(lambda: folding(cfg, len(folded) + 1), 60, "a fold after the restart", proc)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    second_log = read_log(proc)
+    folded = [e["file"] for e in read_ledger(cfg)]
+    assert in_progress in folded and in_progress not in files(cfg.paths.watch_dir)
+    assert len(folded) == len(set(folded)) and names == set(folded) | set(files(cfg.paths.watch_dir))
+
+    proc = start(cfg_path)                  # and once more: the rest is folded
+    try:
+        wait_ready(proc, cfg)
         wait_for(lambda: len(read_ledger(cfg)) == len(sources) and not files(cfg.paths.watch_dir),
-                 60, "the rest folded after the restart", proc)
+                 60, "the rest folded after the second restart", proc)
         assert stop(proc) == 0
     finally:
         if proc.poll() is None:
@@ -330,7 +345,7 @@ def test_kill_9_during_a_fold_loses_nothing_and_folds_nothing_twice(setup):
     ledger = [e["file"] for e in read_ledger(cfg)]
     assert sorted(ledger) == sorted(names)                                   # each exactly once
     assert files(cfg.paths.quarantine) == []                                 # the folded file was no duplicate
-    assert "already folded" in read_log(proc)
+    assert "already folded" in second_log + read_log(proc)
 
 
 # -- many at once -------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_polling_observer_waits_for_a_slow_writer(tmp_path):
 
 
 @pytest.mark.parametrize("observer", ["inotify", "polling"])
-def test_stop_is_prompt_and_idempotent_state(tmp_path, observer):
+def test_stop_is_prompt(tmp_path, observer):
     w = make_watcher(tmp_path, Arrivals(), observer=observer, poll_interval_s=0.05)
     w.start()
     t0 = time.monotonic()
