@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import socket
@@ -218,13 +219,24 @@ def run(workdir: str | Path | None = None, *, steps: int = 40, epochs: int = 3, 
     """Run the quickstart, yielding what happens as lines of text."""
     # A model this small gains nothing from several threads, and OpenMP threads spinning on a busy
     # 2-core machine cost far more than they give: one thread here and in the job's process.
-    threads = torch.get_num_threads()
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level      # the daemon logs to the workspace meanwhile
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = "1"          # inherited by the job's process
     try:
         yield from _run(workdir, steps=steps, epochs=epochs, seed=seed, timeout=timeout)
     finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
         torch.set_num_threads(threads)
+        if omp is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 def _run(workdir: str | Path | None, *, steps: int, epochs: int, seed: int, timeout: float) -> Iterator[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 
 import numpy as np
@@ -25,7 +27,9 @@ def test_tasks_are_deterministic_and_classes_differ():
 
 
 def test_quickstart_runs_the_whole_product(tmp_path):
+    env, handlers = os.environ.get("OMP_NUM_THREADS"), logging.getLogger().handlers[:]
     lines = list(quickstart.run(tmp_path / "ws", steps=15, epochs=1))
+    assert os.environ.get("OMP_NUM_THREADS") == env and logging.getLogger().handlers == handlers   # restored
     text = "\n".join(lines)
     ws = tmp_path / "ws"
     for task in quickstart.SOURCES:                     # real fine-tunes: better than zero-shot
