@@ -6,6 +6,7 @@ checking that asking for the ray executor then fails at start-up saying what to 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -107,7 +108,7 @@ def test_a_job_runs_as_a_ray_task_with_its_result_progress_log_and_files(ray_run
     assert text.rstrip().endswith(f"job {job_id} succeeded")
     # written on the worker: in the job folder directly (shared filesystem) or sent back with the result
     written = Path(record.log_path).parent / "selftest.json"
-    assert jobs.json.loads(written.read_text())["w"] == record.result["w"]
+    assert json.loads(written.read_text())["w"] == record.result["w"]
     assert finals == [(job_id, "succeeded")]
 
 
@@ -180,7 +181,7 @@ def test_a_shipped_basis_version_reaches_the_worker_and_an_adapt_job_returns_its
     assert record.basis_version == basis.version == record.result["basis_version"]
     out = Path(record.log_path).parent
     assert {"lambda.safetensors", "report.json"} <= {p.name for p in out.iterdir()}
-    assert jobs.json.loads((out / "report.json").read_text())["test_accuracy"] == record.result["test_accuracy"]
+    assert json.loads((out / "report.json").read_text())["test_accuracy"] == record.result["test_accuracy"]
 
 
 def test_an_evaluation_through_ray_gives_the_local_executors_rows(ray_local, tmp_path, tiny_base):
