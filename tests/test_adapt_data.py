@@ -108,3 +108,6 @@ def test_unknown_targets_and_missing_data_root_are_clear_errors(tmp_path):
         resolve_target("dtd", None)
     with pytest.raises(AdaptError, match="2 class names given, the dataset has 47"):
         resolve_target("dtd", tmp_path, classnames=["a", "b"])
+    write_colour_folders(tmp_path / "eurosat", n_train=1, n_test=1)
+    with pytest.raises(AdaptError, match="eurosat: the train split .* has 4 classes, the class names list 10"):
+        resolve_target("eurosat", tmp_path).open("train")

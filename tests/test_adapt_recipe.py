@@ -129,6 +129,7 @@ def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot
     ({"target": "dtd", "epochs": "two"}, AdaptError, "epochs: expected int"),
     ({"target": "dtd", "epochs": 0}, ConfigError, "adapt.epochs"),
     ({"target": "dtd", "max_train_samples": -3}, AdaptError, "max_train_samples"),
+    ({"target": "dtd", "classnames": "cat dog"}, AdaptError, "classnames: expected a list of strings"),
 ])
 def test_bad_job_parameters_are_clear_errors(params, error, message):
     with pytest.raises(error, match=message):

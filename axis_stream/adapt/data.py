@@ -96,27 +96,29 @@ class Target:
     def open(self, split: str) -> Dataset:
         """The raw split (PIL image, label) as the reader gives it; ``DatasetNotFound`` if it is not there."""
         r = self.reader
-        if r.cls is None:
-            return _image_folder(self.root / r.folder, split, self.key, r.layout)
+        where = self.root / r.folder
+        ds = _image_folder(where, split, self.key, r.layout) if r.cls is None else self._torchvision(where, split)
+        classes = getattr(ds, "classes", None)
+        if classes is not None and len(classes) != len(self.classnames):
+            raise AdaptError(f"{self.key}: the {split} split under {where} has {len(classes)} classes, "
+                             f"the class names list {len(self.classnames)}")
+        return ds
+
+    def _torchvision(self, where: Path, split: str) -> Dataset:
         import torchvision.datasets as tvd
 
-        where = self.root / r.folder
+        r = self.reader
         cls = getattr(tvd, r.cls)
         kwargs = dict(r.train if split == "train" else r.test)
         if "download" in inspect.signature(cls).parameters:
             kwargs["download"] = False
         try:
-            ds = cls(str(where), **kwargs)
+            return cls(str(where), **kwargs)
         except (RuntimeError, OSError, ImportError) as exc:
             detail = str(exc).split(". You can")[0].split("\n")[0]
             raise DatasetNotFound(f"{self.key}: torchvision.datasets.{r.cls} cannot read the {split} split "
                                   f"under {where} ({detail}); expected {r.layout} under the data root "
                                   f"{self.root}; nothing is downloaded") from None
-        classes = getattr(ds, "classes", None)
-        if classes is not None and len(classes) != len(self.classnames):
-            raise AdaptError(f"{self.key}: the dataset under {where} has {len(classes)} classes, "
-                             f"the class names list {len(self.classnames)}")
-        return ds
 
 
 def _image_folder(path: Path, split: str, key: str, layout: str) -> Dataset:

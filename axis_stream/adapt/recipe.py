@@ -84,6 +84,10 @@ def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
     limits = {k: _coerce(int, params[k], k) for k in ("max_train_samples", "max_eval_samples") if params.get(k)}
     if any(v < 1 for v in limits.values()):
         raise AdaptError(f"max_train_samples / max_eval_samples must be >= 1, got {limits}")
+    for key in ("classnames", "templates"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise AdaptError(f"adapt parameter {key}: expected a list of strings, got {value!r:.80}")
     root = params.get("data_root") or cfg.paths.data_root
     return JobSettings(str(params["target"]), hp, Path(root) if root else None,
                        params.get("classnames"), params.get("templates"), **limits)
@@ -334,10 +338,10 @@ def run_local(params: dict[str, Any], cfg: Config, progress: Progress) -> dict[s
     from axis_stream.basis import Basis
 
     job_settings(params, cfg)  # fail on bad parameters before anything is created
+    version = Basis.open(cfg.paths.basis_dir).version
     job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     out_dir = cfg.paths.jobs_dir / job_id
     out_dir.mkdir(parents=True)
-    version = Basis.open(cfg.paths.basis_dir).version
     ctx = JobContext(job_id, cfg, cfg.paths.basis_dir, version, out_dir, progress)
     return {"job_id": job_id, "out_dir": str(out_dir), **run_adapt(params, ctx)}
 
