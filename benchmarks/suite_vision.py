@@ -9,6 +9,7 @@ are skipped; the source fine-tunes are cached under ~/.cache/axis-stream/suites/
     apt-get install dataset-fashion-mnist && pip install -e ".[suites]"
     nohup python benchmarks/suite_vision.py > suite_vision.log 2>&1 &
     python benchmarks/suite_vision.py --tables-only      # the tables from what has finished
+    python benchmarks/suite_vision.py --start-scales     # AXIS from its merged start vs scaled starts
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from axis_stream.suites.report import run_benchmark
+from axis_stream.suites.report import run_benchmark, start_scale_study
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "config" / f"suite-vision{part}.toml" for part in ("", "-fewshot", "-noisy", "-ablations")]
 
 if __name__ == "__main__":
+    if "--start-scales" in sys.argv[1:]:
+        print("\n".join(start_scale_study(CONFIGS[0], ["digits", "textures"])))
+        raise SystemExit(0)
     print(run_benchmark("vision", CONFIGS, ROOT / "benchmarks" / "results" / "suite-vision" / "tables.md",
                         tables_only="--tables-only" in sys.argv[1:]))

@@ -152,3 +152,49 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, ("\n".join(text) + "\n").encode())
     return "\n".join(text)
+
+
+def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[float] = (1.0, 0.3, 0.0)
+                      ) -> list[str]:
+    """AXIS at N=10 % from its merged start (Lambda = s, the default) and from scaled starts (Lambda = c * s).
+
+    Same splits, head and recipe as the experiment's runs; a markdown table of test accuracy before
+    and after Stage 2, per target, averaged over the experiment's seeds. It shows how much of Stage 2
+    goes into undoing the interference of the merged start.
+    """
+    import dataclasses
+
+    import torch
+
+    from axis_stream import evaluate
+    from axis_stream.suites.harness import SuiteHarness, _accuracy, train_stage2
+
+    exp = evaluate.load_experiment(config)
+    harness = SuiteHarness(exp, lambda line: None)
+    runs = [r for r in evaluate.plan(exp) if r.method.name == "axis" and r.budget == 0.1
+            and r.target.name in targets and not r.corrupt]
+    acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for run in runs:
+        hp = dataclasses.replace(exp.adapt, seed=run.seed, n_fraction=run.budget)
+        for c in scales:
+            torch.manual_seed(hp.seed)
+            base = harness._base()
+            train, val, test = harness.splits(run, hp)
+            head = harness.suite.head(base, train) * harness.suite.source_recipe.scale
+            model = harness.build(run, hp, base)
+            model.load_lambdas({k: v * c for k, v in model.lambdas().items()})
+            start = _accuracy(model, head, test, hp)
+            _, after, _ = train_stage2(model, head, train, val, test, hp, lambda line: None)
+            acc.setdefault((run.target.name, c), []).append((start, after))
+    out = ["| start | " + " | ".join(f"{t}: before → after Stage 2" for t in targets) + " |",
+           "|---|" + "---|" * len(targets)]
+    for c in scales:
+        cells = []
+        for t in targets:
+            pairs = acc.get((t, c), [])
+            before = 100 * statistics.fmean(p[0] for p in pairs) if pairs else float("nan")
+            after = 100 * statistics.fmean(p[1] for p in pairs) if pairs else float("nan")
+            cells.append(f"{before:.1f} → {after:.1f} ({len(pairs)})")
+        label = "Lambda = s (merged, default)" if c == 1 else f"Lambda = {c:g} s"
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
