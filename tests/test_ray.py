@@ -31,6 +31,11 @@ def closed_log(record: jobs.JobRecord) -> str:
                     what=f"job {record.id}'s log to be closed")
 
 
+def recorded(finals: list, count: int) -> list:
+    """``finals`` once it holds ``count`` entries (on_change runs just after a record is written)."""
+    return wait_for(lambda: len(finals) >= count and finals, what=f"{count} final state(s) to be reported")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance with 2 CPUs for this module's tests (tasks ask for no GPU)."""
@@ -109,7 +114,7 @@ def test_a_job_runs_as_a_ray_task_with_its_result_progress_log_and_files(ray_run
     # written on the worker: in the job folder directly (shared filesystem) or sent back with the result
     written = Path(record.log_path).parent / "selftest.json"
     assert json.loads(written.read_text())["w"] == record.result["w"]
-    assert finals == [(job_id, "succeeded")]
+    assert recorded(finals, 1) == [(job_id, "succeeded")]
 
 
 def test_a_worker_killed_mid_run_is_retried_as_configured_and_recorded_once(ray_runner):
@@ -137,7 +142,7 @@ def test_a_worker_killed_mid_run_is_retried_as_configured_and_recorded_once(ray_
     record = final(runner, twice)
     assert record.state == "failed" and record.result is None
     assert "Ray worker running the job was lost (2 attempt(s), scheduler.ray.max_retries = 1)" in record.error
-    assert finals == [(once, "succeeded"), (twice, "failed")]
+    assert recorded(finals, 2) == [(once, "succeeded"), (twice, "failed")]
 
 
 def test_cancel_stops_the_ray_task_and_its_worker(ray_runner):
@@ -147,7 +152,7 @@ def test_cancel_stops_the_ray_task_and_its_worker(ray_runner):
     record = runner.cancel(job_id)
     assert record.state == "cancelled" and record.error == "cancelled while running"
     wait_for(lambda: process_gone(pid), what="the worker process to end")
-    assert finals == [(job_id, "cancelled")]
+    assert recorded(finals, 1) == [(job_id, "cancelled")]
 
 
 def test_a_shipped_basis_version_reaches_the_worker_and_an_adapt_job_returns_its_files(
