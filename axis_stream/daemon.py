@@ -315,6 +315,7 @@ class Daemon:
 
         self.jobs = jobs.JobRunner(self.config, self.config.paths.basis_dir, on_change=self._job_changed)
         self.jobs.start()
+        self._count_jobs()
         control = api.ControlServer(self.config.paths.socket, {**jobs.handlers(self.jobs), **self.handlers()})
         control.start()
         self._servers.append(control)
@@ -392,11 +393,16 @@ class Daemon:
 
     # -- jobs metrics and the control API -------------------------------------------------------
 
-    def _job_changed(self, record: Any) -> None:
+    def _count_jobs(self) -> None:
+        """Set the jobs-by-state gauge from the job store (the newest 10,000 records)."""
         counts: dict[str, int] = {}
-        for r in self.jobs.list(limit=10_000) if self.jobs is not None else [record]:
+        for r in self.jobs.list(limit=10_000) if self.jobs is not None else []:
             counts[r.state] = counts.get(r.state, 0) + 1
         self.metrics.job_states(counts)
+
+    def _job_changed(self, record: Any) -> None:
+        """The job runner's ``on_change``: job metrics, in the daemon process."""
+        self._count_jobs()
         if record.state in ("succeeded", "failed", "cancelled") and record.finished_at:
             seconds = record.finished_at - record.started_at if record.started_at else None
             result = record.result or {}
