@@ -19,21 +19,27 @@ from axis_stream import config, evaluate, executors, jobs
 from axis_stream.errors import ConfigError
 from test_adapt_data import write_colour_folders
 from test_evaluate import read_rows, write_experiment
-from test_jobs import final, least_squares, process_gone, running_with_progress, wait_for
+from test_jobs import least_squares, process_gone, wait_for
 
 TIMING = ("seconds", "step_seconds")      # wall-clock columns: the only ones allowed to differ between runs
+PATIENCE_S = 180.0                        # Ray workers start slowly on a busy 2-core machine
+
+
+def final(runner: jobs.JobRunner, job_id: str) -> jobs.JobRecord:
+    return wait_for(lambda: (r := runner.get(job_id)).state in jobs.FINAL_STATES and r, PATIENCE_S,
+                    what=f"job {job_id} to end")
 
 
 def closed_log(record: jobs.JobRecord) -> str:
     """The job's log once the runner has closed it with the outcome line (just after recording it)."""
     path = Path(record.log_path)
-    return wait_for(lambda: f"axis-stream: job {record.id} " in (text := path.read_text()) and text,
+    return wait_for(lambda: f"axis-stream: job {record.id} " in (text := path.read_text()) and text, PATIENCE_S,
                     what=f"job {record.id}'s log to be closed")
 
 
 def recorded(finals: list, count: int) -> list:
     """``finals`` once it holds ``count`` entries (on_change runs just after a record is written)."""
-    return wait_for(lambda: len(finals) >= count and finals, what=f"{count} final state(s) to be reported")
+    return wait_for(lambda: len(finals) >= count and finals, PATIENCE_S, what=f"{count} final state(s) to be reported")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +128,7 @@ def test_a_worker_killed_mid_run_is_retried_as_configured_and_recorded_once(ray_
 
     def kill_running(job_id: str, not_pid: int | None = None) -> int:
         pid = wait_for(lambda: (r := runner.get(job_id)).state == "running" and r.pid != not_pid and r.progress
-                       and r.pid, what="the job's worker")
+                       and r.pid, PATIENCE_S, what="the job's worker")
         os.kill(pid, signal.SIGKILL)
         return pid
 
@@ -148,10 +154,11 @@ def test_a_worker_killed_mid_run_is_retried_as_configured_and_recorded_once(ray_
 def test_cancel_stops_the_ray_task_and_its_worker(ray_runner):
     runner, finals = ray_runner()
     job_id = runner.submit("selftest", {"mode": "hang"})
-    pid = running_with_progress(runner, job_id).pid
+    pid = wait_for(lambda: (r := runner.get(job_id)).state == "running" and r.progress and r.pid, PATIENCE_S,
+                   what="the job's worker")
     record = runner.cancel(job_id)
     assert record.state == "cancelled" and record.error == "cancelled while running"
-    wait_for(lambda: process_gone(pid), what="the worker process to end")
+    wait_for(lambda: process_gone(pid), PATIENCE_S, what="the worker process to end")
     assert recorded(finals, 1) == [(job_id, "cancelled")]
 
 
@@ -180,8 +187,7 @@ def test_a_shipped_basis_version_reaches_the_worker_and_an_adapt_job_returns_its
     runner, finals = ray_runner(cfg)
     job_id = runner.submit("adapt", {"target": f"imagefolder:{colours}", "device": "cpu", "num_workers": 0,
                                      "batch_size": 16, "epochs": 1, "n_fraction": 0.1})
-    record = wait_for(lambda: (r := runner.get(job_id)).state in jobs.FINAL_STATES and r, timeout=90,
-                      what="the adapt job to end")
+    record = final(runner, job_id)
     assert record.state == "succeeded", record.error
     assert record.basis_version == basis.version == record.result["basis_version"]
     out = Path(record.log_path).parent
