@@ -105,6 +105,15 @@ def test_executor_settings_are_validated(tmp_path):
     assert (cfg.scheduler.executor, cfg.scheduler.ray.address, cfg.scheduler.ray.max_retries) == ("ray", "ray://head:10001", 2)
 
 
+def test_experiment_executor_settings_are_validated_and_name_the_file(tmp_path, tiny_base):
+    path = write_experiment(tmp_path, tiny_base, files=False, replace={"seeds = [0]": 'seeds = [0]\nexecutor = "slurm"'})
+    with pytest.raises(ConfigError, match=r"experiment.toml: executor: 'slurm' is not one of local, ray"):
+        evaluate.load_experiment(path)
+    path.write_text(path.read_text().replace('"slurm"', '"ray"') + "\n[ray]\nmax_retries = -1\n")
+    with pytest.raises(ConfigError, match=r"experiment.toml: ray.max_retries: must be >= 0"):
+        evaluate.load_experiment(path)
+
+
 @pytest.mark.parametrize("ship_basis", [False, True])
 def test_a_job_runs_as_a_ray_task_with_its_result_progress_log_and_files(ray_runner, ship_basis):
     runner, finals = ray_runner(ship_basis=ship_basis)
