@@ -136,7 +136,7 @@ class FoldWorker:
         except (OSError, errors.BasisError) as exc:
             # Not the file's fault (disk full, permissions, a broken basis): keep it for a retry.
             if self.metrics:
-                self.metrics.folds.labels("error").inc()
+                self.metrics.fold_failed()
             return self._report(Outcome(path.name, "error", f"left in place for a retry: {exc}"))
         except Exception as exc:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
@@ -172,7 +172,7 @@ class FoldWorker:
                 return self._report(Outcome(path.name, "vanished", "gone before it could be quarantined"))
         except OSError as exc:
             if self.metrics:
-                self.metrics.folds.labels("error").inc()
+                self.metrics.fold_failed()
             return self._report(Outcome(path.name, "error", f"rejected ({reason}: {message}) but could not be "
                                         f"quarantined, left in place: {exc}", reason=reason))
         if self.metrics:

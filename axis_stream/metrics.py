@@ -80,6 +80,10 @@ class Metrics:
         self.folds.labels("error" if internal else "rejected").inc()
         self.rejects.labels(reason).inc()
 
+    def fold_failed(self) -> None:
+        """A fold failed for a reason outside the file (disk, permissions); the file stays for a retry."""
+        self.folds.labels("error").inc()
+
     def basis_state(self, version: int, sources: int, size_bytes: int) -> None:
         """The current basis version, how many sources it holds, and its size on disk."""
         self.basis_version.set(version)
