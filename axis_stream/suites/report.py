@@ -15,11 +15,20 @@ Row = Mapping[str, str]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of one ``results.csv`` (empty if the experiment has not run yet)."""
+    """The rows of one ``results.csv`` (empty if the experiment has not run yet), one per run key.
+
+    Two evaluations writing to one output folder at once can both run the same key; the first row wins.
+    """
+    from axis_stream.evaluate import KEY
+
     if not Path(path).exists():
         return []
     with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    first: dict[tuple, dict[str, str]] = {}
+    for row in rows:
+        first.setdefault(tuple(row[k] for k in KEY), row)
+    return list(first.values())
 
 
 def _cell(values: Sequence[float]) -> str:
