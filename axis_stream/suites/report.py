@@ -134,7 +134,7 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
     done = [t for t in targets if any(r["target"] == t for r in rows["main"])]  # no fine-tune for targets not run
     refs = {"full fine-tune (reference)": finetune_references(suite_name, main.data_root, done)}
     text = [f"### {suite_name}: AXIS against aTLAS and the references (test accuracy %, mean ± std (runs))", ""]
-    text += table(rows["main"], main_lines([f"{b:g}" for b in main.budgets]), targets, refs)
+    text += table(rows["main"], main_lines([f"{b:g}" for b in main.budgets]), done, refs)
     if "fewshot" in rows:
         few = next(e for e in exps if e.output_dir.name == "fewshot")
         frac = few.robustness.train_fractions[0]
