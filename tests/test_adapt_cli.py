@@ -31,7 +31,8 @@ num_workers = 0
 device = "cpu"
 """)
     cfg = config.load(path)
-    basis = Basis.create(cfg.paths.basis_dir, base_sd, cfg.basis, {"name": base_cfg.model, "pretrained": base_cfg.pretrained})
+    identity = {"name": base_cfg.model, "pretrained": base_cfg.pretrained}
+    basis = Basis.create(cfg.paths.basis_dir, base_sd, cfg.basis, identity)
     basis.fold_checkpoint(make_checkpoint(3))
     return path, write_colour_folders(tmp_path / "colours", n_train=10, n_test=4)
 
@@ -39,8 +40,9 @@ device = "cpu"
 def test_adapt_local_then_export(setup, tmp_path):
     cfg_path, colours = setup
     runner = CliRunner()
-    result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target", f"imagefolder:{colours}",
-                                      "--epochs", "1", "--batch-size", "8", "--n-fraction", "0.2"])
+    result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target",
+                                      f"imagefolder:{colours}", "--epochs", "1", "--batch-size", "8",
+                                      "--n-fraction", "0.2"])
     assert result.exit_code == 0, result.output
     assert "epoch 1/1: validation accuracy" in result.output and "test accuracy" in result.output
     assert "with 96 trainable values" in result.output
@@ -65,7 +67,8 @@ def test_cli_errors_are_one_clear_line(setup, tmp_path):
     result = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target", "flowers102",
                                       "--data-root", str(tmp_path / "data")])
     assert result.exit_code == 1 and "flowers-102/" in result.output and "nothing is downloaded" in result.output
-    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "nope", "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "nope",
+                                      "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "not a finished adapt job" in result.output
     result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "../x", "--out", "x.safetensors"])
     assert result.exit_code == 2 and "not a job id" in result.output

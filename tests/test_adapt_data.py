@@ -39,7 +39,8 @@ def write_fake_mnist(root: Path, n_train: int, n_test: int) -> None:
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
         labels = torch.arange(n, dtype=torch.uint8) % 10
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
+        header = struct.pack(">IIII", 2051, n, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
 
 

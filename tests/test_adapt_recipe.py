@@ -1,4 +1,4 @@
-"""The Stage 2 recipe end to end on a tiny CLIP: it learns, it reports, it resumes, it exports, it wires to the basis."""
+"""The Stage 2 recipe end to end on a tiny CLIP: it learns, reports, resumes, exports, and runs on a real basis."""
 
 from __future__ import annotations
 

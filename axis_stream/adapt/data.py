@@ -52,7 +52,8 @@ _SPLIT = {"train": {"split": "train"}, "test": {"split": "test"}}
 _FLAG = {"train": {"train": True}, "test": {"train": False}}
 
 READERS: dict[str, Reader] = {
-    "cars": Reader("stanford_cars/ (devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat)", "StanfordCars", **_SPLIT),
+    "cars": Reader("stanford_cars/ (devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat)",
+                   "StanfordCars", **_SPLIT),
     "dtd": Reader("dtd/dtd/ (images/, labels/)", "DTD", **_SPLIT),
     "eurosat": Reader("eurosat/train/<class>/ and eurosat/test/<class>/", folder="eurosat"),
     "gtsrb": Reader("gtsrb/ (GTSRB/Training/, GTSRB/Final_Test/Images/, GT-final_test.csv)", "GTSRB", **_SPLIT),
@@ -71,7 +72,8 @@ READERS: dict[str, Reader] = {
                             train={"split": "trainval"}, test={"split": "test"}),
     "renderedsst2": Reader("rendered-sst2/ (train/, test/ with negative/ and positive/)", "RenderedSST2", **_SPLIT),
     "emnist": Reader("EMNIST/raw/ (the emnist-digits idx-ubyte files)", "EMNIST",
-                     train={"split": "digits", "train": True}, test={"split": "digits", "train": False}, fix=_transpose),
+                     train={"split": "digits", "train": True}, test={"split": "digits", "train": False},
+                     fix=_transpose),
     "fashionmnist": Reader("FashionMNIST/raw/", "FashionMNIST", **_FLAG),
     "kmnist": Reader("KMNIST/raw/", "KMNIST", **_FLAG),
     "fgvcaircraft": Reader("fgvc-aircraft-2013b/ (data/images/, data/variants.txt, ...)", "FGVCAircraft", **_SPLIT),
@@ -235,6 +237,6 @@ def transforms_for(model: torch.nn.Module) -> tuple[Callable, Callable]:
     from torchvision import transforms as T
 
     cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
-    train = T.Compose([_to_rgb, T.RandomResizedCrop(cfg.size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    crop = T.RandomResizedCrop(cfg.size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    train = T.Compose([_to_rgb, crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
     return train, image_transform_v2(cfg, is_train=False)

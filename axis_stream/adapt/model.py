@@ -14,8 +14,8 @@ any ``nn.Module`` whose matrices are named by patterns, adds one ``m x n x N`` m
 percent of a ViT forward), and the module itself keeps running its own fast kernels.
 
 Where N exceeds the stored rank K, U and V are completed with orthonormal directions (seeded by the
-matrix name, so a job can be rebuilt exactly) and the extra singular values start at 0: what a full
-SVD of the dense merged matrix would give.
+job's seed and the matrix name, so a job can be rebuilt exactly) and the extra singular values start
+at 0: what a full SVD of the dense merged matrix would give.
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
     hints = get_type_hints(AdaptConfig)
     unknown = sorted(set(params) - set(hints) - _EXTRA)
     if unknown:
-        raise AdaptError(f"unknown adapt parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(set(hints) | _EXTRA))}")
+        raise AdaptError(f"unknown adapt parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(set(hints) | _EXTRA))}")
     if not params.get("target"):
         raise AdaptError("adapt needs a target (a dataset name or imagefolder:PATH)")
     overrides = {k: _coerce(hints[k], v, k) for k, v in params.items() if k in hints and v is not None}
