@@ -169,8 +169,9 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
     b = _block_width(k, small)
     cap = small // 2 // b * b
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    Q = a.new_empty(small, cap + b)
-    W = a.new_empty(large, cap)
+    # one storage row per basis vector: memory is touched only as far as the subspace grows
+    Q = a.new_empty(cap + b, small).mT
+    W = a.new_empty(cap, large).mT
     R = a.new_zeros(cap, cap)
     omega = torch.randn(large, b, generator=gen, dtype=a.dtype, device=a.device)
     Q[:, :b] = torch.linalg.qr(a @ omega).Q
