@@ -426,9 +426,10 @@ class JobRunner:
                 log.exception("job %s: supervising the job process failed", job_id)
                 error = one_line(f"supervising the job failed: {type(exc).__name__}: {exc}")
                 state, result = "failed", None
+            # the log's closing line first: whoever sees the final state then finds a complete log
+            _append_line(Path(record.log_path), f"axis-stream: job {job_id} {state}" + (f": {error}" if error else ""))
             self._store.update(job_id, ("running",), state=state, error=error, result=result,
                                finished_at=time.time(), pid=None)
-            _append_line(Path(record.log_path), f"axis-stream: job {job_id} {state}" + (f": {error}" if error else ""))
             log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s: %s%s", job_id, state,
                     f": {error}" if error else "")
             self._changed(job_id)
