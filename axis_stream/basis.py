@@ -26,6 +26,9 @@ its basis energy over the sum of its folded task matrices' energies.
 
 With ``k_mode = "gavish-donoho"``, each fold sets a matrix's K to the larger of its current rank
 and the Gavish-Donoho rank of the new task matrix's full spectrum (an extra ``svdvals`` per fold).
+
+A fold's cost does not depend on how many sources were folded before, except for the manifest,
+which carries the ledger and the shares: about 13 KB of JSON per source for ViT-B-32's 48 matrices.
 """
 
 from __future__ import annotations
@@ -294,8 +297,8 @@ class Basis:
                 version=snap.version + 1, file=ckpt.path.name, sha256=ckpt.sha256, size=ckpt.size,
                 folded_at=_now(), seconds=round(time.perf_counter() - start, 4), matrices=stats,
                 new_kept_total=sum(s["new_kept"] for s in stats.values()),
-                energy_kept=sum(s["energy_kept"] for s in changed) / len(changed) if changed else 0.0,
-                relative_norm=ckpt.relative_norm, mapping=str(ckpt.mapping))
+                energy_kept=round(sum(s["energy_kept"] for s in changed) / len(changed), 6) if changed else 0.0,
+                relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping))
             new = dict(manifest, version=record.version, parent=snap.version, restored_from=None,
                        created_at=record.folded_at, count=snap.count + 1, matrices=matrices,
                        means=sorted(snap.means))
@@ -357,8 +360,8 @@ class Basis:
                 kept_current = min(current.rank, k - fs.new_kept)
                 e_cur = float(current.s[:kept_current].double().square().sum())
                 e_new = fs.energy_kept * delta_energy
-                st = {"k": k, "new_kept": fs.new_kept, "energy_kept": fs.energy_kept,
-                      "svd_method": fs.svd_method, "svd_error": fs.svd_error}
+                st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
+                      "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
                 snap.factors[name] = current = Factors(new.U, new.s, new.V)
                 del delta, new
             total_e = e_cur + e_new

@@ -1,0 +1,171 @@
+"""Peak RSS and time of folding the 1st, 10th and 30th checkpoint of an open_clip ViT-B-32 into a basis.
+
+The base is open_clip ``ViT-B-32`` built with ``pretrained=None`` (seeded), saved once as
+safetensors. Each checkpoint is the whole state dict with its visual tower changed like a
+fine-tune: every 2-D visual weight gets a rank-16 change with a ``1/j`` spectrum (90 % of the
+change's energy) plus dense noise (10 %), 3 % of the weight's norm in all; the other visual tensors
+get small noise; the text tower is unchanged. A checkpoint is generated, folded and deleted before
+the next one exists, as the daemon discards them.
+
+The measured folds run in a fresh subprocess each: it records its peak RSS (``VmHWM``) after the
+imports and a fold of a small random matrix (the interpreter's baseline, with the linear-algebra
+libraries' code paged in), loads the base (plain reads, no mmap), opens the basis and
+folds; its final peak RSS is the fold's peak. The bound the fold must stay under is baseline + base +
+basis (the new version's files) + 2 x the largest tensor. A measured fold runs ``--repeat`` times on
+copies of the basis; every fold also runs in this process, which carries the basis forward.
+
+    python benchmarks/fold_memory.py                        # 30 folds, measures 1, 10, 30 twice each
+    python benchmarks/fold_memory.py --folds 3 --measure 1 3 --svd exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from axis_stream import ingest, stage1
+from axis_stream.basis import Basis, FACTORS, MEANS, VERSIONS
+from axis_stream.config import BasisConfig
+
+MiB = 2**20
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's peak over the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): steadier than wall time on a busy machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build_base(path: Path) -> dict[str, torch.Tensor]:
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)
+    return state
+
+
+def load_base(path: Path) -> dict[str, torch.Tensor]:
+    f = ingest.SafetensorsFile(path)
+    try:
+        return {k: f.read(k) for k in f.keys()}
+    finally:
+        f.close()
+
+
+def fine_tuned(base: dict[str, torch.Tensor], seed: int, rank: int = 16, size: float = 0.03
+               ) -> dict[str, torch.Tensor]:
+    """The base with a fine-tune-like change to its visual tower (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in base.items():
+        if name.startswith("visual.") and t.is_floating_point():
+            if t.dim() == 2:
+                m, n = t.shape
+                r = min(rank, m, n)
+                u = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+                v = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+                low = (u / torch.arange(1, r + 1)) @ v.T
+                noise = torch.randn(m, n, generator=g)
+                target = size * float(torch.linalg.matrix_norm(t))
+                t = t + target * (0.9**0.5 * low / torch.linalg.matrix_norm(low)
+                                  + 0.1**0.5 * noise / torch.linalg.matrix_norm(noise))
+            else:
+                t = t + 1e-3 * torch.randn(t.shape, generator=g)
+        out[name] = t.contiguous()
+    return out
+
+
+def measure(base_path: Path, basis_dir: Path, ckpt: Path) -> dict:
+    """Run in a fresh process: the peak RSS and time of one fold."""
+    for svd in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
+        stage1.fold(None, torch.randn(300, 200), 20, svd=svd)
+    baseline = peak_rss_bytes()
+    base = load_base(base_path)
+    basis = Basis.open(basis_dir, base)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    record = basis.fold_checkpoint(ckpt)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    vdir = basis_dir / VERSIONS / f"v{record.version:06d}"
+    return {
+        "version": record.version, "seconds": seconds, "cpu_seconds": cpu, "peak": peak_rss_bytes(),
+        "baseline": baseline,
+        "base": sum(t.nbytes for t in base.values()),
+        "basis": sum((vdir / f).stat().st_size for f in (FACTORS, MEANS)),
+        "largest": max(t.nbytes for t in base.values()),
+        "checkpoint": ckpt.stat().st_size, "new_kept": record.new_kept_total,
+        "energy_kept": record.energy_kept,
+        "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folds", type=int, default=30)
+    parser.add_argument("--measure", type=int, nargs="+", default=[1, 10, 30])
+    parser.add_argument("--repeat", type=int, default=2, help="fresh-process measurements per measured fold")
+    parser.add_argument("--svd", choices=["randomized", "exact"], default=BasisConfig().svd)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--worker", nargs=3, metavar=("BASE", "BASIS", "CKPT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(*map(Path, args.worker))))
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        base_path = tmp / "vit-b-32-base.safetensors"
+        base = build_base(base_path)
+        basis_dir = tmp / "basis"
+        Basis.create(basis_dir, base, BasisConfig(svd=args.svd), {"name": "ViT-B-32", "pretrained": "none (seed 0)"})
+        basis = Basis.open(basis_dir, base)
+        rows = []
+        for i in range(1, args.folds + 1):
+            ckpt = tmp / f"task-{i:03d}.safetensors"
+            save_file(fine_tuned(base, seed=i), ckpt)
+            if i in args.measure:  # on copies of the basis, each in a fresh process
+                for _ in range(args.repeat):
+                    copy = tmp / "basis-copy"
+                    shutil.copytree(basis_dir, copy)
+                    out = subprocess.run([sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt)],
+                                         check=True, capture_output=True, text=True).stdout
+                    shutil.rmtree(copy)
+                    rows.append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"fold {i} (measured): {rows[-1]}", flush=True)
+            cpu_start = cpu_seconds()
+            record = basis.fold_checkpoint(ckpt)
+            print(f"fold {i}: {record.seconds:.1f} s, cpu {cpu_seconds() - cpu_start:.1f} s", flush=True)
+            ckpt.unlink()
+    print()
+    print("| fold | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound | peak - baseline - base | svd |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        bound = r["baseline"] + r["base"] + r["basis"] + 2 * r["largest"]
+        print(f"| {r['version']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak'] / MiB:.0f} MiB | {r['baseline'] / MiB:.0f} MiB "
+              f"| {r['base'] / MiB:.0f} MiB | {r['basis'] / MiB:.1f} MiB | {r['largest'] / MiB:.0f} MiB "
+              f"| {bound / MiB:.0f} MiB {'ok' if r['peak'] <= bound else 'EXCEEDED'} "
+              f"| {(r['peak'] - r['baseline'] - r['base']) / MiB:.0f} MiB "
+              f"| {', '.join(f'{k} {v}' for k, v in r['svd'].items())} |")
+
+
+if __name__ == "__main__":
+    main()
