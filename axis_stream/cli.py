@@ -31,7 +31,6 @@ def quickstart(workdir: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-
 # -- jobs and the control socket: these commands talk to a running `axis-stream serve` ---------------
 
 _CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
