@@ -104,18 +104,17 @@ def _orthonormalize(y: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, c, h
 
 
-def _ritz_estimates(R: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """Ritz values (descending) and residual norms of the Krylov pair, cheaply, to decide when to stop.
+def _ritz(R: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz values (descending), their coefficients ``X``, ``Y^T``, and their Krylov residual norms.
 
-    ``R^T = Q^T A W``; with ``R R^T = X diag(theta^2) X^T`` the right Ritz vectors are ``W X``, and
-    the Krylov relation gives ``A v - theta u = Q' h X_last`` (``X_last``: the rows of ``X`` for the
-    newest block), so residual norms cost no pass over ``A``. An eigensolve in float64 is cheaper
-    than an SVD and accurate enough for a stopping test.
+    With ``R^T = Q^T A W = Y diag(theta) X^T`` the Ritz triplets are ``(Q Y, theta, W X)``, and the
+    Krylov relation gives ``A v - theta u = Q' h X_last`` (``X_last``: the rows of ``X`` for the
+    newest block), so the residual norms cost no pass over ``A``. A float64 SVD of ``R`` itself, so
+    nothing is lost to squaring.
     """
-    r64 = R.double()
-    evals, evecs = torch.linalg.eigh(r64 @ r64.mT)
-    rho = torch.linalg.vector_norm(h.double() @ evecs[-h.shape[0]:], dim=0)
-    return evals.flip(0).clamp_min(0).sqrt(), rho.flip(0)
+    x, theta, yh = torch.linalg.svd(R.double())
+    rho = torch.linalg.vector_norm(h.double() @ x[-h.shape[0]:], dim=0)
+    return theta, x, yh, rho
 
 
 def _certificate(theta: Tensor, rho: Tensor, floors: Tensor, tol: float) -> tuple[int, float, float]:
@@ -139,14 +138,14 @@ def _certificate(theta: Tensor, rho: Tensor, floors: Tensor, tol: float) -> tupl
 def _steps_to_next_check(excess: float, last: tuple[int, float] | None, dim: int, b: int) -> int:
     """Blocks to add before the next certificate check.
 
-    At most a quarter more of the subspace (so checks cost a bounded share), and half the steps that
-    the residual decay since the last check predicts (convergence accelerates, so that is enough).
+    The steps that the residual decay since the last check predicts, and at most a quarter more of
+    the subspace (so checks cost a bounded share). Convergence accelerates, so this rarely overshoots.
     """
     steps = math.ceil(dim / (4 * b))
     if last is None or not math.isfinite(excess) or excess >= last[1]:
         return steps
     rate = (excess / last[1]) ** (b / (dim - last[0]))
-    return 1 if rate == 0 else min(steps, max(1, math.ceil(math.log(excess) / -math.log(rate) / 2)))
+    return 1 if rate == 0 else min(steps, max(1, math.ceil(math.log(excess) / -math.log(rate))))
 
 
 def _block_width(k: int, small: int) -> int:
@@ -191,7 +190,7 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
         Q[:, dim:dim + b] = q
         if dim < next_check and dim + b <= cap:
             continue
-        theta, rho = _ritz_estimates(R[:dim, :dim], h)
+        theta, x, yh, rho = _ritz(R[:dim, :dim], h)
         wanted = floors.clamp_min(max(a.shape) * torch.finfo(a.dtype).eps * float(theta[0]))
         r, err, excess = _certificate(theta, rho, wanted, tol)
         if excess <= 1 or dim + b > cap:
@@ -200,10 +199,8 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
         last = (dim, excess)
     if excess > 1:
         return a[:, :0], theta[:0].to(a.dtype), a[:0].mT, err, False, dim
-    # the returned triplets come from a float64 SVD of R itself (no squaring), then are measured
-    x, s, yh = torch.linalg.svd(R[:dim, :dim].double())
     n = min(r + 1, k)
-    s = s[:n]
+    s = theta[:n]
     U, V = Q[:, :dim] @ yh[:n].mT.to(a.dtype), W[:, :dim] @ x[:, :n].to(a.dtype)
     rho = torch.linalg.vector_norm(a @ V - U * s.to(a.dtype), dim=0)
     r, err, excess = _certificate(s, rho.double(), wanted, tol)
