@@ -3,10 +3,11 @@
 One training step (forward, backward, clipping, AdamW) on random images, for a basis folded from
 S = 1, 5, 10, 20 sources (AXIS at N = 10 %), for aTLAS over the same S task vectors (fp16, as the
 original keeps them; P matched to AXIS's trainable count), and for full fine-tuning of the image
-tower. Step time is the fastest of ``--steps`` timed steps after a warm-up (the least disturbed by
-other work on a shared machine); peak memory is ``baselines.memory.step_peak_bytes`` of the first
-step (the allocator's peak on CUDA; on CPU the model's resident tensors plus the peak of the tensors
-the step creates, optimizer state included).
+tower. Step time is the fastest of ``--steps`` timed steps after a warm-up, as wall time and, on CPU,
+as this process's CPU time (OpenMP threads sleep while they wait, so other work on a shared machine
+barely moves it); peak memory is ``baselines.memory.step_peak_bytes`` of the first step (the
+allocator's peak on CUDA; on CPU the model's resident tensors plus the peak of the tensors the step
+creates, optimizer state included).
 The sources are synthetic task vectors generated tensor by tensor from a seed: matrices of rank 16
 (exactly low-rank, so the CPU folds stay fast; Stage 2's cost depends on K and N, not on the
 spectrum), Gaussian noise elsewhere.
@@ -17,11 +18,14 @@ spectrum), Gaussian noise elsewhere.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: CPU time = work done
+
 import argparse
 import copy
 import gc
 import json
-import os
 import time
 import zlib
 from collections.abc import Mapping
@@ -121,16 +125,18 @@ def measure(model: nn.Module, device: torch.device, batch: int, steps: int) -> d
 
     peak = step_peak_bytes(model, step, device)
     step()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - tic)
-    return {"step_seconds": min(times), "peak_memory_mib": peak / 2**20,
+        wall.append(time.perf_counter() - tic)
+        cpu.append(time.process_time() - cpu_tic)
+    return {"step_seconds": min(wall), "cpu_seconds": min(cpu) if device.type == "cpu" else None,
+            "peak_memory_mib": peak / 2**20,
             "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -145,7 +151,8 @@ def run(counts: list[int], batch: int, steps: int, device: torch.device) -> list
         row = {"method": method, "sources": sources, **extra, **measure(model, device, batch, steps),
                "load_average": os.getloadavg()[0]}
         rows.append(row)
-        print(f"  {method:>14} S={sources if sources is not None else '-':>2}: {row['step_seconds']:.3f} s/step, "
+        print(f"  {method:>14} S={sources if sources is not None else '-':>2}: {row['step_seconds']:.3f} s/step "
+              f"({row['cpu_seconds'] or 0:.3f} CPU s), "
               f"{row['peak_memory_mib']:,.0f} MiB, {row['trainable_params']:,} trainable "
               f"(load average {row['load_average']:.1f})", flush=True)
         del model
@@ -172,11 +179,12 @@ def run(counts: list[int], batch: int, steps: int, device: torch.device) -> list
 
 def table(rows: list[dict], device: str, batch: int) -> str:
     lines = [f"ViT-B-32, {device}, batch {batch}, one step = forward + backward + clip + AdamW", "",
-             "| method | sources | trainable | step time (s) | peak memory (MiB) | load average |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | sources | trainable | step time (s) | CPU time (s) | peak memory (MiB) | load average |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.3f}"
         lines.append(f"| {r['method']} | {r['sources'] if r['sources'] is not None else '-'} | "
-                     f"{r['trainable_params']:,} | {r['step_seconds']:.3f} | {r['peak_memory_mib']:,.0f} | "
+                     f"{r['trainable_params']:,} | {r['step_seconds']:.3f} | {cpu} | {r['peak_memory_mib']:,.0f} | "
                      f"{r['load_average']:.1f} |")
     return "\n".join(lines)
 
