@@ -234,7 +234,7 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     for var, name in ENV_OVERRIDES.items():
         value = (os.environ if env is None else env).get(var)
@@ -249,7 +249,7 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
     return cfg.validate()
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     """Construct dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
@@ -258,22 +258,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in known:
             raise ConfigError(f"{prefix}{key}: unknown key")
-    kwargs = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    kwargs = {key: convert_value(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
     return cls(**kwargs)
 
 
-def _convert(hint: Any, value: Any, key: str) -> Any:
+def convert_value(hint: Any, value: Any, key: str) -> Any:
+    """Check one TOML value against the type hint ``hint`` and convert it (paths, ints as floats)."""
     origin = getattr(hint, "__origin__", None)
     args = getattr(hint, "__args__", ())
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build_dataclass(hint, value, key + ".")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_convert(args[0], v, key) for v in value]
+        return [convert_value(args[0], v, key) for v in value]
     if type(None) in args:  # Optional[X]
         inner = next(a for a in args if a is not type(None))
-        return None if value in ("", None) else _convert(inner, value, key)
+        return None if value in ("", None) else convert_value(inner, value, key)
     if hint is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")

@@ -148,7 +148,7 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     raw_methods = data.pop("methods", None)
     try:
-        exp = config._build(Experiment, data, "")
+        exp = config.build_dataclass(Experiment, data, "")
         exp.methods = [_method(m, i) for i, m in enumerate(_table_list(raw_methods, "methods"))]
         _resolve_paths(exp, path.resolve().parent)
         _validate(exp)
@@ -175,7 +175,7 @@ def _method(table: dict, index: int) -> MethodSpec:
         raise ConfigError(f"{where}.label: {label!r} must be a short name without spaces")
     hints = get_type_hints(AdaptConfig)
     hp = {**HP_DEFAULTS.get(name, {}),
-          **{k: config._convert(hints[k], table.pop(k), f"{where}.{k}") for k in HP_KEYS if k in table}}
+          **{k: config.convert_value(hints[k], table.pop(k), f"{where}.{k}") for k in HP_KEYS if k in table}}
     try:
         if name in merges.METHODS:
             params = merges.METHODS[name].check(table)
@@ -459,7 +459,7 @@ class _Harness:
 
     def execute(self, run: Run, out_dir: Path) -> list[dict[str, Any]]:
         """Train and evaluate one run; returns its rows (one per test-time patch-dropout level)."""
-        from axis_stream.adapt.recipe import _Amp, evaluate
+        from axis_stream.adapt.recipe import Amp, evaluate
 
         started = time.monotonic()
         hp = self.hp(run)
@@ -477,7 +477,7 @@ class _Harness:
                 test = outcome.test_accuracy
             else:
                 with references.patch_dropout(outcome.model.base, row["patch_dropout"], seed=0):
-                    test = evaluate(outcome.model, outcome.head, splits.test, hp, self.device, _Amp(self.device, hp.amp))
+                    test = evaluate(outcome.model, outcome.head, splits.test, hp, self.device, Amp(self.device, hp.amp))
             rows.append(dict(row, trainable_params=outcome.trainable, val_accuracy=outcome.val_accuracy,
                              test_accuracy=test, peak_memory_mb=peak / 2**20, step_seconds=outcome.step_seconds,
                              seconds=time.monotonic() - started))
@@ -523,7 +523,7 @@ class _Harness:
         import open_clip
 
         from axis_stream.adapt.head import zero_shot_head
-        from axis_stream.adapt.recipe import _Amp, evaluate
+        from axis_stream.adapt.recipe import Amp, evaluate
 
         target = self.target(run)
         head = zero_shot_head(base, open_clip.get_tokenizer(self.exp.base.model), target.classnames,
@@ -531,7 +531,7 @@ class _Harness:
         model = references.Frozen(base)
         splits = self.splits(run, hp, max_train, base)
         if run.method.name == "zeroshot":
-            amp = _Amp(self.device, hp.amp)
+            amp = Amp(self.device, hp.amp)
             val = evaluate(model, head, splits.val, hp, self.device, amp)
             test = evaluate(model, head, splits.test, hp, self.device, amp)
             return Outcome(model, head, 0, val, test, None)

@@ -82,7 +82,7 @@ class Spectrum(nn.Module):
         return ((self.U * self.lam) @ self.V.mT).reshape(self.shape)
 
 
-class _Method(nn.Module):
+class MethodCall(nn.Module):
     """Calls one method of the wrapped module, so ``functional_call`` can run e.g. ``encode_image``."""
 
     def __init__(self, module: nn.Module, method: str):
@@ -122,7 +122,7 @@ class SVDAdapted(nn.Module):
                 tensors[name].add_(mean.to(tensors[name].dtype))
             for name in self.names:
                 self.spectra.append(self._fold(name, params[name], factors[name]))
-        self._methods: dict[str, _Method] = {}
+        self._methods: dict[str, MethodCall] = {}
 
     def _fold(self, name: str, param: Tensor, f: Factors) -> Spectrum:
         """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part."""
@@ -156,7 +156,7 @@ class SVDAdapted(nn.Module):
         ``weights`` (from ``weights()``) lets several calls share one materialisation, e.g. in evaluation.
         """
         if method not in self._methods:
-            self._methods[method] = _Method(self.base, method)
+            self._methods[method] = MethodCall(self.base, method)
         weights = self.weights() if weights is None else weights
         return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
 

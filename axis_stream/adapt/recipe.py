@@ -159,7 +159,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     # 4. train: AdamW, cosine over all steps, clipping, AMP on CUDA; keep the best Lambda on validation
     optimizer = torch.optim.AdamW(lambdas, lr=hp.lr, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * hp.epochs)
-    amp = _Amp(device, hp.amp)
+    amp = Amp(device, hp.amp)
     fingerprint = _fingerprint(job, snapshot.version, base_sha256, len(splits.train))
     state = _load_state(out_dir / STATE_FILE, fingerprint)
     if state is None:  # epoch 0 is the merged model itself: what Stage 2 must beat on validation
@@ -220,7 +220,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
 
 
 def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch.optim.Optimizer,
-                scheduler: Any, amp: "_Amp", hp: AdaptConfig, device: torch.device, epoch: int,
+                scheduler: Any, amp: "Amp", hp: AdaptConfig, device: torch.device, epoch: int,
                 progress: Progress) -> tuple[float, list[float]]:
     """One pass over ``data`` in an order fixed by (seed, epoch); returns mean loss and compute seconds per step."""
     torch.manual_seed(hp.seed * 100_003 + epoch)  # augmentation draws, so a resumed epoch is the same epoch
@@ -254,7 +254,7 @@ def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch
 
 @torch.no_grad()
 def evaluate(model: SVDAdapted, head: Tensor, data: Dataset, hp: AdaptConfig, device: torch.device,
-             amp: "_Amp") -> float:
+             amp: "Amp") -> float:
     """Top-1 accuracy of ``model`` with ``head`` on ``data``; the matrices are materialised once."""
     model.eval()
     weights = model.weights()
@@ -268,7 +268,7 @@ def evaluate(model: SVDAdapted, head: Tensor, data: Dataset, hp: AdaptConfig, de
     return correct / max(seen, 1)
 
 
-class _Amp:
+class Amp:
     """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); a no-op on CPU."""
 
     def __init__(self, device: torch.device, enabled: bool):
@@ -302,7 +302,7 @@ def _fingerprint(job: JobSettings, basis_version: int, base_sha256: str, train_s
 
 
 def _save_state(path: Path, state: dict[str, Any], model: SVDAdapted, optimizer: torch.optim.Optimizer,
-                scheduler: Any, amp: _Amp) -> None:
+                scheduler: Any, amp: Amp) -> None:
     saved = dict(state, lam=model.lambdas(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=amp.scaler.state_dict())
     atomic_write(path, lambda p: torch.save(saved, p))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from axis_stream.adapt.model import AdaptError, _Method
+from axis_stream.adapt.model import AdaptError, MethodCall
 
 
 class Materialized(nn.Module):
@@ -23,7 +23,7 @@ class Materialized(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self._methods: dict[str, _Method] = {}
+        self._methods: dict[str, MethodCall] = {}
 
     def weights(self) -> dict[str, Tensor]:
         """The base parameters this model replaces, by name, differentiable in its trainables."""
@@ -51,7 +51,7 @@ class Materialized(nn.Module):
     def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
         """Run ``base.<method>(*args, **kwargs)`` with the weights materialised once for this call."""
         if method not in self._methods:
-            self._methods[method] = _Method(self.base, method)
+            self._methods[method] = MethodCall(self.base, method)
         weights = self.weights() if weights is None else weights
         return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
 
