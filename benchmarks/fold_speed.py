@@ -123,7 +123,7 @@ def main() -> None:
             m, n = map(int, shape.split("x"))
             k = stage1.k_for((m, n))
             delta = decaying_task(m, n, seed=1)
-            reps = {"exact": 1, "randomized": 2} if m * n > BIG else {"exact": 3, "randomized": 5}
+            reps = {"exact": 1, "randomized": 3} if m * n > BIG else {"exact": 3, "randomized": 5}
             for sources in map(int, args.sources.split(",")):
                 case = Path(tmp) / f"{shape}-{sources}.pt"
                 torch.save({"delta": delta, "current": merged_basis(m, n, k, sources, seed=2), "k": k}, case)
