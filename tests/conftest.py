@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import save_file
+# Idle OpenMP threads sleep instead of spinning: the tests start daemons and job processes that share
+# the CI machine's two cores, and spinning waits slow small SVDs there 10-100x. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from axis_stream import config, models
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from axis_stream import config, models  # noqa: E402
 
 
 def finetuned_like(base: dict[str, torch.Tensor], seed: int, scale: float = 0.02, rank: int = 4,
