@@ -8,6 +8,7 @@ from the environment (``AXIS_STREAM_STATE_DIR``, ``AXIS_STREAM_WATCH_DIR``, ``AX
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class SchedulerConfig:
 @dataclass
 class AdaptConfig:
     n_fraction: float = 0.10             # trainable top-N singular values per matrix, fraction of min(m, n)
+    start_scale: float = 1.0             # trainable Lambda starts at start_scale * s (1.0: the paper's merged start)
     epochs: int = 10
     lr: float = 1e-1
     weight_decay: float = 0.1
@@ -169,6 +171,9 @@ class AdaptConfig:
 
     def validate(self) -> None:
         _range("adapt.n_fraction", self.n_fraction, 0.0, 1.0, low_open=True)
+        if not math.isfinite(self.start_scale) or self.start_scale < 0:
+            raise ConfigError(f"adapt.start_scale: must be a finite number >= 0 (the trainable singular values "
+                              f"start at start_scale * s; 1.0 is the paper's merged start), got {self.start_scale!r}")
         _range("adapt.epochs", self.epochs, 1, None)
         _range("adapt.lr", self.lr, 0.0, None, low_open=True)
         _range("adapt.weight_decay", self.weight_decay, 0.0, None)

@@ -177,6 +177,87 @@ def test_any_module_with_pattern_named_matrices_including_a_flattened_conv():
     assert all(p.grad is None for p in net.parameters()) and all(sp.lam.grad is not None for sp in model.spectra)
 
 
+class ThreeShapes(nn.Module):
+    """Matrices of three shapes (one a conv flattened to a matrix), a bias that gets a mean, one untouched."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(10, 6)       # (6, 10)
+        self.tall = nn.Linear(6, 12)       # (12, 6)
+        self.conv = nn.Conv2d(3, 4, 2)     # (4, 3, 2, 2) -> (4, 12)
+
+
+def three_shapes_basis(seed: int = 0):
+    """The module, a copy of its weights, and rank-K factors with exact orthonormal U, V and s in shuffled order."""
+    torch.manual_seed(seed)
+    net = ThreeShapes()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    factors = {}
+    for name, rank in (("wide.weight", 5), ("tall.weight", 2), ("conv.weight", 4)):
+        m, n = models.as_matrix(base[name]).shape
+        U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
+        s = torch.linspace(2.0, 0.5, rank, dtype=torch.float64)[torch.randperm(rank, generator=g)]
+        factors[name] = stage1.Factors(U.float(), s.float(), V.float())
+    means = {"tall.bias": torch.randn(12, generator=g)}
+    return net, base, factors, means
+
+
+def scaled_reference(base: torch.Tensor, f: stage1.Factors, n: int, c: float) -> torch.Tensor:
+    """float64 ``base + U diag(c * s_top, s_tail) V^T``, the top N by value, built densely."""
+    s = f.s.double()
+    top = torch.zeros_like(s, dtype=torch.bool)
+    top[torch.argsort(s, descending=True)[:n]] = True
+    scaled = torch.where(top, c * s, s)
+    delta = (f.U.double() * scaled) @ f.V.double().T
+    return base.double() + delta.reshape(base.shape)
+
+
+@pytest.mark.parametrize("n_fraction", [0.5, 1.0])
+@pytest.mark.parametrize("c", [0.0, 0.3, 1.0])
+def test_start_scale_scales_only_the_trainable_top_n(n_fraction, c):
+    net, base, factors, means = three_shapes_basis()
+    model = SVDAdapted(net, factors, means, n_fraction, start_scale=c)
+    weights = model.weights()
+    tails = 0
+    for name, f in factors.items():
+        n = stage1.k_for(models.as_matrix(base[name]).shape, n_fraction)
+        tails += max(0, f.rank - n)
+        torch.testing.assert_close(weights[name].double(), scaled_reference(base[name], f, n, c), rtol=0, atol=1e-5)
+        lam = model.spectra[model.names.index(name)].lam.detach()
+        top = torch.sort(f.s, descending=True).values[:n]
+        torch.testing.assert_close(lam, torch.cat([c * top, torch.zeros(n - top.numel())]), rtol=0, atol=1e-7)
+    assert tails == (4 if n_fraction == 0.5 else 0)  # at N = 50 % a frozen tail exists and must keep s
+    state = model.base.state_dict()
+    torch.testing.assert_close(state["tall.bias"], base["tall.bias"] + means["tall.bias"], rtol=0, atol=1e-6)
+    assert torch.equal(state["wide.bias"], base["wide.bias"])
+
+
+def test_start_scale_default_is_exactly_the_merged_start_and_changes_only_lambda():
+    net, base, factors, means = three_shapes_basis()
+    default = SVDAdapted(copy.deepcopy(net), factors, means, 0.5)
+    explicit = SVDAdapted(copy.deepcopy(net), factors, means, 0.5, start_scale=1.0)
+    scaled = SVDAdapted(copy.deepcopy(net), factors, means, 0.5, start_scale=0.3)
+    assert default.start_scale == 1.0
+    for name, sp in zip(default.names, default.spectra):  # the paper's start: Lambda is s itself, bit for bit
+        n = sp.lam.numel()
+        top = torch.sort(factors[name].s, descending=True).values[:n]
+        assert torch.equal(sp.lam.detach(), torch.cat([top, torch.zeros(n - top.numel())]))
+    ref = default.merged_state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in explicit.merged_state_dict().items())
+    assert any(not torch.equal(v, ref[k]) for k, v in scaled.merged_state_dict().items())
+    scaled.load_lambdas(default.lambdas())  # everything but Lambda is the same model
+    assert all(torch.equal(v, ref[k]) for k, v in scaled.merged_state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [-0.1, -1, float("nan"), float("inf"), True, "0.3", None])
+def test_start_scale_must_be_a_finite_number_at_least_zero(bad):
+    net, _, factors, means = three_shapes_basis()
+    with pytest.raises(AdaptError, match=r"start_scale must be a finite number >= 0"):
+        SVDAdapted(net, factors, means, 0.5, start_scale=bad)
+
+
 def test_vit_b32_trainable_counts_match_the_paper():
     base_model = models.create_base(config.BaseConfig(model="ViT-B-32", pretrained=""))
     params = dict(base_model.named_parameters())

@@ -79,6 +79,9 @@ def test_unknown_keys_are_errors_that_name_the_key(tmp_path, text, key):
     ("[metrics]\naddress = '9464'\n", "metrics.address"),
     ("[metrics]\naddress = 'localhost:99999'\n", "metrics.address"),
     ("[log]\nlevel = 'LOUD'\n", "log.level"),
+    ("[adapt]\nstart_scale = -0.3\n", "adapt.start_scale"),
+    ("[adapt]\nstart_scale = nan\n", "adapt.start_scale"),
+    ("[adapt]\nstart_scale = '0.3'\n", "adapt.start_scale"),
     ("[paths]\nstate_dir = 3\n", "paths.state_dir"),
     ("paths = 3\n", "paths"),
 ])
@@ -113,6 +116,14 @@ def test_environment_overrides_paths(tmp_path):
     assert (cfg.paths.state_dir, cfg.paths.watch_dir, cfg.paths.data_root) == \
         (Path("/srv/s"), Path("/srv/w"), Path("/data"))
     assert config.load(path, env={"AXIS_STREAM_STATE_DIR": ""}).paths.state_dir == tmp_path / "state"
+
+
+def test_start_scale_loads_defaults_to_the_paper_and_says_why_a_negative_is_refused(tmp_path):
+    assert config.AdaptConfig().start_scale == 1.0
+    assert config.load(write(tmp_path, "[adapt]\nstart_scale = 0\n"), env={}).adapt.start_scale == 0.0
+    assert config.load(write(tmp_path, "[adapt]\nstart_scale = 0.3\n"), env={}).adapt.start_scale == 0.3
+    with pytest.raises(ConfigError, match=r"adapt.start_scale: must be a finite number >= 0 .* got -1.0"):
+        config.load(write(tmp_path, "[adapt]\nstart_scale = -1\n"), env={})
 
 
 def test_a_trigger_table_loads(tmp_path):

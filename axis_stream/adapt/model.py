@@ -16,10 +16,15 @@ percent of a ViT forward), and the module itself keeps running its own fast kern
 Where N exceeds the stored rank K, U and V are completed with orthonormal directions (seeded by the
 job's seed and the matrix name, so a job can be rebuilt exactly) and the extra singular values start
 at 0: what a full SVD of the dense merged matrix would give.
+
+Lambda starts at ``start_scale * s``: 1.0 (the default) is the paper's merged start; a smaller value
+keeps the merged directions but starts them weaker, which helps where interference between sources
+makes the merged model worse than the base. Only Lambda is scaled; the frozen rest keeps ``s``.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Mapping
 
@@ -42,6 +47,15 @@ def check_fraction(n_fraction: Any) -> float:
         raise AdaptError(f"n_fraction must be a number in (0, 1] (the trained fraction of min(m, n) "
                          f"singular values per matrix, e.g. 0.1), got {n_fraction!r}")
     return float(n_fraction)
+
+
+def check_start_scale(start_scale: Any) -> float:
+    """``start_scale`` as a finite float >= 0, or an ``AdaptError`` saying what is wrong with it."""
+    if (isinstance(start_scale, bool) or not isinstance(start_scale, (int, float))
+            or not math.isfinite(start_scale) or start_scale < 0):
+        raise AdaptError(f"start_scale must be a finite number >= 0 (Lambda starts at start_scale * s; "
+                         f"1.0 is the paper's merged start, 0 starts from the base), got {start_scale!r}")
+    return float(start_scale)
 
 
 def complete_orthonormal(Q: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -100,13 +114,15 @@ class SVDAdapted(nn.Module):
     Takes ownership of ``base``: its matrix weights become ``W_fixed`` and its non-matrix parameters
     get ``means`` added, in place; every base parameter is frozen. ``factors`` are in matrix form
     (conv weights flattened to ``(out, in*kh*kw)``) and keyed by parameter name; a name missing from
-    ``means`` is an all-zero delta. Only ``lambdas`` (one ``Spectrum.lam`` per matrix) are trainable.
+    ``means`` is an all-zero delta. Only ``lambdas`` (one ``Spectrum.lam`` per matrix) are trainable;
+    they start at ``start_scale`` times the top-N singular values (1.0: the merged model itself).
     """
 
     def __init__(self, base: nn.Module, factors: Mapping[str, Factors], means: Mapping[str, Tensor],
-                 n_fraction: float, *, seed: int = 0):
+                 n_fraction: float, *, seed: int = 0, start_scale: float = 1.0):
         super().__init__()
         n_fraction = check_fraction(n_fraction)
+        start_scale = check_start_scale(start_scale)
         if not factors:
             raise AdaptError("the basis has no matrices: fold at least one checkpoint before adapting")
         params = dict(base.named_parameters())
@@ -114,6 +130,7 @@ class SVDAdapted(nn.Module):
         _check_compatible(params, tensors, factors, means)
         self.base = base.requires_grad_(False)
         self.n_fraction = n_fraction
+        self.start_scale = start_scale
         self.seed = seed
         self.names = [name for name in params if name in factors]  # the module's own order
         self.spectra = nn.ModuleList()
@@ -125,7 +142,7 @@ class SVDAdapted(nn.Module):
         self._methods: dict[str, MethodCall] = {}
 
     def _fold(self, name: str, param: Tensor, f: Factors) -> Spectrum:
-        """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part."""
+        """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part, at ``start_scale * s``."""
         shape = _matrix_shape(param)
         n = k_for(shape, self.n_fraction)
         order = torch.sort(f.s, descending=True, stable=True).indices
@@ -135,7 +152,7 @@ class SVDAdapted(nn.Module):
         gen = completion_generator(self.seed, name)
         U_n = complete_orthonormal(U, n, gen)
         V_n = complete_orthonormal(V, n, gen)
-        lam = torch.cat([s[:n], s.new_zeros(max(0, n - f.rank))])
+        lam = torch.cat([s[:n] * self.start_scale, s.new_zeros(max(0, n - f.rank))])
         return Spectrum(U_n, lam, V_n, param.shape)
 
     # --- what training and evaluation use ---

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from axis_stream import models
 from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
 from axis_stream.adapt.head import logits, zero_shot_head
-from axis_stream.adapt.model import AdaptError, SVDAdapted, check_fraction
+from axis_stream.adapt.model import AdaptError, SVDAdapted, check_fraction, check_start_scale
 from axis_stream.atomic import atomic_write, atomic_write_json
 from axis_stream.config import AdaptConfig, BaseConfig, Config
 from axis_stream.jobs import JobContext
@@ -80,6 +80,8 @@ def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
     overrides = {k: _coerce(hints[k], v, k) for k, v in params.items() if k in hints and v is not None}
     if "n_fraction" in overrides:
         check_fraction(overrides["n_fraction"])
+    if "start_scale" in overrides:
+        check_start_scale(overrides["start_scale"])
     hp = dataclasses.replace(cfg.adapt, **overrides)
     hp.validate()
     limits = {k: _coerce(int, params[k], k) for k in ("max_train_samples", "max_eval_samples") if params.get(k)}
@@ -145,9 +147,10 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     head = zero_shot_head(base, open_clip.get_tokenizer(base_cfg.model), target.classnames, target.templates,
                           device=device)
 
-    # 2. the Stage 2 model: only the top-N singular values of every basis matrix train
+    # 2. the Stage 2 model: only the top-N singular values of every basis matrix train, from start_scale * s
     model = (build(base, hp) if build is not None
-             else SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed))
+             else SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed,
+                             start_scale=hp.start_scale))
     lambdas = [p for p in model.parameters() if p.requires_grad]
 
     # 3. the data
@@ -162,7 +165,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     amp = Amp(device, hp.amp)
     fingerprint = _fingerprint(job, snapshot.version, base_sha256, len(splits.train))
     state = _load_state(out_dir / STATE_FILE, fingerprint)
-    if state is None:  # epoch 0 is the merged model itself: what Stage 2 must beat on validation
+    if state is None:  # epoch 0 is the start (the merged model at start_scale 1): what Stage 2 must beat
         initial_val = evaluate(model, head, splits.val, hp, device, amp)
         initial_test = evaluate(model, head, splits.test, hp, device, amp)
         progress({"phase": "validate", "epoch": 0, "epochs": hp.epochs, "val_accuracy": initial_val})
@@ -203,8 +206,8 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
         "target": target.key, "target_name": target.name, "num_classes": len(target.classnames),
         "basis_version": snapshot.version, "n_fraction": hp.n_fraction, "seed": hp.seed,
         "base": {"model": base_cfg.model, "pretrained": base_cfg.pretrained, "sha256": base_sha256},
-        "hyperparameters": {k: getattr(hp, k) for k in ("epochs", "lr", "weight_decay", "batch_size", "grad_clip",
-                                                         "val_fraction", "val_max", "amp")},
+        "hyperparameters": {k: getattr(hp, k) for k in ("start_scale", "epochs", "lr", "weight_decay", "batch_size",
+                                                         "grad_clip", "val_fraction", "val_max", "amp")},
         "device": str(device), "amp_dtype": amp.dtype_name,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "trainable_params": model.trainable_count(),
@@ -351,11 +354,13 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     """A finished job's report as the lines ``adapt --local`` prints."""
     mib = result["peak_memory_bytes"] / 2**20
     step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
+    scale = result.get("hyperparameters", {}).get("start_scale", 1.0)
+    start = "merged model" if scale == 1 else f"start Lambda = {scale:g} s"
     lines = [
         f"adapted basis version {result['basis_version']} to {result['target_name']} ({result['num_classes']} classes, "
         f"{result['sizes']['train']} train images) with {result['trainable_params']:,} trainable values "
         f"(N = {result['n_fraction']:g})",
-        f"validation accuracy {result['val_accuracy']:.2%} (merged model before training "
+        f"validation accuracy {result['val_accuracy']:.2%} ({start} before training "
         f"{result['initial_val_accuracy']:.2%}, best epoch {result['best_epoch']})",
         f"test accuracy {result['test_accuracy']:.2%} (before training {result['initial_test_accuracy']:.2%})",
         f"{step}, peak memory {mib:,.0f} MiB ({result['peak_memory_kind']}) on {result['device']}, "
