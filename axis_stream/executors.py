@@ -19,8 +19,6 @@ Ray is an optional dependency (``pip install 'axis-stream[ray]'``), imported onl
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import logging
 import os
 import shutil
@@ -236,7 +234,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
     """
     import ray
 
-    from axis_stream.jobs import JobContext
+    from axis_stream.jobs import JobContext, call_job
 
     def send(kind: str, payload: Any) -> None:
         inbox.put.remote(task.job_id, kind, payload)
@@ -252,7 +250,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
         basis_dir = unpack_basis(shipped, task.basis_version) if shipped is not None else task.basis_dir
         ctx = JobContext(job_id=task.job_id, config=task.config, basis_dir=basis_dir,
                          basis_version=task.basis_version, out_dir=out_dir, progress=lambda r: send("progress", r))
-        message = _call(task.spec, task.params, ctx)
+        message = call_job(task.spec, task.params, ctx)
         relay.stop()
         files = ({p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
                  if return_files else {})
@@ -260,23 +258,6 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
         return {"message": message, "files": files}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _call(spec: str, params: dict[str, Any], ctx) -> tuple[str, Any]:
-    """Run job function ``spec`` as ``jobs._child_main`` does: ("result", JSON-able dict) or ("error", one line)."""
-    job_log = logging.getLogger("axis_stream.job")
-    job_log.info("job %s: %s on basis version %s, params %s", ctx.job_id, spec, ctx.basis_version, json.dumps(params))
-    try:
-        module, _, name = spec.partition(":")
-        result = getattr(importlib.import_module(module), name)(params, ctx)
-        if not isinstance(result, dict):
-            raise TypeError(f"{spec} returned {type(result).__name__}, expected a dict")
-        encoded = json.loads(json.dumps(result))
-    except Exception as exc:
-        job_log.exception("job %s failed", ctx.job_id)
-        return "error", one_line(str(exc) if isinstance(exc, AxisError) else f"{type(exc).__name__}: {exc}")
-    job_log.info("job %s: done: %s", ctx.job_id, json.dumps(encoded))
-    return "result", encoded
 
 
 def _redirect_output(path: Path, level: str) -> None:

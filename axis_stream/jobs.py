@@ -594,7 +594,6 @@ def _child_main(spec: str, params: dict[str, Any], job_id: str, config: Config, 
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    job_log = logging.getLogger("axis_stream.job")
 
     def send(kind: str, payload: Any) -> None:
         writer.send_bytes(json.dumps([kind, payload]).encode())
@@ -604,19 +603,28 @@ def _child_main(spec: str, params: dict[str, Any], job_id: str, config: Config, 
 
     ctx = JobContext(job_id=job_id, config=config, basis_dir=basis_dir, basis_version=basis_version,
                      out_dir=out_dir, progress=progress)
-    job_log.info("job %s: %s on basis version %s, params %s", job_id, spec, basis_version, json.dumps(params))
+    kind, payload = call_job(spec, params, ctx)
+    send(kind, payload)
+    if kind == "error":
+        sys.exit(1)
+
+
+def call_job(spec: str, params: dict[str, Any], ctx: JobContext) -> tuple[str, Any]:
+    """Run job function ``spec`` ("module:function") in this process, logging it: ("result", a JSON-able
+    dict) or ("error", one line). Shared by the spawned job processes and the Ray workers."""
+    job_log = logging.getLogger("axis_stream.job")
+    job_log.info("job %s: %s on basis version %s, params %s", ctx.job_id, spec, ctx.basis_version, json.dumps(params))
     try:
         module, _, name = spec.partition(":")
         result = getattr(importlib.import_module(module), name)(params, ctx)
         if not isinstance(result, dict):
             raise TypeError(f"{spec} returned {type(result).__name__}, expected a dict")
         encoded = json.loads(json.dumps(result))
-    except BaseException as exc:
-        job_log.exception("job %s failed", job_id)
-        send("error", one_line(str(exc) if isinstance(exc, AxisError) else f"{type(exc).__name__}: {exc}"))
-        sys.exit(1)
-    job_log.info("job %s: done: %s", job_id, json.dumps(encoded))
-    send("result", encoded)
+    except Exception as exc:
+        job_log.exception("job %s failed", ctx.job_id)
+        return "error", one_line(str(exc) if isinstance(exc, AxisError) else f"{type(exc).__name__}: {exc}")
+    job_log.info("job %s: done: %s", ctx.job_id, json.dumps(encoded))
+    return "result", encoded
 
 
 def _exit_with_parent(parent_pid: int) -> None:
