@@ -89,6 +89,8 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
 @_CONFIG_OPTION
 @click.option("--target", required=True, help="Dataset to adapt to, e.g. flowers102, or imagefolder:PATH.")
 @click.option("--n-fraction", type=float, help="Trained top-N singular values per matrix, fraction of min(m, n).")
+@click.option("--start-scale", type=float,
+              help="Start Lambda at this times the merged singular values (1.0: the paper's merged start).")
 @click.option("--epochs", type=int, help="Training epochs.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--batch-size", type=int, help="Batch size.")
@@ -104,17 +106,17 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
               help="Your own prompt templates, one per line, with {} where the class name goes.")
 @click.option("--wait", is_flag=True, help="Print progress until the job ends, then its result.")
 @click.option("--local", is_flag=True, help="Run it here in the foreground (no daemon needed), with a progress bar.")
-def adapt(config_path: str | None, target: str, n_fraction: float | None, epochs: int | None, lr: float | None,
-          batch_size: int | None, seed: int | None, data_root: str | None, weight_decay: float | None,
-          device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
+def adapt(config_path: str | None, target: str, n_fraction: float | None, start_scale: float | None,
+          epochs: int | None, lr: float | None, batch_size: int | None, seed: int | None, data_root: str | None,
+          weight_decay: float | None, device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
           classnames_file: str | None, templates_file: str | None, wait: bool, local: bool) -> None:
     """Queue a Stage 2 adaptation of the current basis to TARGET on the daemon (--local: run it here)."""
     from pathlib import Path
 
     from axis_stream import jobs
 
-    given = {"target": target, "n_fraction": n_fraction, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-             "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
+    given = {"target": target, "n_fraction": n_fraction, "start_scale": start_scale, "epochs": epochs, "lr": lr,
+             "batch_size": batch_size, "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
              "weight_decay": weight_decay, "device": device, "max_train_samples": max_train_samples,
              "max_eval_samples": max_eval_samples, "classnames": _text_lines(classnames_file),
              "templates": _text_lines(templates_file)}

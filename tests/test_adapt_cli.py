@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import open_clip
 import pytest
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from axis_stream import cli, config
 from axis_stream.basis import Basis
@@ -56,6 +58,26 @@ def test_adapt_local_then_export(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     open_clip.create_model("axis-tiny", pretrained=str(out))
+
+
+def test_adapt_start_scale_reaches_the_model_and_the_report(setup):
+    """--start-scale 0 starts Lambda at 0 (the base model), 1 at the merged values; the report says which."""
+    cfg_path, colours = setup
+    runner = CliRunner()
+    args = ["adapt", "--local", "--config", str(cfg_path), "--target", f"imagefolder:{colours}", "--epochs", "1",
+            "--batch-size", "8", "--lr", "1e-9"]  # Lambda barely moves: the saved best Lambda is its start
+    jobs_dir = config.load(cfg_path).paths.jobs_dir
+    for scale, start in (("0", "start Lambda = 0 s before training"), ("1", "merged model before training")):
+        time.sleep(1.1)  # local job ids have one-second resolution
+        result = runner.invoke(cli.main, args + ["--start-scale", scale])
+        assert result.exit_code == 0, result.output
+        assert start in result.output
+        job_dir = jobs_dir / result.output.split("export --job ")[1].split()[0]
+        assert json.loads((job_dir / "report.json").read_text())["hyperparameters"]["start_scale"] == float(scale)
+        biggest = max(v.abs().max().item() for v in load_file(str(job_dir / "lambda.safetensors")).values())
+        assert biggest < 1e-6 if scale == "0" else biggest > 1e-3
+    result = runner.invoke(cli.main, args + ["--start-scale", "-0.5"])
+    assert result.exit_code == 1 and "start_scale must be a finite number >= 0" in result.output
 
 
 def test_cli_errors_are_one_clear_line(setup, tmp_path):
