@@ -101,6 +101,8 @@ def test_a_crashed_job_resumes_after_its_last_epoch(tiny_base, snapshot, colours
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(AdaptError, match="other settings"):
         run(tiny_base, snapshot, tmp_path / "resumed", quick(colours, lr=0.05))
+    with pytest.raises(AdaptError, match="other settings"):  # another start is another run
+        run(tiny_base, snapshot, tmp_path / "resumed", quick(colours, start_scale=0.3))
 
 
 def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot, seed_runs, tmp_path):
@@ -127,6 +129,8 @@ def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot
     ({"target": "dtd", "n_fraction": 1.5}, AdaptError, r"n_fraction must be a number in \(0, 1\]"),
     ({"target": "dtd", "n_fraction": 0}, AdaptError, "n_fraction"),
     ({"target": "dtd", "epochs": "two"}, AdaptError, "epochs: expected int"),
+    ({"target": "dtd", "start_scale": -0.3}, AdaptError, "start_scale must be a finite number >= 0"),
+    ({"target": "dtd", "start_scale": "weak"}, AdaptError, "start_scale: expected float"),
     ({"target": "dtd", "epochs": 0}, ConfigError, "adapt.epochs"),
     ({"target": "dtd", "max_train_samples": -3}, AdaptError, "max_train_samples"),
     ({"target": "dtd", "classnames": "cat dog"}, AdaptError, "classnames: expected a list of strings"),
@@ -139,6 +143,8 @@ def test_bad_job_parameters_are_clear_errors(params, error, message):
 def test_job_parameters_override_the_config():
     job = job_settings({"target": "dtd", "n_fraction": "0.2", "epochs": 3, "data_root": "/data"}, config.Config())
     assert (job.hp.n_fraction, job.hp.epochs, job.hp.lr, job.data_root) == (0.2, 3, 0.1, Path("/data"))
+    assert job.hp.start_scale == 1.0
+    assert job_settings({"target": "dtd", "start_scale": "0.3"}, config.Config()).hp.start_scale == 0.3
 
 
 def test_the_adapt_job_runs_against_a_basis_version_and_exports(tiny_base, make_checkpoint, colours, tmp_path):
