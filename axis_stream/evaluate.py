@@ -55,7 +55,9 @@ SOURCE_FREE = ("zeroshot", "linear-probe", "lora")
 METHOD_PARAMS = {"atlas": {"partitions": 0, "scope": "visual."}, "lora": {"rank": 0, "alpha": 0.0},
                  "zeroshot": {}, "linear-probe": {}}
 """Parameters of the methods that are not Stage 1 merges (0 = matched to the budget, alpha 0 = rank)."""
-HP_KEYS = ("lr", "epochs", "weight_decay", "batch_size", "grad_clip")
+HP_KEYS = ("lr", "epochs", "weight_decay", "batch_size", "grad_clip", "start_scale")
+MERGE_ONLY_HP = ("start_scale",)
+"""Stage 2 settings of a merged basis (Lambda's start): a method without one (aTLAS, LoRA, ...) refuses them."""
 HP_DEFAULTS = {"lora": {"lr": 1e-3}, "linear-probe": {"lr": 1e-3}}
 """Per-method learning rates: Stage 2's 1e-1 is for singular values and aTLAS's coefficients, not for
 LoRA factors or a head. A method's own ``lr`` in the experiment file wins."""
@@ -176,6 +178,14 @@ def _method(table: dict, index: int) -> MethodSpec:
     hints = get_type_hints(AdaptConfig)
     hp = {**HP_DEFAULTS.get(name, {}),
           **{k: config.convert_value(hints[k], table.pop(k), f"{where}.{k}") for k in HP_KEYS if k in table}}
+    for key in MERGE_ONLY_HP:
+        if key in hp and name not in merges.METHODS:
+            raise ConfigError(f"{where}.{key}: applies only to a Stage 1 merge followed by Stage 2 "
+                              f"({', '.join(sorted(merges.METHODS))}), not to {name!r}")
+    try:
+        dataclasses.replace(AdaptConfig(), **hp).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     try:
         if name in merges.METHODS:
             params = merges.METHODS[name].check(table)
@@ -497,7 +507,8 @@ class _Harness:
 
         def build(base: nn.Module, hp: AdaptConfig) -> nn.Module:
             if run.method.is_merge:
-                model = SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed)
+                model = SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed,
+                                   start_scale=hp.start_scale)
             elif run.method.name == "atlas":
                 tvs = self.prepared(run)
                 n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base, tvs, params["scope"]))

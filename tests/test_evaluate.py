@@ -1,6 +1,7 @@
 """The evaluation harness: plan, results file, resumability, and a tiny experiment end to end on CPU."""
 
 import csv
+import json
 import shutil
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from axis_stream import evaluate
 from axis_stream.baselines import references
@@ -164,12 +165,31 @@ def test_plan_leave_one_out_levels_and_sweeps(tmp_path, tiny_base):
     ('[[methods]]\nname = "atlas"\nrank = 2\n', "no parameter"),
     ('[[methods]]\nname = "axis"\nlabel = "a"\n[[methods]]\nname = "ta"\nlabel = "a"\n', "no two may share"),
     ('[[methods]]\nname = "lora"\nepochs = "x"\n', "expected int"),
+    ('[[methods]]\nname = "axis"\nstart_scale = -0.3\n', r"methods\[0\]: adapt.start_scale: must be a finite number"),
+    ('[[methods]]\nname = "atlas"\nstart_scale = 0.3\n', r"methods\[0\].start_scale: applies only to a Stage 1"),
 ])
 def test_bad_experiment_files_name_the_file_and_the_key(tmp_path, tiny_base, snippet, message):
     path = write_experiment(tmp_path, tiny_base, methods=(), extra=snippet, files=False)
     with pytest.raises(ConfigError, match=message) as info:
         evaluate.load_experiment(path)
     assert str(path) in str(info.value)
+
+
+def test_a_methods_start_scale_parses_and_is_where_lambda_starts(tmp_path, tiny_base, one_thread):
+    extra = ('[[methods]]\nname = "axis"\nlabel = "axis-from-base"\nstart_scale = 0\nlr = 1e-9\n'
+             '[[methods]]\nname = "axis"\nlr = 1e-9\n')  # lr 1e-9: the saved best Lambda is where it started
+    path = write_experiment(tmp_path, tiny_base, methods=(), extra=extra, replace={"levels = []": "levels = [1]"})
+    exp = evaluate.load_experiment(path)
+    assert [m.hp for m in exp.methods] == [{"start_scale": 0.0, "lr": 1e-9}, {"lr": 1e-9}]
+    exp.targets = exp.targets[:1]
+    rows = evaluate.run_experiment(exp, lambda line: None)
+    assert sorted(r["method"] for r in rows) == ["axis", "axis-from-base"]
+    biggest = {}
+    for folder in (tmp_path / "tiny" / "evaluation" / "runs").iterdir():
+        report = json.loads((folder / "report.json").read_text())
+        lam = load_file(folder / "lambda.safetensors")
+        biggest[report["hyperparameters"]["start_scale"]] = max(v.abs().max().item() for v in lam.values())
+    assert biggest.keys() == {0.0, 1.0} and biggest[0.0] < 1e-6 < 1e-3 < biggest[1.0]
 
 
 def test_results_file_refuses_other_columns(tmp_path):
