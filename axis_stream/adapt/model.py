@@ -54,7 +54,7 @@ def check_start_scale(start_scale: Any) -> float:
     if (isinstance(start_scale, bool) or not isinstance(start_scale, (int, float))
             or not math.isfinite(start_scale) or start_scale < 0):
         raise AdaptError(f"start_scale must be a finite number >= 0 (Lambda starts at start_scale * s; "
-                         f"1.0 is the paper's merged start, 0 starts from the base), got {start_scale!r}")
+                         f"1.0 is the paper's merged start, e.g. 0.3 starts weaker), got {start_scale!r}")
     return float(start_scale)
 
 
