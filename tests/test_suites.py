@@ -133,6 +133,26 @@ def test_ci_sized_transfer_beats_the_unadapted_base(tmp_path):
     assert (root / "cache" / "base.safetensors").exists()
     assert (root / "cache" / "sources" / "textures.safetensors").exists()
 
+    # start_scale on the suite harness: only Lambda's start changes; the study trains from it
+    import dataclasses
+
+    from axis_stream import evaluate
+    from axis_stream.suites.harness import SuiteHarness
+    from axis_stream.suites.report import start_scale_study
+
+    exp = evaluate.load_experiment(tmp_path / "exp.toml")
+    harness = SuiteHarness(exp, lambda line: None)
+    run = next(r for r in evaluate.plan(exp) if r.method.name == "axis" and r.target.name == "digits")
+    assert harness.hp(run).start_scale == 1.0
+    merged = harness.build(run, harness.hp(run), harness._base())
+    from_base = harness.build(run, dataclasses.replace(harness.hp(run), start_scale=0.0), harness._base())
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in from_base.lambdas().values())
+    assert any(v.abs().max() > 0 for v in merged.lambdas().values())
+    from_base.load_lambdas(merged.lambdas())
+    assert all(torch.equal(v, merged.merged_state_dict()[k]) for k, v in from_base.merged_state_dict().items())
+    table = start_scale_study(tmp_path / "exp.toml", ["digits"], scales=(0.0,), budget=0.40)
+    assert table[-1].startswith("| Lambda = 0 s | ") and table[-1].endswith(" (1) |") and "nan" not in table[-1]
+
 
 def _rows(path: Path) -> list[dict[str, str]]:
     import csv

@@ -134,12 +134,19 @@ class SuiteHarness:
         return (part(train_idx, task.train_x, task.train_y), part(val_idx, task.train_x, task.train_y),
                 part(test_idx, task.test_x, task.test_y))
 
+    def hp(self, run: Any) -> AdaptConfig:
+        """The run's Stage 2 settings: the experiment's ``[adapt]``, the method's own, the run's seed and budget."""
+        hp = dataclasses.replace(self.exp.adapt, seed=run.seed, **run.method.hp,
+                                 n_fraction=run.budget if run.budget > 0 else self.exp.adapt.n_fraction)
+        hp.validate()
+        return hp
+
     def build(self, run: Any, hp: AdaptConfig, base: nn.Module) -> nn.Module:
         """The run's trainable model around ``base`` (consumed), as ``evaluate._Harness._stage2`` builds it."""
         name, params = run.method.name, run.method.params
         if run.method.is_merge:
             factors, means = self.basis(run)
-            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed)
+            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale)
         if name == "atlas":
             budget = self.budget_count(run.budget)
             tvs = self.prepared(run)
@@ -157,9 +164,7 @@ class SuiteHarness:
             raise ValueError("robustness.patch_dropout applies to ViT image patches of CLIP experiments only")
         started = time.monotonic()
         torch.set_num_threads(self.suite.threads)
-        hp = dataclasses.replace(self.exp.adapt, seed=run.seed, **run.method.hp,
-                                 n_fraction=run.budget if run.budget > 0 else self.exp.adapt.n_fraction)
-        hp.validate()
+        hp = self.hp(run)
         torch.manual_seed(hp.seed)
         base = self._base()
         train, val, test = self.splits(run, hp)

@@ -163,13 +163,14 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
     return "\n".join(text)
 
 
-def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[float] = (1.0, 0.3, 0.0)
-                      ) -> list[str]:
-    """AXIS at N=10 % from its merged start (Lambda = s, the default) and from scaled starts (Lambda = c * s).
+def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[float] = (1.0, 0.3, 0.0),
+                      budget: float = 0.1) -> list[str]:
+    """AXIS at N = ``budget`` from its merged start (Lambda = s, the default) and from scaled starts (Lambda = c * s).
 
-    Same splits, head and recipe as the experiment's runs; a markdown table of test accuracy before
-    and after Stage 2, per target, averaged over the experiment's seeds. It shows how much of Stage 2
-    goes into undoing the interference of the merged start.
+    Each start is Stage 2's ``start_scale`` option (``adapt.start_scale = c``); same splits, head and
+    recipe as the experiment's runs. A markdown table of test accuracy before and after Stage 2, per
+    target, averaged over the experiment's seeds. It shows how much of Stage 2 goes into undoing the
+    interference of the merged start.
     """
     import dataclasses
 
@@ -180,18 +181,17 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
 
     exp = evaluate.load_experiment(config)
     harness = SuiteHarness(exp, lambda line: None)
-    runs = [r for r in evaluate.plan(exp) if r.method.name == "axis" and r.budget == 0.1
+    runs = [r for r in evaluate.plan(exp) if r.method.name == "axis" and r.budget == budget
             and r.target.name in targets and not r.corrupt]
     acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for run in runs:
-        hp = dataclasses.replace(exp.adapt, seed=run.seed, n_fraction=run.budget)
         for c in scales:
+            hp = dataclasses.replace(harness.hp(run), start_scale=c)
             torch.manual_seed(hp.seed)
             base = harness._base()
             train, val, test = harness.splits(run, hp)
             head = harness.suite.head(base, train) * harness.suite.source_recipe.scale
             model = harness.build(run, hp, base)
-            model.load_lambdas({k: v * c for k, v in model.lambdas().items()})
             start = _accuracy(model, head, test, hp)
             _, after, _ = train_stage2(model, head, train, val, test, hp, lambda line: None)
             acc.setdefault((run.target.name, c), []).append((start, after))
