@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -343,9 +343,9 @@ def run_local(params: dict[str, Any], cfg: Config, progress: Progress) -> dict[s
 
     job_settings(params, cfg)  # fail on bad parameters before anything is created
     version = Basis.open(cfg.paths.basis_dir).version
-    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    out_dir = cfg.paths.jobs_dir / job_id
-    out_dir.mkdir(parents=True)
+    cfg.paths.jobs_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"local-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.paths.jobs_dir))
+    job_id = out_dir.name  # unique even for two runs started in the same second
     ctx = JobContext(job_id, cfg, cfg.paths.basis_dir, version, out_dir, progress)
     return {"job_id": job_id, "out_dir": str(out_dir), **run_adapt(params, ctx)}
 
