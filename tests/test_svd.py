@@ -84,6 +84,67 @@ def test_falls_back_to_exact_on_a_flat_spectrum():
     assert torch.equal(s, s0) and torch.equal(U, U0) and torch.equal(V, V0)
 
 
+def low_rank_plus_noise(shape, seed, rank=4) -> torch.Tensor:
+    """A synthetic fine-tune's change: a rank-``rank`` ``1/j`` part (90 % of the energy) plus dense
+    Gaussian noise (10 %), whose spectrum is flat (a Marchenko-Pastur edge) from rank ``rank + 1`` on."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    low = (orthonormal(m, rank, g) / torch.arange(1, rank + 1)) @ orthonormal(n, rank, g).T
+    noise = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mixed = 0.9**0.5 * low / torch.linalg.matrix_norm(low) + 0.1**0.5 * noise / torch.linalg.matrix_norm(noise)
+    return mixed.float()
+
+
+def float64_reference(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` singular values and the rank-``k`` truncation of ``a``, from a dense float64 SVD."""
+    U, s, Vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return s[:k], (U[:, :k] * s[:k]) @ Vh[:k]
+
+
+@pytest.mark.parametrize("shape", [(600, 240), (240, 600), (256, 256), (700, 160)])
+@pytest.mark.parametrize("kind", ["decaying", "noise"])
+def test_randomized_matches_the_float64_svd_whatever_path_it_takes(shape, kind):
+    a = decaying(shape, 12).float() if kind == "decaying" else low_rank_plus_noise(shape, 12)
+    k = min(shape) // 10
+    U, s, V, report = svd.top_svd(a, k, method="randomized", tol=1e-4)
+    s64, trunc64 = float64_reference(a, k)
+    if kind == "decaying":
+        assert report.method == "randomized" and report.stop == "certified"
+        assert report.max_rel_residual <= 1e-4
+    else:  # flat spectrum around the k-th value: no certificate, so the exact path is used
+        assert report.method == "randomized->exact" and report.stop in ("hopeless", "exhausted")
+    assert s.numel() == k
+    assert float(((s.double() - s64) / s64).abs().max()) <= 1e-4
+    assert rel((U * s) @ V.T, trunc64) < 1e-3
+
+
+def test_flat_tail_gives_up_early_and_returns_the_exact_result(monkeypatch):
+    a = low_rank_plus_noise((600, 240), 0)
+    U, s, V, report = svd.top_svd(a, 24, method="randomized", tol=1e-4)
+    assert report.method == "randomized->exact" and report.stop == "hopeless"
+    U0, s0, V0, exact = svd.top_svd(a, 24, method="exact")
+    assert exact.stop == "" and exact.products == 0
+    assert torch.equal(s, s0) and torch.equal(U, U0) and torch.equal(V, V0)
+    # without the give-up rule the same attempt runs to its subspace budget and still fails
+    monkeypatch.setattr(svd, "GIVE_UP_FACTOR", float("inf"))
+    *_, full = svd.top_svd(a, 24, method="randomized", tol=1e-4)
+    assert full.method == "randomized->exact" and full.stop == "exhausted" and full.max_rel_residual > 1e-4
+    assert report.subspace < full.subspace and report.products < full.products
+
+
+@pytest.mark.parametrize("shape", [(600, 240), (240, 600)])
+def test_decaying_spectrum_still_takes_the_fast_path(shape, monkeypatch):
+    a = spectrum_matrix(shape, 13, torch.arange(1, 241, dtype=torch.float64) ** -0.3).float()  # slow decay
+    first = svd.top_svd(a, K, method="randomized", tol=1e-4)
+    assert first[3].method == "randomized" and first[3].stop == "certified"
+    assert 0 < first[3].max_rel_residual <= 1e-4
+    assert first[3].products == 2 * first[3].subspace // svd._block_width(K, 240) + 2
+    # the give-up rule never fired: the attempt is bit-identical to one without it
+    monkeypatch.setattr(svd, "GIVE_UP_FACTOR", float("inf"))
+    second = svd.top_svd(a, K, method="randomized", tol=1e-4)
+    assert all(torch.equal(x, y) for x, y in zip(first[:3], second[:3])) and first[3] == second[3]
+
+
 def test_floor_keeps_only_what_can_enter_and_shrinks_the_subspace():
     a = decaying((600, 240), 6).float()
     exact = torch.linalg.svdvals(a.double())
