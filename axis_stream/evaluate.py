@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, get_type_hints
+from typing import Any, Callable, Collection, Mapping, Sequence, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -382,6 +382,21 @@ class Outcome:
     step_seconds: float | None
 
 
+def treated(run: Run, task_vectors: Sequence[dict[str, Tensor]], rb: Robustness,
+            matrices: Collection[str]) -> list[dict[str, Tensor]]:
+    """The run's task vectors (one per source, in order) after its robustness treatment: magnitude
+    pruning of every tensor, and Gaussian noise on the matrices of the one corrupted source."""
+    out = []
+    for i, tv in enumerate(task_vectors):
+        if run.prune_ratio > 0:
+            tv = {n: merges.magnitude_prune(d, run.prune_ratio) for n, d in tv.items()}
+        if run.corrupt and i == min(rb.corrupt_index, len(task_vectors) - 1):
+            tv = {n: merges.corrupt(d, merges.tensor_seed(0, n), rb.corrupt_scale) if n in matrices else d
+                  for n, d in tv.items()}
+        out.append(tv)
+    return out
+
+
 class _Harness:
     """The state shared by the runs of one evaluation: the base's names, the loaded task vectors, caches."""
 
@@ -413,17 +428,7 @@ class _Harness:
 
     def prepared(self, run: Run) -> list[dict[str, Tensor]]:
         """The run's source task vectors after the robustness treatment (corruption, pruning)."""
-        rb = self.exp.robustness
-        out = []
-        for i, source in enumerate(run.sources):
-            tv = self.task_vector(source)
-            if run.prune_ratio > 0:
-                tv = {n: merges.magnitude_prune(d, run.prune_ratio) for n, d in tv.items()}
-            if run.corrupt and i == min(rb.corrupt_index, len(run.sources) - 1):
-                tv = {n: merges.corrupt(d, merges.tensor_seed(0, n), rb.corrupt_scale) if n in self.matrices else d
-                      for n, d in tv.items()}
-            out.append(tv)
-        return out
+        return treated(run, [self.task_vector(s) for s in run.sources], self.exp.robustness, self.matrices)
 
     def basis(self, run: Run) -> _Snapshot:
         """The run's merged basis, built once for all the budgets and data fractions that share it."""

@@ -108,7 +108,37 @@ class MethodCall(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
-class SVDAdapted(nn.Module):
+class FunctionalModel(nn.Module):
+    """A frozen ``base`` run with the weights ``weights()`` returns, through ``functional_call``.
+
+    Stage 2's ``SVDAdapted`` and the baselines' models share this surface, so one head, training loop
+    and evaluation serve them all.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self._methods: dict[str, MethodCall] = {}
+
+    def weights(self) -> dict[str, Tensor]:
+        """The base parameters this model replaces, by name, differentiable in its trainables."""
+        raise NotImplementedError
+
+    def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
+        """Run ``base.<method>(*args, **kwargs)`` with the weights materialised once for this call.
+
+        ``weights`` (from ``weights()``) lets several calls share one materialisation, e.g. in evaluation.
+        """
+        if method not in self._methods:
+            self._methods[method] = MethodCall(self.base, method)
+        weights = self.weights() if weights is None else weights
+        return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call("forward", *args, **kwargs)
+
+
+class SVDAdapted(FunctionalModel):
     """``base`` with each matrix in ``factors`` re-parametrised by its top-N singular values (Stage 2).
 
     Takes ownership of ``base``: its matrix weights become ``W_fixed`` and its non-matrix parameters
@@ -120,7 +150,7 @@ class SVDAdapted(nn.Module):
 
     def __init__(self, base: nn.Module, factors: Mapping[str, Factors], means: Mapping[str, Tensor],
                  n_fraction: float, *, seed: int = 0, start_scale: float = 1.0):
-        super().__init__()
+        super().__init__(base)
         n_fraction = check_fraction(n_fraction)
         start_scale = check_start_scale(start_scale)
         if not factors:
@@ -128,7 +158,6 @@ class SVDAdapted(nn.Module):
         params = dict(base.named_parameters())
         tensors = base.state_dict(keep_vars=True)
         _check_compatible(params, tensors, factors, means)
-        self.base = base.requires_grad_(False)
         self.n_fraction = n_fraction
         self.start_scale = start_scale
         self.seed = seed
@@ -139,7 +168,6 @@ class SVDAdapted(nn.Module):
                 tensors[name].add_(mean.to(tensors[name].dtype))
             for name in self.names:
                 self.spectra.append(self._fold(name, params[name], factors[name]))
-        self._methods: dict[str, MethodCall] = {}
 
     def _fold(self, name: str, param: Tensor, f: Factors) -> Spectrum:
         """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part, at ``start_scale * s``."""
@@ -166,19 +194,6 @@ class SVDAdapted(nn.Module):
         device_type = self.spectra[0].lam.device.type
         with torch.autocast(device_type, enabled=False):
             return {name: self.base.get_parameter(name) + sp.delta() for name, sp in zip(self.names, self.spectra)}
-
-    def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
-        """Run ``base.<method>(*args, **kwargs)`` with the matrices materialised once for this call.
-
-        ``weights`` (from ``weights()``) lets several calls share one materialisation, e.g. in evaluation.
-        """
-        if method not in self._methods:
-            self._methods[method] = MethodCall(self.base, method)
-        weights = self.weights() if weights is None else weights
-        return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.call("forward", *args, **kwargs)
 
     # --- Lambda in and out, and the merged weights ---
 

@@ -8,26 +8,16 @@ training loop and evaluation serve them all unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from axis_stream.adapt.model import AdaptError, MethodCall
+from axis_stream.adapt.model import AdaptError, FunctionalModel
 
 
-class Materialized(nn.Module):
-    """A frozen ``base`` run with the weights ``weights()`` returns; the trainables are the subclass's parameters."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self._methods: dict[str, MethodCall] = {}
-
-    def weights(self) -> dict[str, Tensor]:
-        """The base parameters this model replaces, by name, differentiable in its trainables."""
-        raise NotImplementedError
+class Materialized(FunctionalModel):
+    """A ``FunctionalModel`` whose trainables are the subclass's own parameters."""
 
     def trained(self) -> dict[str, nn.Parameter]:
         """The trainable parameters by name (the base is frozen)."""
@@ -47,13 +37,3 @@ class Materialized(nn.Module):
         with torch.no_grad():
             for name, p in trained.items():
                 p.copy_(values[name])
-
-    def call(self, method: str, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
-        """Run ``base.<method>(*args, **kwargs)`` with the weights materialised once for this call."""
-        if method not in self._methods:
-            self._methods[method] = MethodCall(self.base, method)
-        weights = self.weights() if weights is None else weights
-        return functional_call(self._methods[method], {f"module.{k}": w for k, w in weights.items()}, args, kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.call("forward", *args, **kwargs)

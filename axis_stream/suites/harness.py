@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from axis_stream import models
+from axis_stream import evaluate, models
 from axis_stream.adapt.data import validation_split
 from axis_stream.adapt.model import SVDAdapted
 from axis_stream.baselines import atlas, merges, references
@@ -89,17 +89,8 @@ class SuiteHarness:
 
     def prepared(self, run: Any) -> list[dict[str, Tensor]]:
         """The run's source task vectors after the robustness treatment (as ``evaluate._Harness``)."""
-        rb = self.exp.robustness
-        out = []
-        for i, source in enumerate(run.sources):
-            tv = self.task_vectors[source.name]
-            if run.prune_ratio > 0:
-                tv = {n: merges.magnitude_prune(d, run.prune_ratio) for n, d in tv.items()}
-            if run.corrupt and i == min(rb.corrupt_index, len(run.sources) - 1):
-                tv = {n: merges.corrupt(d, merges.tensor_seed(0, n), rb.corrupt_scale) if n in self.matrices else d
-                      for n, d in tv.items()}
-            out.append(tv)
-        return out
+        return evaluate.treated(run, [self.task_vectors[s.name] for s in run.sources], self.exp.robustness,
+                                self.matrices)
 
     def basis(self, run: Any) -> tuple[dict, dict]:
         key = run.basis_key()
