@@ -234,7 +234,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
     """
     import ray
 
-    from axis_stream.jobs import JobContext, call_job
+    from axis_stream.jobs import JobContext, call_job, redirect_output
 
     def send(kind: str, payload: Any) -> None:
         inbox.put.remote(task.job_id, kind, payload)
@@ -243,7 +243,7 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
     scratch = Path(tempfile.mkdtemp(prefix=f"axis-job-{task.job_id}-"))
     try:
         log_file = scratch / "job.log"
-        _redirect_output(log_file, task.config.log.level)
+        redirect_output(log_file, task.config.log.level)
         relay = _LogRelay(log_file, lambda text: send("log", text))
         out_dir = scratch / "out" if return_files else task.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,18 +258,6 @@ def _run_job(inbox, task: JobTask, shipped: dict[str, bytes] | None, return_file
         return {"message": message, "files": files}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _redirect_output(path: Path, level: str) -> None:
-    """Send this worker's stdout, stderr and logging to ``path`` (the worker serves this one task only)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 class _LogRelay:

@@ -586,14 +586,7 @@ def _child_main(spec: str, params: dict[str, Any], job_id: str, config: Config, 
     os.setsid()                              # own process group: cancel reaches grandchildren too
     _exit_with_parent(parent_pid)
     _prefer_as_oom_victim()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redirect_output(log_path, config.log.level)
 
     def send(kind: str, payload: Any) -> None:
         writer.send_bytes(json.dumps([kind, payload]).encode())
@@ -607,6 +600,18 @@ def _child_main(spec: str, params: dict[str, Any], job_id: str, config: Config, 
     send(kind, payload)
     if kind == "error":
         sys.exit(1)
+
+
+def redirect_output(path: Path, level: str) -> None:
+    """Send this process's stdout, stderr and logging to ``path`` (a job process serves one job only)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def call_job(spec: str, params: dict[str, Any], ctx: JobContext) -> tuple[str, Any]:
