@@ -34,14 +34,13 @@ which carries the ledger and the shares: about 13 KB of JSON per source for ViT-
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -519,22 +518,14 @@ class Basis:
         """The writers' lock (released by the kernel if the process dies); yields whether it was got."""
         if not self.directory.is_dir():
             raise errors.BasisError(f"{self.directory}: no such basis directory")
-        try:
-            fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            if blocking:
-                raise errors.BasisError(f"{self.directory}: cannot lock for writing ({exc.strerror})") from None
-            yield False  # a reader without write access: nothing to clean up
-            return
-        try:
+        with ExitStack() as stack:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+                got = stack.enter_context(atomic.file_lock(self.directory / LOCK, blocking))
+            except OSError as exc:
+                if blocking:
+                    raise errors.BasisError(f"{self.directory}: cannot lock for writing ({exc.strerror})") from None
+                got = False  # a reader without write access: nothing to clean up
+            yield got
 
 
 def _update_mean_inplace(mean: Tensor, count: int, x: Tensor | None) -> None:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from axis_stream import config, executors, ingest, models, stage1
+from axis_stream import atomic, config, executors, ingest, models, stage1
 from axis_stream.atomic import atomic_write, atomic_write_bytes
 from axis_stream.baselines import atlas, merges, references
 from axis_stream.baselines.memory import step_peak_bytes
@@ -67,6 +67,8 @@ KEY = ("method", "target", "sources", "budget", "seed", "k_fraction", "corrupt",
 COLUMNS = KEY + ("source_names", "trainable_params", "val_accuracy", "test_accuracy", "peak_memory_mb",
                  "step_seconds", "seconds")
 RESULTS = "results.csv"
+LOCK = ".lock"
+"""Held (flock) by the evaluation writing an output folder."""
 
 
 # --- the experiment file ---
@@ -596,9 +598,19 @@ def run_experiment(exp: Experiment, echo: Echo = print) -> list[dict[str, str]]:
     A run that fails (bad data, a method that cannot apply) is reported and left out, so a restart
     retries it; the experiment goes on with the other runs. Raises ``AxisError`` at the end if any failed.
     Runs execute here one after another, or with ``executor = "ray"`` as tasks on a Ray cluster
-    (``executors.evaluate_on_ray``); either way only this process appends rows, each once.
+    (``executors.evaluate_on_ray``); either way only this process appends rows, each once, and a
+    second evaluation on the same ``output_dir`` is refused while this one runs.
     """
     exp.output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.file_lock(exp.output_dir / LOCK, blocking=False) as got:
+        if not got:
+            raise AxisError(f"{exp.output_dir}: another axis-stream evaluate is running on this output_dir; "
+                            "wait for it to finish (a re-run then resumes) or choose another output_dir")
+        return _run_locked(exp, echo)
+
+
+def _run_locked(exp: Experiment, echo: Echo) -> list[dict[str, str]]:
+    """``run_experiment`` once this process holds the output folder."""
     results = Results(exp.output_dir / RESULTS)
     runs = plan(exp)
     todo = [r for r in runs if not all(results.has(row) for row in r.rows(exp.robustness.patch_dropout))]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from axis_stream import evaluate
+from axis_stream import atomic, evaluate
 from axis_stream.baselines import references
 from axis_stream.cli import main
 from axis_stream.errors import AxisError, ConfigError
@@ -217,3 +217,14 @@ def test_lora_starts_at_the_base_and_counts_rank_times_m_plus_n(tiny_base):
     assert all(torch.equal(w, base_sd[n]) for n, w in model.weights().items())
     assert references.lora_rank_for_budget(1000, [(192, 64), (256, 64)]) == 2
     assert references.lora_rank_for_budget(10, [(192, 64)]) == 1
+
+
+def test_a_second_evaluation_on_the_same_output_dir_is_refused(tmp_path, tiny_base):
+    """Two processes appending to one results.csv would write rows twice: the second is refused at once."""
+    exp = evaluate.load_experiment(write_experiment(tmp_path, tiny_base, files=False))
+    exp.output_dir.mkdir(parents=True)
+    (exp.output_dir / evaluate.RESULTS).write_text("kept\n")
+    with atomic.file_lock(exp.output_dir / evaluate.LOCK):  # as another evaluation would hold it
+        with pytest.raises(AxisError, match="another axis-stream evaluate is running on this output_dir"):
+            evaluate.run_experiment(exp, lambda line: None)
+    assert (exp.output_dir / evaluate.RESULTS).read_text() == "kept\n"
