@@ -90,6 +90,8 @@ ABLATION_LINES = [
     ("average + Stage 2", {"method": "average"}),
     ("aTLAS at N=10%", {"method": "atlas", "budget": "0.1"}),
     ("LoRA rank 1 (smallest; above budget)", {"method": "lora"}),
+    ("AXIS, Stage 2 from Lambda = 0.3 s (start_scale)", {"method": "axis-start0.3"}),
+    ("AXIS, Stage 2 from Lambda = 0 (start_scale)", {"method": "axis-start0"}),
 ]
 
 
@@ -156,6 +158,13 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
                        ("AXIS, one noisy source", {"method": "axis", "corrupt": "yes"}),
                        ("aTLAS, clean sources", {"method": "atlas", "corrupt": "no"}),
                        ("aTLAS, one noisy source", {"method": "atlas", "corrupt": "yes"})], names)
+    if "long" in rows:
+        long = next(e for e in exps if e.output_dir.name == "long")
+        text += ["", f"### {suite_name}: a longer Stage 2 ({long.adapt.epochs} epochs of {long.max_train_samples} "
+                     f"examples, {long.max_eval_samples} test examples; N=10%)", ""]
+        text += table(rows["long"], main_lines(["0.1"])[:3] + [
+            ("AXIS N=10%, from Lambda = 0.3 s (start_scale)", {"method": "axis-start0.3"}),
+            ("aTLAS, matched to N=10%", {"method": "atlas", "budget": "0.1"})], [t.name for t in long.targets])
     from axis_stream.atomic import atomic_write_bytes
 
     out.parent.mkdir(parents=True, exist_ok=True)
