@@ -12,16 +12,22 @@ imports and a fold of a small random matrix (the interpreter's baseline, with th
 libraries' code paged in), loads the base (plain reads, no mmap), opens the basis and
 folds; its final peak RSS is the fold's peak. The bound the fold must stay under is baseline + base +
 basis (the new version's files) + 2 x the largest tensor. A measured fold runs ``--repeat`` times on
-copies of the basis; every fold also runs in this process, which carries the basis forward.
+copies of the basis; every fold also runs in this process, which carries the basis forward. With
+``--without-give-up`` each measured fold is measured again with the randomized SVD's early give-up
+switched off (``svd.GIVE_UP_FACTOR = inf``: the attempt runs to its subspace budget before falling
+back), side by side. The SVD column counts the matrices by path and by why the randomized attempt
+stopped (``svd.SVDReport.stop``).
 
     python benchmarks/fold_memory.py                        # 30 folds, measures 1, 10, 30 twice each
     python benchmarks/fold_memory.py --folds 3 --measure 1 3 --svd exact
+    python benchmarks/fold_memory.py --repeat 1 --without-give-up
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -34,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from axis_stream import ingest, stage1
+from axis_stream import ingest, stage1, svd
 from axis_stream.basis import Basis, FACTORS, MEANS, VERSIONS
 from axis_stream.config import BasisConfig
 
@@ -96,16 +102,27 @@ def fine_tuned(base: dict[str, torch.Tensor], seed: int, rank: int = 16, size: f
     return out
 
 
-def measure(base_path: Path, basis_dir: Path, ckpt: Path) -> dict:
+def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float) -> dict:
     """Run in a fresh process: the peak RSS and time of one fold."""
-    for svd in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
-        stage1.fold(None, torch.randn(300, 200), 20, svd=svd)
+    for path in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
+        stage1.fold(None, torch.randn(300, 200), 20, svd=path)
     baseline = peak_rss_bytes()
     base = load_base(base_path)
     basis = Basis.open(basis_dir, base)
+    svd.GIVE_UP_FACTOR = give_up_factor
+    stops: Counter = Counter()
+    top_svd = svd.top_svd
+
+    def counted(*args, **kwargs):  # why each randomized attempt stopped: not in the fold's ledger
+        out = top_svd(*args, **kwargs)
+        stops[out[3].stop or "-"] += 1
+        return out
+
+    svd.top_svd = counted
     start, cpu_start = time.perf_counter(), cpu_seconds()
     record = basis.fold_checkpoint(ckpt)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    svd.top_svd = top_svd
     vdir = basis_dir / VERSIONS / f"v{record.version:06d}"
     return {
         "version": record.version, "seconds": seconds, "cpu_seconds": cpu, "peak": peak_rss_bytes(),
@@ -116,6 +133,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path) -> dict:
         "checkpoint": ckpt.stat().st_size, "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,
         "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
+        "stops": dict(stops), "give_up": math.isfinite(give_up_factor),
     }
 
 
@@ -126,11 +144,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="fresh-process measurements per measured fold")
     parser.add_argument("--svd", choices=["randomized", "exact"], default=BasisConfig().svd)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    parser.add_argument("--worker", nargs=3, metavar=("BASE", "BASIS", "CKPT"), help=argparse.SUPPRESS)
+    parser.add_argument("--without-give-up", action="store_true",
+                        help="measure each measured fold also with the randomized SVD's early give-up off")
+    parser.add_argument("--worker", nargs=4, metavar=("BASE", "BASIS", "CKPT", "FACTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(*map(Path, args.worker))))
+        print(json.dumps(measure(*map(Path, args.worker[:3]), float(args.worker[3]))))
         return
+    factors = [svd.GIVE_UP_FACTOR] + ([math.inf] if args.without_give_up else [])
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         base_path = tmp / "vit-b-32-base.safetensors"
@@ -144,27 +165,31 @@ def main() -> None:
             save_file(fine_tuned(base, seed=i), ckpt)
             if i in args.measure:  # on copies of the basis, each in a fresh process
                 for _ in range(args.repeat):
-                    copy = tmp / "basis-copy"
-                    shutil.copytree(basis_dir, copy)
-                    out = subprocess.run([sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt)],
-                                         check=True, capture_output=True, text=True).stdout
-                    shutil.rmtree(copy)
-                    rows.append(json.loads(out.strip().splitlines()[-1]))
-                    print(f"fold {i} (measured): {rows[-1]}", flush=True)
+                    for factor in factors:
+                        copy = tmp / "basis-copy"
+                        shutil.copytree(basis_dir, copy)
+                        cmd = [sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt), str(factor)]
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                        shutil.rmtree(copy)
+                        rows.append(json.loads(out.strip().splitlines()[-1]))
+                        print(f"fold {i} (measured): {rows[-1]}", flush=True)
             cpu_start = cpu_seconds()
             record = basis.fold_checkpoint(ckpt)
             print(f"fold {i}: {record.seconds:.1f} s, cpu {cpu_seconds() - cpu_start:.1f} s", flush=True)
             ckpt.unlink()
     print()
-    print("| fold | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound | peak - baseline - base | svd |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| fold | give-up | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
+          "| peak - baseline - base | svd | randomized attempt stopped |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         bound = r["baseline"] + r["base"] + r["basis"] + 2 * r["largest"]
-        print(f"| {r['version']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak'] / MiB:.0f} MiB | {r['baseline'] / MiB:.0f} MiB "
+        print(f"| {r['version']} | {'on' if r['give_up'] else 'off'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+              f"| {r['peak'] / MiB:.0f} MiB | {r['baseline'] / MiB:.0f} MiB "
               f"| {r['base'] / MiB:.0f} MiB | {r['basis'] / MiB:.1f} MiB | {r['largest'] / MiB:.0f} MiB "
               f"| {bound / MiB:.0f} MiB {'ok' if r['peak'] <= bound else 'EXCEEDED'} "
               f"| {(r['peak'] - r['baseline'] - r['base']) / MiB:.0f} MiB "
-              f"| {', '.join(f'{k} {v}' for k, v in r['svd'].items())} |")
+              f"| {', '.join(f'{k} {v}' for k, v in r['svd'].items())} "
+              f"| {', '.join(f'{k} {v}' for k, v in sorted(r['stops'].items()))} |")
 
 
 if __name__ == "__main__":
