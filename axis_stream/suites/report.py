@@ -164,7 +164,7 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
                      f"examples, {long.max_eval_samples} test examples; N=10%)", ""]
         text += table(rows["long"], main_lines(["0.1"])[:3] + [
             ("AXIS N=10%, from Lambda = 0.3 s (start_scale)", {"method": "axis-start0.3"}),
-            ("aTLAS, matched to N=10%", {"method": "atlas", "budget": "0.1"})], [t.name for t in long.targets])
+            ("aTLAS, matched to N=10%", {"method": "atlas", "budget": "0.1"})], [t.name for t in long.targets], refs)
     from axis_stream.atomic import atomic_write_bytes
 
     out.parent.mkdir(parents=True, exist_ok=True)
