@@ -3,7 +3,6 @@
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -83,9 +82,7 @@ def test_two_targets_three_sources_two_methods_end_to_end_and_resume(tmp_path, t
     path = write_experiment(tmp_path, tiny_base)
     exp = evaluate.load_experiment(path)
     lines = []
-    tic = time.monotonic()
     evaluate.run_experiment(exp, lines.append)
-    assert time.monotonic() - tic < 60
     out = tmp_path / "tiny" / "evaluation"
     rows = read_rows(out / "results.csv")
     # leave-one-out: each target's pool is the two other sources, added at levels 1 and 2
