@@ -320,6 +320,13 @@ class Run:
                 "source_names": "+".join(s.name for s in self.sources)}
         return [dict(base, patch_dropout=p) for p in patch_dropout]
 
+    def settings(self, adapt: AdaptConfig) -> AdaptConfig:
+        """The run's Stage 2 settings: the experiment's ``adapt``, the method's own, the run's seed and budget."""
+        hp = dataclasses.replace(adapt, seed=self.seed, **self.method.hp,
+                                 n_fraction=self.budget if self.budget > 0 else adapt.n_fraction)
+        hp.validate()
+        return hp
+
     def basis_key(self) -> tuple:
         """What the merged basis depends on (not the budget or the amount of target data)."""
         return (self.method.label, tuple(s.name for s in self.sources), self.k_fraction, self.corrupt,
@@ -447,12 +454,6 @@ class _Harness:
 
     # --- one run ---
 
-    def hp(self, run: Run) -> AdaptConfig:
-        hp = dataclasses.replace(self.exp.adapt, seed=run.seed, **run.method.hp,
-                                 n_fraction=run.budget if run.budget > 0 else self.exp.adapt.n_fraction)
-        hp.validate()
-        return hp
-
     def max_train(self, run: Run, hp: AdaptConfig, base: nn.Module) -> int | None:
         """The train-split cap for the run's data fraction (of the split the experiment otherwise uses)."""
         if run.train_fraction >= 1:
@@ -479,7 +480,7 @@ class _Harness:
         from axis_stream.adapt.recipe import Amp, evaluate
 
         started = time.monotonic()
-        hp = self.hp(run)
+        hp = run.settings(self.exp.adapt)
         base = models.create_base(self.exp.base).to(self.device)
         max_train = self.max_train(run, hp, base)
         if run.method.name in ("zeroshot", "linear-probe"):

@@ -143,9 +143,9 @@ def test_ci_sized_transfer_beats_the_unadapted_base(tmp_path):
     exp = evaluate.load_experiment(tmp_path / "exp.toml")
     harness = SuiteHarness(exp, lambda line: None)
     run = next(r for r in evaluate.plan(exp) if r.method.name == "axis" and r.target.name == "digits")
-    assert harness.hp(run).start_scale == 1.0
-    merged = harness.build(run, harness.hp(run), harness._base())
-    from_base = harness.build(run, dataclasses.replace(harness.hp(run), start_scale=0.0), harness._base())
+    assert run.settings(exp.adapt).start_scale == 1.0
+    merged = harness.build(run, run.settings(exp.adapt), harness._base())
+    from_base = harness.build(run, dataclasses.replace(run.settings(exp.adapt), start_scale=0.0), harness._base())
     assert all(torch.equal(v, torch.zeros_like(v)) for v in from_base.lambdas().values())
     assert any(v.abs().max() > 0 for v in merged.lambdas().values())
     from_base.load_lambdas(merged.lambdas())

@@ -12,7 +12,6 @@ schedule over all steps, gradient clipping, the best epoch on a seeded 10 % vali
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -125,13 +124,6 @@ class SuiteHarness:
         return (part(train_idx, task.train_x, task.train_y), part(val_idx, task.train_x, task.train_y),
                 part(test_idx, task.test_x, task.test_y))
 
-    def hp(self, run: Any) -> AdaptConfig:
-        """The run's Stage 2 settings: the experiment's ``[adapt]``, the method's own, the run's seed and budget."""
-        hp = dataclasses.replace(self.exp.adapt, seed=run.seed, **run.method.hp,
-                                 n_fraction=run.budget if run.budget > 0 else self.exp.adapt.n_fraction)
-        hp.validate()
-        return hp
-
     def build(self, run: Any, hp: AdaptConfig, base: nn.Module) -> nn.Module:
         """The run's trainable model around ``base`` (consumed), as ``evaluate._Harness._stage2`` builds it."""
         name, params = run.method.name, run.method.params
@@ -155,7 +147,7 @@ class SuiteHarness:
             raise ValueError("robustness.patch_dropout applies to ViT image patches of CLIP experiments only")
         started = time.monotonic()
         torch.set_num_threads(self.suite.threads)
-        hp = self.hp(run)
+        hp = run.settings(self.exp.adapt)
         torch.manual_seed(hp.seed)
         base = self._base()
         train, val, test = self.splits(run, hp)

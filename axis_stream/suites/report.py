@@ -195,7 +195,7 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
     acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for run in runs:
         for c in scales:
-            hp = dataclasses.replace(harness.hp(run), start_scale=c)
+            hp = dataclasses.replace(run.settings(exp.adapt), start_scale=c)
             torch.manual_seed(hp.seed)
             base = harness._base()
             train, val, test = harness.splits(run, hp)
