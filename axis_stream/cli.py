@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
-from axis_stream import __version__
+from axis_stream import __version__, render
+from axis_stream.errors import AxisError
 
 
-@click.group()
+class AxisGroup(click.Group):
+    """A command group that turns every ``AxisError`` a command raises into one ``Error: ...`` line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AxisError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=AxisGroup)
 @click.version_option(__version__, prog_name="axis-stream")
 def main() -> None:
     """Fold fine-tuned checkpoints into one AXIS merged basis and adapt it to new tasks."""
@@ -21,14 +35,10 @@ def quickstart(workdir: str | None) -> None:
     Fine-tunes a tiny CLIP on generated tasks, starts the daemon, drops the checkpoints into its
     watched folder, waits for the folds, runs an adaptation job, and reports.
     """
-    from axis_stream.errors import AxisError
-    from axis_stream.quickstart import run
+    from axis_stream.service.quickstart import run
 
-    try:
-        for line in run(workdir):
-            click.echo(line)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    for line in run(workdir):
+        click.echo(line)
 
 
 # -- jobs and the control socket: these commands talk to a running `axis-stream serve` ---------------
@@ -40,26 +50,19 @@ _CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_oka
 def _socket(config_path: str | None):
     """The control socket of the daemon that ``config_path`` describes."""
     from axis_stream import config
-    from axis_stream.errors import AxisError
 
-    try:
-        return config.load(config_path).paths.socket
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    return config.load(config_path).paths.socket
 
 
 def _call(socket_path, op: str, hint: str = "start `axis-stream serve`", **args):
     """One control request; no daemon -> one line and exit 2, a refusal -> "Error: ..." and exit 1."""
-    from axis_stream import api
-    from axis_stream.errors import AxisError
+    from axis_stream.service import api
 
     try:
         return api.request(socket_path, op, **args)
     except api.DaemonNotRunning as exc:
         click.echo(f"{exc}; {hint}", err=True)
         raise SystemExit(2) from None
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -67,7 +70,6 @@ def _call(socket_path, op: str, hint: str = "start `axis-stream serve`", **args)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON reply.")
 def status(config_path: str | None, as_json: bool) -> None:
     """Show the running daemon's status."""
-    import json
 
     reply = _call(_socket(config_path), "status")
     click.echo(json.dumps(reply, indent=2) if as_json else "\n".join(_mapping_lines(reply)))
@@ -111,9 +113,8 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, start_
           weight_decay: float | None, device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
           classnames_file: str | None, templates_file: str | None, wait: bool, local: bool) -> None:
     """Queue a Stage 2 adaptation of the current basis to TARGET on the daemon (--local: run it here)."""
-    from pathlib import Path
 
-    from axis_stream import jobs
+    from axis_stream.service.jobs.client import watch_job
 
     given = {"target": target, "n_fraction": n_fraction, "start_scale": start_scale, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
@@ -131,13 +132,13 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, start_
                    f"or `axis-stream jobs logs --follow {record['id']}`")
         return
     try:
-        for record in _guard(jobs.watch_job, socket_path, record["id"]):
-            click.echo(jobs.update_line(record))
+        for record in _guard(watch_job, socket_path, record["id"]):
+            click.echo(render.update_line(record))
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; job {record['id']} keeps running (`axis-stream jobs cancel {record['id']}` "
                    "stops it)", err=True)
         raise SystemExit(130) from None
-    click.echo("\n".join(jobs.describe(record)))
+    click.echo("\n".join(render.describe(record)))
     if record["state"] != "succeeded":
         raise SystemExit(1)
 
@@ -146,7 +147,6 @@ def _text_lines(path: str | None) -> list[str] | None:
     """The non-empty lines of a text file (class names, templates)."""
     if path is None:
         return None
-    from pathlib import Path
 
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -154,15 +154,10 @@ def _text_lines(path: str | None) -> list[str] | None:
 def _adapt_local(config_path: str | None, params: dict) -> None:
     """``adapt --local``: Stage 2 in this process against the current basis, then its result."""
     from axis_stream import config
-    from axis_stream.adapt import run_local
-    from axis_stream.adapt.recipe import summary_lines
-    from axis_stream.errors import AxisError
+    from axis_stream.service.jobs.kinds import run_local
 
-    try:
-        result = run_local(params, config.load(config_path), _StageProgress())
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo("\n".join(summary_lines(result)))
+    result = run_local(params, config.load(config_path), _StageProgress())
+    click.echo("\n".join(render.adapt_summary_lines(result)))
 
 
 class _StageProgress:
@@ -193,36 +188,28 @@ class _StageProgress:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, ending in .safetensors.")
 def export_cmd(config_path: str | None, job_id: str, out: str) -> None:
     """Write an adapt job's full adapted weights as an open_clip state dict (safetensors)."""
-    from pathlib import Path
 
     from axis_stream import config
-    from axis_stream.adapt import export_job
-    from axis_stream.adapt.recipe import HEAD_FILE
-    from axis_stream.errors import AxisError
+    from axis_stream.adapt.export import export_job
+    from axis_stream.adapt.files import HEAD_FILE
 
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
-    try:
-        cfg = config.load(config_path)
-        path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = config.load(config_path)
+    path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
     click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
                f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
 
 
 def _guard(generator, *args):
     """Iterate a client-side generator, turning control-API failures into a clean CLI exit."""
-    from axis_stream import api
-    from axis_stream.errors import AxisError
+    from axis_stream.service import api
 
     try:
         yield from generator(*args)
     except api.DaemonNotRunning as exc:
         click.echo(f"{exc} (did it stop?)", err=True)
         raise SystemExit(2) from None
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.group(name="jobs")
@@ -236,12 +223,10 @@ def jobs_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON reply.")
 def jobs_list(config_path: str | None, limit: int, as_json: bool) -> None:
     """Jobs, newest first."""
-    import json
 
-    from axis_stream import jobs
 
     reply = _call(_socket(config_path), "jobs.list", limit=limit)
-    click.echo(json.dumps(reply["jobs"], indent=2) if as_json else "\n".join(jobs.table(reply["jobs"])))
+    click.echo(json.dumps(reply["jobs"], indent=2) if as_json else "\n".join(render.table(reply["jobs"])))
 
 
 @jobs_group.command(name="show")
@@ -250,12 +235,10 @@ def jobs_list(config_path: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON record.")
 def jobs_show(config_path: str | None, job_id: str, as_json: bool) -> None:
     """One job: state, basis version, parameters, progress, result or error."""
-    import json
 
-    from axis_stream import jobs
 
     record = _call(_socket(config_path), "jobs.show", id=job_id)
-    click.echo(json.dumps(record, indent=2) if as_json else "\n".join(jobs.describe(record)))
+    click.echo(json.dumps(record, indent=2) if as_json else "\n".join(render.describe(record)))
 
 
 @jobs_group.command(name="cancel")
@@ -274,14 +257,14 @@ def jobs_cancel(config_path: str | None, job_id: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Print the whole log and keep printing until the job ends.")
 def jobs_logs(config_path: str | None, job_id: str, tail: int, follow: bool) -> None:
     """A job's log: its stdout, stderr and logging."""
-    from axis_stream import jobs
+    from axis_stream.service.jobs.client import follow_log
 
     socket_path = _socket(config_path)
     if not follow:
         click.echo(_call(socket_path, "jobs.logs", id=job_id, tail=tail)["text"], nl=False)
         return
     try:
-        for text in _guard(jobs.follow_log, socket_path, job_id):
+        for text in _guard(follow_log, socket_path, job_id):
             click.echo(text, nl=False)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
@@ -294,13 +277,10 @@ def jobs_logs(config_path: str | None, job_id: str, tail: int, follow: bool) -> 
               help="Config TOML, e.g. config/axis-stream.toml or /etc/axis-stream/axis-stream.toml.")
 def serve(config_path: str) -> None:
     """Run the daemon: fold checkpoints dropped into the watched folder, run jobs, serve metrics."""
-    from axis_stream import config, daemon
-    from axis_stream.errors import AxisError
+    from axis_stream import config
+    from axis_stream.service import daemon
 
-    try:
-        raise SystemExit(daemon.serve(config.load(config_path)))
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    raise SystemExit(daemon.serve(config.load(config_path)))
 
 
 # -- the basis: fold checkpoints, inspect it, roll it back (no daemon needed) ------------------------
@@ -316,13 +296,9 @@ def _basis_options(command):
 def _open_basis(config_path: str | None, basis_dir: str | None):
     """The basis for reading only (no base model needed)."""
     from axis_stream import config
-    from axis_stream.basis import Basis
-    from axis_stream.errors import AxisError
+    from axis_stream.store.basis import Basis
 
-    try:
-        return Basis.open(basis_dir or config.load(config_path).paths.basis_dir)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    return Basis.open(basis_dir or config.load(config_path).paths.basis_dir)
 
 
 @main.command()
@@ -330,15 +306,12 @@ def _open_basis(config_path: str | None, basis_dir: str | None):
 @_basis_options
 def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None) -> None:
     """Fold checkpoints into the basis one after another (creating the basis on first use)."""
-    from pathlib import Path
 
-    from axis_stream import basis, config
-    from axis_stream.errors import AxisError, CheckpointError
+    from axis_stream import config
+    from axis_stream.errors import CheckpointError
+    from axis_stream.store import basis
 
-    try:
-        target = basis.open_from_config(config.load(config_path), basis_dir, create=True)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    target = basis.open_from_config(config.load(config_path), basis_dir, create=True)
     total, rejected = len(target.manifest["matrices"]), 0
     for path in paths:
         try:
@@ -363,22 +336,16 @@ def basis_group() -> None:
 @_basis_options
 def basis_show(version: int | None, config_path: str | None, basis_dir: str | None) -> None:
     """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current)."""
-    from axis_stream import basis
-    from axis_stream.errors import AxisError
 
-    try:
-        click.echo("\n".join(basis.summary_lines(_open_basis(config_path, basis_dir), version)))
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(render.basis_summary_lines(_open_basis(config_path, basis_dir), version)))
 
 
 @basis_group.command(name="history")
 @_basis_options
 def basis_history(config_path: str | None, basis_dir: str | None) -> None:
     """The versions on disk and the ledger of the folded sources."""
-    from axis_stream import basis
 
-    click.echo("\n".join(basis.history_lines(_open_basis(config_path, basis_dir))))
+    click.echo("\n".join(render.history_lines(_open_basis(config_path, basis_dir))))
 
 
 @basis_group.command(name="rollback")
@@ -386,13 +353,9 @@ def basis_history(config_path: str | None, basis_dir: str | None) -> None:
 @_basis_options
 def basis_rollback(version: int, config_path: str | None, basis_dir: str | None) -> None:
     """Make VERSION's basis current again (written as a new version)."""
-    from axis_stream.errors import AxisError
 
     target = _open_basis(config_path, basis_dir)
-    try:
-        new = target.rollback(version)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    new = target.rollback(version)
     click.echo(f"version {new} now holds version {version}'s basis ({target.manifest['count']} sources)")
 
 
@@ -404,13 +367,9 @@ def basis_rollback(version: int, config_path: str | None, basis_dir: str | None)
 def convert(src: str, out: str, config_path: str | None) -> None:
     """Convert task-vector releases (SRC/<MODEL>/<Dataset>Val/finetuned.pt, heads) to safetensors in OUT."""
     from axis_stream import config
-    from axis_stream.convert import convert_from_config
-    from axis_stream.errors import AxisError
+    from axis_stream.store.convert import convert_from_config
 
-    try:
-        results = convert_from_config(config.load(config_path), src, out)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    results = convert_from_config(config.load(config_path), src, out)
     for r in results:
         click.echo(r.line())
     if not results or not all(r.ok for r in results):
@@ -422,13 +381,10 @@ def convert(src: str, out: str, config_path: str | None) -> None:
               help="Experiment TOML (see config/experiment-tiny.toml): base, sources, targets, methods, budgets.")
 def evaluate_cmd(config_path: str) -> None:
     """Run the baseline comparisons; results go to <output_dir>/results.csv (resumable) and plots/."""
-    from axis_stream import evaluate
-    from axis_stream.errors import AxisError
+    from axis_stream.experiments.evaluate.experiment import load_experiment
+    from axis_stream.experiments.evaluate.runner import run_experiment
 
-    try:
-        evaluate.run_experiment(evaluate.load_experiment(config_path), click.echo)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    run_experiment(load_experiment(config_path), click.echo)
 
 
 # -- real offline suites: data from installed packages -----------------------------------------------
@@ -443,12 +399,8 @@ def data_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: ~/.cache/axis-stream/suites/SUITE/data).")
 def data_prepare(suite: str, out: str | None) -> None:
     """Write SUITE's task files; says which package to install when one is missing."""
-    from axis_stream.errors import AxisError
-    from axis_stream.suites.prepare import prepare
+    from axis_stream.experiments.suites.prepare import prepare
 
-    try:
-        paths = prepare(suite, out)
-    except AxisError as exc:
-        raise click.ClickException(str(exc)) from None
+    paths = prepare(suite, out)
     for path in paths:
         click.echo(f"wrote {path}")

@@ -66,3 +66,8 @@ class ZeroDelta(CheckpointError):
 
 class Duplicate(CheckpointError):
     reason = "duplicate"
+
+
+def first_line(exc: BaseException, limit: int | None = 160) -> str:
+    """An exception's first message line (cut at ``limit`` characters), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

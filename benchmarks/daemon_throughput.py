@@ -44,8 +44,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from axis_stream import config, models
-from axis_stream.basis import Basis, load_base
+from axis_stream import config
+from axis_stream.store import models
+from axis_stream.store.basis import Basis
+from axis_stream.store.models import load_base
+from axis_stream.testing import write_checkpoints
 
 MODELS = {"tiny": 10, "ViT-B-32": 3}     # model -> default N (2N checkpoints in all)
 
@@ -68,27 +71,6 @@ def make_base(name: str, ws: Path) -> tuple[config.BaseConfig, dict[str, torch.T
 
 def model_name(name: str) -> str:
     return "axis-tiny" if name == "tiny" else name
-
-
-def make_checkpoints(base: dict[str, torch.Tensor], count: int, folder: Path) -> list[Path]:
-    """``count`` checkpoints: rank-4 plus noise changes of 2% to every float tensor of the visual tower."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for seed in range(count):
-        g = torch.Generator().manual_seed(seed)
-        out = {}
-        for name, t in base.items():
-            if name.startswith("visual.") and t.is_floating_point():
-                if t.dim() == 2:
-                    m, n = t.shape
-                    low = torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g) / 4
-                    t = t + 0.02 * (low + 0.1 * torch.randn(m, n, generator=g))
-                else:
-                    t = t + 0.02 * torch.randn(t.shape, generator=g)
-            out[name] = t.contiguous()
-        paths.append(folder / f"ckpt-{seed:03d}.safetensors")
-        save_file(out, paths[-1])
-    return paths
 
 
 def write_config(ws: Path, base: config.BaseConfig) -> tuple[Path, str]:
@@ -220,7 +202,7 @@ def run(name: str, n: int, root: Path) -> dict:
     ws = root / name
     ws.mkdir(parents=True)
     base_cfg, base = make_base(name, ws)
-    files = make_checkpoints(base, 2 * n, ws / "staging")
+    files = write_checkpoints(base, 2 * n, ws / "staging")
     size = files[0].stat().st_size
     cfg_path, address = write_config(ws, base_cfg)
     cfg = config.load(cfg_path, env={})

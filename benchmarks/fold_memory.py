@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from axis_stream import ingest, stage1, svd
-from axis_stream.basis import Basis, FACTORS, MEANS, VERSIONS
 from axis_stream.config import BasisConfig
+from axis_stream.core import stage1, svd
+from axis_stream.store import ingest
+from axis_stream.store.basis import FACTORS, MEANS, VERSIONS, Basis
 
 MiB = 2**20
 

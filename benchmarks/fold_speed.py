@@ -25,8 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the systemd unit sets it; before torch starts
 import torch  # noqa: E402
 
-from axis_stream import stage1  # noqa: E402
-from axis_stream.stage1 import Factors  # noqa: E402
+from axis_stream.core import stage1  # noqa: E402
+from axis_stream.core.stage1 import Factors  # noqa: E402
 
 SHAPES = ["768x768", "3072x768", "768x3072", "4096x11008"]
 SOURCES = [1, 8, 32]

@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from axis_stream import config, models, stage1
+from axis_stream import config
 from axis_stream.adapt.head import logits
 from axis_stream.adapt.model import SVDAdapted
-from axis_stream.baselines import atlas
-from axis_stream.baselines.memory import step_peak_bytes
+from axis_stream.core import layout, stage1
+from axis_stream.experiments.baselines import atlas
+from axis_stream.experiments.baselines.memory import step_peak_bytes
+from axis_stream.store import models
 
 N_FRACTION = 0.10
 CLASSES = 10
@@ -73,7 +75,7 @@ class SyntheticSource(Mapping):
 
 def fold_bases(base: Mapping[str, Tensor], counts: list[int]) -> dict[int, tuple[dict, dict, float]]:
     """The streaming AXIS basis after each count of sources: ``{S: (factors, means, seconds to fold)}``."""
-    names = models.matrix_names(base, config.VIT_BLOCK_MATRICES)
+    names = layout.matrix_names(base, config.VIT_BLOCK_MATRICES)
     factors: dict[str, stage1.Factors] = {}
     means: dict[str, Tensor] = {}
     out, seconds = {}, 0.0

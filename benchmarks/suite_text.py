@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from axis_stream.suites.report import run_benchmark
+from axis_stream.experiments.suites.report import run_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "config" / f"suite-text{part}.toml" for part in ("", "-noisy", "-ablations", "-long")]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from axis_stream.suites.report import run_benchmark, start_scale_study
+from axis_stream.experiments.suites.report import run_benchmark, start_scale_study
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "config" / f"suite-vision{part}.toml" for part in ("", "-fewshot", "-noisy", "-ablations")]

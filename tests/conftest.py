@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny open_clip CLIP built in code, its weights file, and checkpoints made from it."""
+"""Shared fixtures: a tiny open_clip CLIP built in code, its weights file, and checkpoints made from it
+(with ``axis_stream.testing.finetuned_like``, which the benchmarks use too)."""
 
 from __future__ import annotations
 
@@ -14,26 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from axis_stream import config, models  # noqa: E402
-
-
-def finetuned_like(base: dict[str, torch.Tensor], seed: int, scale: float = 0.02, rank: int = 4,
-                   prefix: str = "visual.") -> dict[str, torch.Tensor]:
-    """A checkpoint that looks fine-tuned: low-rank-plus-noise changes to every float tensor under ``prefix``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in base.items():
-        t = t.clone()
-        if name.startswith(prefix) and t.is_floating_point():
-            if t.dim() == 2:
-                m, n = t.shape
-                r = min(rank, m, n)
-                low = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g) / r
-                t += scale * (low + 0.1 * torch.randn(m, n, generator=g))
-            else:
-                t += scale * torch.randn(t.shape, generator=g)
-        out[name] = t.contiguous()
-    return out
+from axis_stream import config  # noqa: E402
+from axis_stream.store import models  # noqa: E402
+from axis_stream.testing import finetuned_like  # noqa: E402
 
 
 @pytest.fixture(scope="session")

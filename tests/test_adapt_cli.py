@@ -9,10 +9,10 @@ import open_clip
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_adapt_data import write_colour_folders
 
 from axis_stream import cli, config
-from axis_stream.basis import Basis
-from test_adapt_data import write_colour_folders
+from axis_stream.store.basis import Basis
 
 
 @pytest.fixture

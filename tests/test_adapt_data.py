@@ -10,10 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from axis_stream import models
-from axis_stream.adapt.data import (DatasetNotFound, make_splits, normalize_name, resolve_target, transforms_for,
-                                    validation_split)
+from axis_stream.adapt.data import (
+    DatasetNotFound,
+    make_splits,
+    normalize_name,
+    resolve_target,
+    transforms_for,
+    validation_split,
+)
 from axis_stream.adapt.model import AdaptError
+from axis_stream.store import models
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 200), "dark_yellow": (170, 160, 30)}
 

@@ -6,9 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from axis_stream import models
 from axis_stream.adapt.head import check_texts, logits, packaged_texts, zero_shot_head
 from axis_stream.adapt.model import AdaptError
+from axis_stream.store import models
 
 PAPER_DATASETS = {  # key: number of classes
     "cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "mnist": 10, "resisc45": 45, "sun397": 397, "svhn": 10,

@@ -9,22 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-from axis_stream import config, models, stage1
+from axis_stream import config
 from axis_stream.adapt.model import AdaptError, SVDAdapted, complete_orthonormal
-from conftest import finetuned_like
+from axis_stream.core import layout, stage1
+from axis_stream.store import models
+from axis_stream.testing import finetuned_like
 
 
 def snapshot_from_sources(base: dict[str, torch.Tensor], seeds=(0, 1, 2), k_fraction: float = 0.10,
                           patterns=config.VIT_BLOCK_MATRICES) -> SimpleNamespace:
     """What a basis holds after folding ``finetuned_like`` checkpoints: streaming factors, running means."""
-    names = set(models.matrix_names(base, patterns))
+    names = set(layout.matrix_names(base, patterns))
     factors, means = {}, {}
     for count, seed in enumerate(seeds):
         for name, t in finetuned_like(base, seed).items():
             delta = t - base[name]
             if name in names:
-                k = stage1.k_for(models.as_matrix(base[name]).shape, k_fraction)
-                factors[name] = stage1.fold(factors.get(name), models.as_matrix(delta), k)
+                k = stage1.k_for(layout.as_matrix(base[name]).shape, k_fraction)
+                factors[name] = stage1.fold(factors.get(name), layout.as_matrix(delta), k)
             elif name.startswith("visual."):
                 means[name] = stage1.update_mean(means.get(name), count, delta)
     return SimpleNamespace(version=len(seeds), factors=factors, means=means)
@@ -113,7 +115,7 @@ def test_complete_orthonormal_from_nothing_and_from_a_full_set():
 
 def test_rank_zero_factors_train_from_zero(tiny_base, tiny_module):
     base = tiny_base[1]
-    names = models.matrix_names(base, config.VIT_BLOCK_MATRICES)
+    names = layout.matrix_names(base, config.VIT_BLOCK_MATRICES)
     empty = {n: stage1.Factors(torch.zeros(base[n].shape[0], 0), torch.zeros(0), torch.zeros(base[n].shape[1], 0))
              for n in names}
     model = SVDAdapted(fresh(tiny_module), empty, {}, 0.10)
@@ -160,10 +162,10 @@ def test_any_module_with_pattern_named_matrices_including_a_flattened_conv():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
     base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    names = models.matrix_names(base, ["0.weight", "3.weight"], conv_as_matrix=True)
+    names = layout.matrix_names(base, ["0.weight", "3.weight"], conv_as_matrix=True)
     assert names == ["0.weight", "3.weight"]
     g = torch.Generator().manual_seed(1)
-    factors = {n: stage1.merge([torch.randn(models.as_matrix(base[n]).shape, generator=g)], 3) for n in names}
+    factors = {n: stage1.merge([torch.randn(layout.as_matrix(base[n]).shape, generator=g)], 3) for n in names}
     means = {"3.bias": torch.randn(5, generator=g)}
     model = SVDAdapted(net, factors, means, 0.5)
     assert model.trainable_count() == stage1.k_for((8, 27), 0.5) + stage1.k_for((5, 128), 0.5)
@@ -195,7 +197,7 @@ def three_shapes_basis(seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     factors = {}
     for name, rank in (("wide.weight", 5), ("tall.weight", 2), ("conv.weight", 4)):
-        m, n = models.as_matrix(base[name]).shape
+        m, n = layout.as_matrix(base[name]).shape
         U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
         V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
         s = torch.linspace(2.0, 0.5, rank, dtype=torch.float64)[torch.randperm(rank, generator=g)]
@@ -222,7 +224,7 @@ def test_start_scale_scales_only_the_trainable_top_n(n_fraction, c):
     weights = model.weights()
     tails = 0
     for name, f in factors.items():
-        n = stage1.k_for(models.as_matrix(base[name]).shape, n_fraction)
+        n = stage1.k_for(layout.as_matrix(base[name]).shape, n_fraction)
         tails += max(0, f.rank - n)
         torch.testing.assert_close(weights[name].double(), scaled_reference(base[name], f, n, c), rtol=0, atol=1e-5)
         lam = model.spectra[model.names.index(name)].lam.detach()
@@ -261,7 +263,7 @@ def test_start_scale_must_be_a_finite_number_at_least_zero(bad):
 def test_vit_b32_trainable_counts_match_the_paper():
     base_model = models.create_base(config.BaseConfig(model="ViT-B-32", pretrained=""))
     params = dict(base_model.named_parameters())
-    names = models.matrix_names(params, config.VIT_BLOCK_MATRICES)
+    names = layout.matrix_names(params, config.VIT_BLOCK_MATRICES)
     assert len(names) == 48
     factors = {}  # rank K = 76 per matrix, as ViT-B-32's default K; any orthonormal U, V will do
     for name in names:

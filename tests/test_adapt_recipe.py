@@ -10,17 +10,17 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_adapt_data import write_colour_folders
+from test_adapt_model import snapshot_from_sources
 
-from axis_stream import config, models
-from axis_stream.adapt import export_job, run_adapt
-from axis_stream.adapt.export import read_job, write_adapted
+from axis_stream import config
+from axis_stream.adapt.export import export_job, read_job, write_adapted
 from axis_stream.adapt.head import logits
 from axis_stream.adapt.model import AdaptError, SVDAdapted
 from axis_stream.adapt.recipe import adapt, job_settings
 from axis_stream.errors import ConfigError
-from axis_stream.jobs import JobContext
-from test_adapt_data import write_colour_folders
-from test_adapt_model import snapshot_from_sources
+from axis_stream.service.jobs.kinds import JobContext, run_adapt
+from axis_stream.store import models
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_job_parameters_override_the_config():
 
 
 def test_the_adapt_job_runs_against_a_basis_version_and_exports(tiny_base, make_checkpoint, colours, tmp_path):
-    from axis_stream.basis import Basis
+    from axis_stream.store.basis import Basis
 
     base_cfg, base_sd = tiny_base
     cfg = config.Config(paths=config.PathsConfig(state_dir=tmp_path / "state"), base=base_cfg)

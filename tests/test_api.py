@@ -9,10 +9,14 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-
-from axis_stream import api, cli, jobs
-from axis_stream.errors import AxisError
 from test_jobs import final, make_config
+
+from axis_stream import cli
+from axis_stream.errors import AxisError
+from axis_stream.service import api
+from axis_stream.service.jobs.control import handlers
+from axis_stream.service.jobs.kinds import adapt_params
+from axis_stream.service.jobs.runner import JobRunner
 
 
 def _need(args):
@@ -117,13 +121,13 @@ def test_stale_socket_is_replaced_but_a_live_one_or_a_regular_file_is_not(tmp_pa
 def daemon(tmp_path, monkeypatch):
     """A job runner behind a control server, as the daemon wires them; ``adapt`` runs a selftest job."""
     cfg = make_config(tmp_path / "state")
-    runner = jobs.JobRunner(cfg, cfg.paths.basis_dir, kill_grace_s=2.0)
+    runner = JobRunner(cfg, cfg.paths.basis_dir, kill_grace_s=2.0)
     runner.start()
-    ops = jobs.handlers(runner)
+    ops = handlers(runner)
     real_adapt = ops["adapt"]
 
     def adapt(args):
-        jobs.adapt_params(args, cfg)               # same checks as the real op
+        adapt_params(args, cfg)               # same checks as the real op
         return runner.get(runner.submit("selftest", {"steps": 3, "seed": args.get("seed", 0)})).to_dict()
 
     srv = api.ControlServer(cfg.paths.socket, {**ops, "adapt": adapt, "adapt.real": real_adapt})

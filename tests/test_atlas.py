@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from axis_stream import models
-from axis_stream.baselines import atlas
-from axis_stream.baselines.memory import step_peak_bytes
-from conftest import finetuned_like
+from axis_stream.experiments.baselines import atlas
+from axis_stream.experiments.baselines.memory import step_peak_bytes
+from axis_stream.store import models
+from axis_stream.testing import finetuned_like
 
 
 def task_vectors(base_sd, count):

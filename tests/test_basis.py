@@ -8,20 +8,21 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from test_ingest import BAD, _write_bad, one_thread  # noqa: F401 (autouse fixture)
 
-from axis_stream import errors, models, stage1
-from axis_stream.basis import Basis, summary_lines
+from axis_stream import errors
 from axis_stream.cli import main
 from axis_stream.config import BasisConfig
-from conftest import finetuned_like
-from test_ingest import BAD, _write_bad, one_thread  # noqa: F401 (autouse fixture)
+from axis_stream.core import layout, stage1
+from axis_stream.render import basis_summary_lines
+from axis_stream.store.basis import Basis
+from axis_stream.testing import finetuned_like
 
 IDENTITY = {"name": "axis-tiny", "pretrained": "test"}
 
@@ -31,7 +32,7 @@ def settings(**kw) -> BasisConfig:
 
 
 def task_matrices(sd, base, names):
-    return {n: models.as_matrix(sd[n].float() - base[n].float()) for n in names}
+    return {n: layout.as_matrix(sd[n].float() - base[n].float()) for n in names}
 
 
 def snapshot_equal(a, b) -> bool:
@@ -137,7 +138,7 @@ def test_the_ledger_and_provenance(tiny_base, make_checkpoint, new_basis):
     for info in basis.manifest["matrices"].values():
         assert len(info["share"]) == 3 and abs(sum(info["share"]) - 1) < 1e-4
         assert 0 < info["energy"] <= info["source_energy"]
-    text = "\n".join(summary_lines(basis))
+    text = "\n".join(basis_summary_lines(basis))
     assert "ckpt-31" in text and "version 3" in text
 
 
@@ -207,7 +208,7 @@ class Crash(BaseException):
 def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
                                                                             new_basis, monkeypatch):
     """The deterministic complement of the SIGKILL test: die right before each file-system step."""
-    import axis_stream.basis as basis_module
+    import axis_stream.store.basis as basis_module
 
     _, base = tiny_base
     seed = new_basis("seed", keep_versions=1)
@@ -317,8 +318,8 @@ HELPER = r"""
 import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)   # no thread pool before fork
-from axis_stream import ingest
-from axis_stream.basis import Basis
+from axis_stream.store import ingest
+from axis_stream.store.basis import Basis
 f = ingest.SafetensorsFile(sys.argv[1])
 base = {k: f.read(k) for k in f.keys()}
 f.close()

@@ -12,13 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from test_ingest import one_thread  # noqa: F401 (autouse fixture)
 
-from axis_stream import convert, errors, ingest
-from axis_stream.basis import Basis
+from axis_stream import errors
 from axis_stream.cli import main
 from axis_stream.config import BasisConfig
-from conftest import finetuned_like
-from test_ingest import one_thread  # noqa: F401 (autouse fixture)
+from axis_stream.store import convert, ingest, unpickle
+from axis_stream.store.basis import Basis
+from axis_stream.testing import finetuned_like
 
 DATASETS = ("Cars", "DTD")
 
@@ -136,7 +137,7 @@ def test_the_unpickler_needs_no_src_package_but_refuses_other_code(tiny_base, re
     src, _ = release
     finetuned = src / "axis-tiny" / "CarsVal" / "finetuned.pt"
     assert "src" not in sys.modules
-    assert isinstance(convert.load_pickle(finetuned), convert.ImageEncoder)
+    assert isinstance(unpickle.load_pickle(finetuned), unpickle.ImageEncoder)
     with pytest.raises(errors.UntrustedPickle):  # the watched folder's default
         ingest.read_checkpoint(finetuned, base)
     with ingest.read_checkpoint(finetuned, base, trust_pickles=True) as ckpt:
@@ -145,7 +146,7 @@ def test_the_unpickler_needs_no_src_package_but_refuses_other_code(tiny_base, re
     evil = tmp_path / "evil.pt"
     torch.save({"state": Evil()}, evil)
     with pytest.raises(errors.UntrustedPickle, match="refusing posix.system"):
-        convert.load_pickle(evil)
+        unpickle.load_pickle(evil)
     assert not EVIL_MARKER.exists()
 
 

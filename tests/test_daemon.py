@@ -21,12 +21,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
-from axis_stream import api, config
-from axis_stream.basis import Basis
-from axis_stream.daemon import REJECT_REASONS, FoldQueue, FoldWorker, free_name, move_into
-from axis_stream.metrics import Metrics
-
-from conftest import finetuned_like
+from axis_stream import config
+from axis_stream.service import api
+from axis_stream.service.daemon import REJECT_REASONS, FoldQueue, FoldWorker, free_name, move_into
+from axis_stream.service.metrics import Metrics
+from axis_stream.store.basis import Basis
+from axis_stream.testing import finetuned_like, wait_until
 
 SERVE = [sys.executable, "-c", "from axis_stream.cli import main; main()", "serve", "--config"]
 
@@ -34,16 +34,15 @@ SERVE = [sys.executable, "-c", "from axis_stream.cli import main; main()", "serv
 # -- helpers -------------------------------------------------------------------------------------
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    """Poll ``cond()`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"daemon exited with {proc.returncode} while waiting for {what}:\n{read_log(proc)}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f":\n{read_log(proc)}" if proc else ""))
+    """Poll ``cond()`` until it returns something truthy; fail with ``what`` (and the daemon's log) after
+    ``timeout`` s, or at once if ``proc`` exits."""
+    def gone() -> str | None:
+        return (f"daemon exited with {proc.returncode}" if proc is not None and proc.poll() is not None else None)
+
+    try:
+        return wait_until(cond, timeout, what, alive=gone, error=AssertionError)
+    except AssertionError as exc:
+        pytest.fail(f"{exc}" + (f":\n{read_log(proc)}" if proc else ""))
 
 
 def free_port() -> int:

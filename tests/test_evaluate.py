@@ -11,11 +11,15 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from axis_stream import atomic, evaluate
-from axis_stream.baselines import references
 from axis_stream.cli import main
 from axis_stream.errors import AxisError, ConfigError
-from conftest import finetuned_like
+from axis_stream.experiments.baselines import references
+from axis_stream.experiments.evaluate.experiment import load_experiment
+from axis_stream.experiments.evaluate.plan import plan
+from axis_stream.experiments.evaluate.results import RESULTS, Results, _key
+from axis_stream.experiments.evaluate.runner import LOCK, run_experiment
+from axis_stream.store import atomic
+from axis_stream.testing import finetuned_like
 
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
@@ -80,9 +84,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def test_two_targets_three_sources_two_methods_end_to_end_and_resume(tmp_path, tiny_base, one_thread):
     path = write_experiment(tmp_path, tiny_base)
-    exp = evaluate.load_experiment(path)
+    exp = load_experiment(path)
     lines = []
-    evaluate.run_experiment(exp, lines.append)
+    run_experiment(exp, lines.append)
     out = tmp_path / "tiny" / "evaluation"
     rows = read_rows(out / "results.csv")
     # leave-one-out: each target's pool is the two other sources, added at levels 1 and 2
@@ -111,20 +115,20 @@ def test_two_targets_three_sources_two_methods_end_to_end_and_resume(tmp_path, t
     kept = before.splitlines(keepends=True)[:-1]
     (out / "results.csv").write_text("".join(kept) + "axis,cars,2,0.")
     lines = []
-    evaluate.run_experiment(evaluate.load_experiment(path), lines.append)
+    run_experiment(load_experiment(path), lines.append)
     assert lines[0].startswith("8 runs planned, 7 already in")
     rows_again = read_rows(out / "results.csv")
     assert len(rows_again) == 8
-    assert sorted(evaluate._key(r) for r in rows_again) == sorted(evaluate._key(r) for r in rows)
+    assert sorted(_key(r) for r in rows_again) == sorted(_key(r) for r in rows)
 
 
 def test_references_and_robustness_options(tmp_path, tiny_base, one_thread):
     path = write_experiment(tmp_path, tiny_base, methods=("zeroshot", "linear-probe", "ta"), replace={
         "levels = []": "levels = [2]", "patch_dropout = [0.0]": "patch_dropout = [0.0, 0.5]",
         "corrupt = [false]": "corrupt = [false, true]", "train_fractions = [1.0]": "train_fractions = [1.0, 0.5]"})
-    exp = evaluate.load_experiment(path)
+    exp = load_experiment(path)
     exp.targets = exp.targets[:1]
-    rows = evaluate.run_experiment(exp, lambda line: None)
+    rows = run_experiment(exp, lambda line: None)
     zs = [r for r in rows if r["method"] == "zeroshot"]
     assert len(zs) == 2 and {r["patch_dropout"] for r in zs} == {"0", "0.5"}  # one evaluation, two dropout levels
     assert all(r["trainable_params"] == "0" and r["sources"] == "0" for r in zs)
@@ -142,7 +146,7 @@ def test_plan_leave_one_out_levels_and_sweeps(tmp_path, tiny_base):
     path = write_experiment(tmp_path, tiny_base, methods=("axis-global", "zeroshot", "lora"), files=False, replace={
         "prune_ratios = [0.0]": "prune_ratios = [0.0, 0.9]", "budgets = [0.2]": "budgets = [0.1, 0.4]",
         "seeds = [0]": "seeds = [0, 1]", "k_fractions = [0.1]": "k_fractions = [0.1, 0.3]"})
-    runs = evaluate.plan(evaluate.load_experiment(path))
+    runs = plan(load_experiment(path))
     merges_ = [r for r in runs if r.method.name == "axis-global"]
     # 2 targets x 2 levels x 2 K x 2 prune x 2 seeds x 2 budgets
     assert len(merges_) == 2 * 2 * 2 * 2 * 2 * 2
@@ -168,7 +172,7 @@ def test_plan_leave_one_out_levels_and_sweeps(tmp_path, tiny_base):
 def test_bad_experiment_files_name_the_file_and_the_key(tmp_path, tiny_base, snippet, message):
     path = write_experiment(tmp_path, tiny_base, methods=(), extra=snippet, files=False)
     with pytest.raises(ConfigError, match=message) as info:
-        evaluate.load_experiment(path)
+        load_experiment(path)
     assert str(path) in str(info.value)
 
 
@@ -176,10 +180,10 @@ def test_a_methods_start_scale_parses_and_is_where_lambda_starts(tmp_path, tiny_
     extra = ('[[methods]]\nname = "axis"\nlabel = "axis-from-base"\nstart_scale = 0\nlr = 1e-9\n'
              '[[methods]]\nname = "axis"\nlr = 1e-9\n')  # lr 1e-9: the saved best Lambda is where it started
     path = write_experiment(tmp_path, tiny_base, methods=(), extra=extra, replace={"levels = []": "levels = [1]"})
-    exp = evaluate.load_experiment(path)
+    exp = load_experiment(path)
     assert [m.hp for m in exp.methods] == [{"start_scale": 0.0, "lr": 1e-9}, {"lr": 1e-9}]
     exp.targets = exp.targets[:1]
-    rows = evaluate.run_experiment(exp, lambda line: None)
+    rows = run_experiment(exp, lambda line: None)
     assert sorted(r["method"] for r in rows) == ["axis", "axis-from-base"]
     biggest = {}
     for folder in (tmp_path / "tiny" / "evaluation" / "runs").iterdir():
@@ -192,7 +196,7 @@ def test_a_methods_start_scale_parses_and_is_where_lambda_starts(tmp_path, tiny_
 def test_results_file_refuses_other_columns(tmp_path):
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(AxisError, match="columns"):
-        evaluate.Results(tmp_path / "results.csv")
+        Results(tmp_path / "results.csv")
 
 
 def test_seeded_patch_dropout_keeps_the_class_token_and_is_reproducible():
@@ -205,7 +209,7 @@ def test_seeded_patch_dropout_keeps_the_class_token_and_is_reproducible():
 
 
 def test_lora_starts_at_the_base_and_counts_rank_times_m_plus_n(tiny_base):
-    from axis_stream import models
+    from axis_stream.store import models
 
     cfg, base_sd = tiny_base
     names = ["visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.1.mlp.c_fc.weight"]
@@ -218,10 +222,10 @@ def test_lora_starts_at_the_base_and_counts_rank_times_m_plus_n(tiny_base):
 
 def test_a_second_evaluation_on_the_same_output_dir_is_refused(tmp_path, tiny_base):
     """Two processes appending to one results.csv would write rows twice: the second is refused at once."""
-    exp = evaluate.load_experiment(write_experiment(tmp_path, tiny_base, files=False))
+    exp = load_experiment(write_experiment(tmp_path, tiny_base, files=False))
     exp.output_dir.mkdir(parents=True)
-    (exp.output_dir / evaluate.RESULTS).write_text("kept\n")
-    with atomic.file_lock(exp.output_dir / evaluate.LOCK):  # as another evaluation would hold it
+    (exp.output_dir / RESULTS).write_text("kept\n")
+    with atomic.file_lock(exp.output_dir / LOCK):  # as another evaluation would hold it
         with pytest.raises(AxisError, match="another axis-stream evaluate is running on this output_dir"):
-            evaluate.run_experiment(exp, lambda line: None)
-    assert (exp.output_dir / evaluate.RESULTS).read_text() == "kept\n"
+            run_experiment(exp, lambda line: None)
+    assert (exp.output_dir / RESULTS).read_text() == "kept\n"

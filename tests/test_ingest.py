@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from axis_stream import errors, ingest
-from conftest import finetuned_like
+from axis_stream import errors
+from axis_stream.store import ingest
+from axis_stream.testing import finetuned_like
 
 MATRIX = "visual.transformer.resblocks.0.attn.in_proj_weight"
 

@@ -8,33 +8,37 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 
-from axis_stream import config, jobs
-from axis_stream.basis import Basis
+from axis_stream import config, render
 from axis_stream.errors import AxisError, ConfigError
+from axis_stream.service.jobs.kinds import adapt_params
+from axis_stream.service.jobs.records import (
+    FINAL_STATES,
+    NO_BASIS_ERROR,
+    RESTART_ERROR,
+    SHUTDOWN_ERROR,
+    JobRecord,
+    JobStore,
+)
+from axis_stream.service.jobs.runner import JobRunner
+from axis_stream.store.basis import Basis
+from axis_stream.testing import wait_until
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.02, error=AssertionError)
 
 
-def final(runner: jobs.JobRunner, job_id: str) -> jobs.JobRecord:
-    return wait_for(lambda: (r := runner.get(job_id)).state in jobs.FINAL_STATES and r, what=f"job {job_id} to end")
+def final(runner: JobRunner, job_id: str) -> JobRecord:
+    return wait_for(lambda: (r := runner.get(job_id)).state in FINAL_STATES and r, what=f"job {job_id} to end")
 
 
-def running_with_progress(runner: jobs.JobRunner, job_id: str) -> jobs.JobRecord:
+def running_with_progress(runner: JobRunner, job_id: str) -> JobRecord:
     return wait_for(lambda: (r := runner.get(job_id)).state == "running" and r.pid and r.progress and r,
                     what=f"job {job_id} to run")
 
@@ -61,9 +65,9 @@ def start_runner(tmp_path):
     """``start_runner(**config_kw) -> JobRunner`` started on ``tmp_path/state``; shut down after the test."""
     runners = []
 
-    def start(on_change=None, **kw) -> jobs.JobRunner:
+    def start(on_change=None, **kw) -> JobRunner:
         cfg = make_config(tmp_path / "state", **kw)
-        runner = jobs.JobRunner(cfg, cfg.paths.basis_dir, on_change=on_change, kill_grace_s=2.0)
+        runner = JobRunner(cfg, cfg.paths.basis_dir, on_change=on_change, kill_grace_s=2.0)
         runner.start()
         runners.append(runner)
         return runner
@@ -170,8 +174,8 @@ def test_shutdown_fails_running_jobs_and_keeps_queued_ones_for_the_next_start(st
     runner.shutdown()
 
     assert process_gone(pid)
-    store = jobs.JobStore(tmp_path / "state" / "jobs.sqlite")
-    assert (store.get(running).state, store.get(running).error) == ("failed", jobs.SHUTDOWN_ERROR)
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    assert (store.get(running).state, store.get(running).error) == ("failed", SHUTDOWN_ERROR)
     assert store.get(queued).state == "queued"
     store.close()
     runner = start_runner(gpu_slots=1)
@@ -181,12 +185,15 @@ def test_shutdown_fails_running_jobs_and_keeps_queued_ones_for_the_next_start(st
 RESTART_SCRIPT = """
 import sys, time
 from pathlib import Path
-from axis_stream import config, jobs
-from axis_stream.basis import Basis
+from axis_stream import config
+from axis_stream.service.jobs.kinds import adapt_params
+from axis_stream.service.jobs.records import FINAL_STATES, JobRecord, JobStore, NO_BASIS_ERROR, RESTART_ERROR, SHUTDOWN_ERROR
+from axis_stream.service.jobs.runner import JobRunner
+from axis_stream.store.basis import Basis
 if __name__ == "__main__":
     cfg = config.Config()
     cfg.paths.state_dir = Path(sys.argv[1])
-    runner = jobs.JobRunner(cfg, cfg.paths.basis_dir)
+    runner = JobRunner(cfg, cfg.paths.basis_dir)
     runner.start()
     first = runner.submit("selftest", {"mode": "hang"})
     second = runner.submit("selftest", {"steps": 2})
@@ -209,7 +216,7 @@ def test_restart_fails_the_job_a_dead_daemon_left_running_and_dispatches_queued_
 
     runner = start_runner()
     record = runner.get(first)
-    assert (record.state, record.error) == ("failed", jobs.RESTART_ERROR)
+    assert (record.state, record.error) == ("failed", RESTART_ERROR)
     assert record.finished_at is not None and record.pid is None
     assert final(runner, second).state == "succeeded"
 
@@ -217,7 +224,7 @@ def test_restart_fails_the_job_a_dead_daemon_left_running_and_dispatches_queued_
 def test_adapt_without_a_basis_fails_clearly_without_starting_a_process(start_runner):
     runner = start_runner()
     record = final(runner, runner.submit("adapt", {"target": "flowers102"}))
-    assert (record.state, record.error, record.pid) == ("failed", jobs.NO_BASIS_ERROR, None)
+    assert (record.state, record.error, record.pid) == ("failed", NO_BASIS_ERROR, None)
     assert not Path(record.log_path).exists()
 
 
@@ -228,7 +235,7 @@ def test_the_basis_version_current_at_start_is_pinned_and_handed_to_the_job(star
     basis = Basis.create(runner.basis_dir, base, config.BasisConfig(svd="exact"),
                          {"name": base_cfg.model, "pretrained": base_cfg.pretrained})
     record = final(runner, runner.submit("adapt", {"target": "flowers102"}))
-    assert record.error == jobs.NO_BASIS_ERROR                   # version 0 holds no sources yet
+    assert record.error == NO_BASIS_ERROR                   # version 0 holds no sources yet
     basis.fold_checkpoint(make_checkpoint(1))
     record = final(runner, runner.submit("selftest", {"steps": 1}))
     assert record.basis_version == 1 and record.result["basis_version"] == 1
@@ -281,42 +288,42 @@ def test_cron_trigger_is_armed_and_fires_an_adaptation(start_runner):
 def test_an_invalid_crontab_is_a_config_error(tmp_path):
     cfg = make_config(tmp_path, triggers=[config.TriggerConfig(target="cars", cron="61 * * * *")])
     with pytest.raises(ConfigError, match=r"scheduler.triggers\[0\].cron: '61 \* \* \* \*'"):
-        jobs.JobRunner(cfg, cfg.paths.basis_dir)
+        JobRunner(cfg, cfg.paths.basis_dir)
 
 
 def test_adapt_params_are_checked_by_stage_2s_rules_when_submitted(tmp_path):
     cfg = make_config(tmp_path)
     args = {"target": "imagefolder:/data/x", "epochs": 3, "lr": None}
-    assert jobs.adapt_params(args, cfg) == {"target": "imagefolder:/data/x", "epochs": 3}
+    assert adapt_params(args, cfg) == {"target": "imagefolder:/data/x", "epochs": 3}
     for args, message in [({}, "adapt needs a target"),
                           ({"target": "x", "epoch": 3}, "unknown adapt parameter.* epoch;"),
                           ({"target": "x", "epochs": "ten"}, "adapt parameter epochs: expected int"),
                           ({"target": "x", "n_fraction": 1.5}, r"n_fraction must be a number in \(0, 1\]"),
                           ({"target": "x", "epochs": 0}, "adapt.epochs: must be >= 1, got 0")]:
         with pytest.raises(AxisError, match=message):
-            jobs.adapt_params(args, cfg)
+            adapt_params(args, cfg)
 
 
 def test_job_store_refuses_a_newer_schema_and_a_non_database(tmp_path):
     path = tmp_path / "jobs.sqlite"
-    jobs.JobStore(path).close()
+    JobStore(path).close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version=99")
     db.close()
     with pytest.raises(AxisError, match="schema version 99 is newer"):
-        jobs.JobStore(path)
+        JobStore(path)
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a database at all" * 100)
     with pytest.raises(AxisError, match="garbage.sqlite: not a usable jobs database"):
-        jobs.JobStore(garbage)
+        JobStore(garbage)
 
 
 def test_progress_line_and_table_render_records():
-    line = jobs.progress_line({"epoch": 2, "step": 40, "of": 100, "loss": 0.31234})
+    line = render.progress_line({"epoch": 2, "step": 40, "of": 100, "loss": 0.31234})
     assert line == "epoch 2  step 40/100  loss 0.3123"
     record = {"id": "j1", "state": "succeeded", "kind": "adapt", "target": "cars", "basis_version": 3,
               "created_at": 0.0, "started_at": 10.0, "finished_at": 3735.0, "error": None, "progress": None,
               "result": {"val_accuracy": 0.5, "test_accuracy": 0.25}}
-    header, row = jobs.table([record])
+    header, row = render.table([record])
     assert row.split()[:5] == ["j1", "succeeded", "adapt", "cars", "v3"]
     assert "1:02:05" in row and row.endswith("val_accuracy 0.5000  test_accuracy 0.2500")

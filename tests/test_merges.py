@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from axis_stream import stage1
-from axis_stream.baselines import merges
+from axis_stream.core import merges, stage1
 
 SHAPES = [(12, 12), (20, 8), (8, 30)]
 

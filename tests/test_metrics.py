@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from axis_stream.metrics import Metrics, MetricsServer, parse_address
+from axis_stream.service.metrics import Metrics, MetricsServer, parse_address
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from axis_stream import notify
+from axis_stream.service import notify
 
 
 @pytest.fixture(params=["plain", "abstract"])

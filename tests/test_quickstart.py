@@ -10,8 +10,8 @@ import re
 import numpy as np
 from click.testing import CliRunner
 
-from axis_stream import quickstart
 from axis_stream.cli import main
+from axis_stream.service import quickstart
 
 
 def test_tasks_are_deterministic_and_classes_differ():

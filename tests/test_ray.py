@@ -14,23 +14,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from axis_stream import config, evaluate, executors, jobs
-from axis_stream.errors import ConfigError
 from test_adapt_data import write_colour_folders
 from test_evaluate import read_rows, write_experiment
 from test_jobs import least_squares, process_gone, wait_for
+
+from axis_stream import config
+from axis_stream.cluster import connect
+from axis_stream.errors import ConfigError
+from axis_stream.experiments.evaluate.experiment import load_experiment
+from axis_stream.experiments.evaluate.results import _key
+from axis_stream.experiments.evaluate.runner import run_experiment
+from axis_stream.service.jobs import ray as ray_executor
+from axis_stream.service.jobs.records import FINAL_STATES, JobRecord
+from axis_stream.service.jobs.runner import JobRunner
 
 TIMING = ("seconds", "step_seconds")      # wall-clock columns: the only ones allowed to differ between runs
 PATIENCE_S = 180.0                        # Ray workers start slowly on a busy 2-core machine
 
 
-def final(runner: jobs.JobRunner, job_id: str) -> jobs.JobRecord:
-    return wait_for(lambda: (r := runner.get(job_id)).state in jobs.FINAL_STATES and r, PATIENCE_S,
+def final(runner: JobRunner, job_id: str) -> JobRecord:
+    return wait_for(lambda: (r := runner.get(job_id)).state in FINAL_STATES and r, PATIENCE_S,
                     what=f"job {job_id} to end")
 
 
-def closed_log(record: jobs.JobRecord) -> str:
+def closed_log(record: JobRecord) -> str:
     """The job's log once the runner has closed it with the outcome line (just after recording it)."""
     path = Path(record.log_path)
     return wait_for(lambda: f"axis-stream: job {record.id} " in (text := path.read_text()) and text, PATIENCE_S,
@@ -71,8 +78,8 @@ def ray_runner(ray_local, tmp_path):
     def start(cfg: config.Config | None = None, **ray_settings):
         finals: list[tuple[str, str]] = []
         cfg = cfg or ray_config(tmp_path / "state", **ray_settings)
-        runner = jobs.JobRunner(cfg, cfg.paths.basis_dir, kill_grace_s=2.0,
-                                on_change=lambda r: r.state in jobs.FINAL_STATES and finals.append((r.id, r.state)))
+        runner = JobRunner(cfg, cfg.paths.basis_dir, kill_grace_s=2.0,
+                                on_change=lambda r: r.state in FINAL_STATES and finals.append((r.id, r.state)))
         runner.start()
         runners.append(runner)
         return runner, finals
@@ -86,9 +93,9 @@ def test_the_ray_executor_without_ray_installed_fails_at_start_up_saying_what_to
     monkeypatch.setitem(sys.modules, "ray", None)         # import ray -> ImportError
     cfg = ray_config(tmp_path / "state")
     with pytest.raises(ConfigError, match=r"scheduler.executor = \"ray\" needs Ray.*pip install 'axis-stream\[ray\]'"):
-        jobs.JobRunner(cfg, cfg.paths.basis_dir)
+        JobRunner(cfg, cfg.paths.basis_dir)
     with pytest.raises(ConfigError, match=r"executor = \"ray\" needs Ray.*pip install"):
-        executors.connect(config.RayConfig(), "executor")
+        connect(config.RayConfig(), "executor")
 
 
 def test_executor_settings_are_validated(tmp_path):
@@ -108,10 +115,10 @@ def test_executor_settings_are_validated(tmp_path):
 def test_experiment_executor_settings_are_validated_and_name_the_file(tmp_path, tiny_base):
     path = write_experiment(tmp_path, tiny_base, files=False, replace={"seeds = [0]": 'seeds = [0]\nexecutor = "slurm"'})
     with pytest.raises(ConfigError, match=r"experiment.toml: executor: 'slurm' is not one of local, ray"):
-        evaluate.load_experiment(path)
+        load_experiment(path)
     path.write_text(path.read_text().replace('"slurm"', '"ray"') + "\n[ray]\nmax_retries = -1\n")
     with pytest.raises(ConfigError, match=r"experiment.toml: ray.max_retries: must be >= 0"):
-        evaluate.load_experiment(path)
+        load_experiment(path)
 
 
 @pytest.mark.parametrize("ship_basis", [False, True])
@@ -173,7 +180,7 @@ def test_cancel_stops_the_ray_task_and_its_worker(ray_runner):
 
 def test_a_shipped_basis_version_reaches_the_worker_and_an_adapt_job_returns_its_files(
         ray_runner, tiny_base, make_checkpoint, tmp_path):
-    from axis_stream.basis import Basis
+    from axis_stream.store.basis import Basis
 
     base_cfg, base_sd = tiny_base
     cfg = ray_config(tmp_path / "state", ship_basis=True)
@@ -184,9 +191,9 @@ def test_a_shipped_basis_version_reaches_the_worker_and_an_adapt_job_returns_its
     basis.fold_checkpoint(make_checkpoint(6))
 
     # the unpacked copy holds the pinned version exactly
-    files = executors.basis_files(cfg.paths.basis_dir, basis.version)
-    copy = executors.unpack_basis(files, basis.version, root=tmp_path / "node")
-    assert executors.unpack_basis(files, basis.version, root=tmp_path / "node") == copy   # once per node
+    files = ray_executor.basis_files(cfg.paths.basis_dir, basis.version)
+    copy = ray_executor.unpack_basis(files, basis.version, root=tmp_path / "node")
+    assert ray_executor.unpack_basis(files, basis.version, root=tmp_path / "node") == copy   # once per node
     original, shipped = basis.load(), Basis.open(copy, base_sd).load(basis.version)
     for name, f in original.factors.items():
         for a, b in zip((f.U, f.s, f.V), (shipped.factors[name].U, shipped.factors[name].s, shipped.factors[name].V)):
@@ -214,17 +221,17 @@ def test_an_evaluation_through_ray_gives_the_local_executors_rows(ray_local, tmp
                                 replace={"seeds = [0]": f'seeds = [0, 1]\nexecutor = "{executor}"',
                                          "levels = []": "levels = [1]"},
                                 extra="\n[ray]\nnum_gpus = 0\nmax_retries = 1\n")
-        exp = evaluate.load_experiment(path)
+        exp = load_experiment(path)
         assert exp.executor == executor and exp.ray.num_gpus == 0
         lines = []
         threads = torch.get_num_threads()
         torch.set_num_threads(1)              # as in a Ray worker with one CPU: the same float reductions
         try:
-            evaluate.run_experiment(exp, lines.append)
+            run_experiment(exp, lines.append)
         finally:
             torch.set_num_threads(threads)
         rows[executor] = sorted(({k: v for k, v in r.items() if k not in TIMING}
-                                 for r in read_rows(exp.output_dir / "results.csv")), key=evaluate._key)
+                                 for r in read_rows(exp.output_dir / "results.csv")), key=_key)
         assert sum(line.startswith("[") for line in lines) == 4
     assert len(rows["local"]) == 4 and {(r["target"], r["seed"]) for r in rows["local"]} == {
         (t, s) for t in ("cars", "dtd") for s in ("0", "1")}

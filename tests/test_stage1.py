@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from axis_stream import stage1
-from axis_stream.stage1 import Factors
+from axis_stream.core import stage1
+from axis_stream.core.stage1 import Factors
 
 SHAPES = [(12, 12), (20, 8), (8, 20), (30, 17)]
 

@@ -15,8 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from axis_stream.cli import main
-from axis_stream.suites import SuiteDataError, Task, load_task, save_task, split_indices
-from axis_stream.suites import text as text_suite
+from axis_stream.experiments.suites import SuiteDataError, Task, load_task, save_task, split_indices
+from axis_stream.experiments.suites import text as text_suite
 
 
 def _need_pypi_data() -> None:
@@ -69,7 +69,7 @@ def test_wordnet_parsing_and_missing_package(tmp_path):
 
 
 def test_data_prepare_names_the_missing_debian_package(tmp_path, monkeypatch):
-    from axis_stream.suites import vision
+    from axis_stream.experiments.suites import vision
 
     monkeypatch.setattr(vision, "FASHION_DIR", tmp_path / "none")
     result = CliRunner().invoke(main, ["data", "prepare", "vision", "--out", str(tmp_path / "out")])
@@ -136,13 +136,14 @@ def test_ci_sized_transfer_beats_the_unadapted_base(tmp_path):
     # start_scale on the suite harness: only Lambda's start changes; the study trains from it
     import dataclasses
 
-    from axis_stream import evaluate
-    from axis_stream.suites.harness import SuiteHarness
-    from axis_stream.suites.report import start_scale_study
+    from axis_stream.experiments.evaluate.experiment import load_experiment
+    from axis_stream.experiments.evaluate.plan import plan
+    from axis_stream.experiments.suites.harness import SuiteHarness
+    from axis_stream.experiments.suites.report import start_scale_study
 
-    exp = evaluate.load_experiment(tmp_path / "exp.toml")
+    exp = load_experiment(tmp_path / "exp.toml")
     harness = SuiteHarness(exp, lambda line: None)
-    run = next(r for r in evaluate.plan(exp) if r.method.name == "axis" and r.target.name == "digits")
+    run = next(r for r in plan(exp) if r.method.name == "axis" and r.target.name == "digits")
     assert run.settings(exp.adapt).start_scale == 1.0
     merged = harness.build(run, run.settings(exp.adapt), harness._base())
     from_base = harness.build(run, dataclasses.replace(run.settings(exp.adapt), start_scale=0.0), harness._base())

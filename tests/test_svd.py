@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from axis_stream import stage1, svd
+from axis_stream.core import stage1, svd
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

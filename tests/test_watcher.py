@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
-from axis_stream.watcher import Watcher, is_candidate
+from axis_stream.service.watcher import Watcher, is_candidate
 
 
 class Clock:

@@ -14,17 +14,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from axis_stream import models
 from axis_stream.adapt.model import AdaptError, SVDAdapted
 from axis_stream.adapt.recipe import LAMBDA_FILE, REPORT_FILE, Snapshot
-from axis_stream.atomic import atomic_write
 from axis_stream.config import Config
+from axis_stream.store import models
+from axis_stream.store.atomic import atomic_write
+from axis_stream.store.basis import Basis
 
 
 def export_job(job_dir: Path, out: Path, cfg: Config) -> Path:
     """Rebuild job ``job_dir``'s model from the base, its basis version and its Lambda; write it to ``out``."""
-    from axis_stream.basis import Basis
-
     report, lambdas = read_job(job_dir)
     if report["base"]["model"] != cfg.base.model:
         raise AdaptError(f"{job_dir}: the job adapted {report['base']['model']}, the config's base is {cfg.base.model}")

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from axis_stream.core.stage1 import Factors, k_for
+from axis_stream.core.svd import work_dtype
 from axis_stream.errors import AxisError
-from axis_stream.stage1 import Factors, k_for
-from axis_stream.svd import work_dtype
 
 
 class AdaptError(AxisError):

@@ -14,7 +14,6 @@ import json
 import math
 import resource
 import statistics
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,21 +26,17 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from axis_stream import models
 from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
+from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE, STATE_FILE
 from axis_stream.adapt.head import logits, zero_shot_head
 from axis_stream.adapt.model import AdaptError, SVDAdapted, check_fraction, check_start_scale
-from axis_stream.atomic import atomic_write, atomic_write_json
 from axis_stream.config import AdaptConfig, BaseConfig, Config
-from axis_stream.jobs import JobContext
-from axis_stream.stage1 import Factors
+from axis_stream.core.stage1 import Factors
+from axis_stream.store import models
+from axis_stream.store.atomic import atomic_write, atomic_write_json
 
 Progress = Callable[[dict[str, Any]], None]
 
-LAMBDA_FILE = "lambda.safetensors"
-HEAD_FILE = "head.safetensors"
-REPORT_FILE = "report.json"
-STATE_FILE = "state.pt"
 
 
 class Snapshot(Protocol):
@@ -322,51 +317,3 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
         raise AdaptError(f"{path}: saved by a Stage 2 run with other settings, basis or data; "
                          f"use another job folder or remove it to start over")
     return state
-
-
-# --- entry points: the scheduler's job function and the foreground run ---
-
-def run_adapt(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """The ``adapt`` job: Stage 2 against basis version ``ctx.basis_version``; files go to ``ctx.out_dir``."""
-    from axis_stream.basis import Basis
-
-    job = job_settings(params, ctx.config)
-    base = models.create_base(ctx.config.base)
-    snapshot = Basis.open(ctx.basis_dir, base.state_dict()).load(ctx.basis_version)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    return adapt(base, ctx.config.base, snapshot, job, ctx.out_dir, ctx.progress)
-
-
-def run_local(params: dict[str, Any], cfg: Config, progress: Progress) -> dict[str, Any]:
-    """``axis-stream adapt --local``: run the job in this process against the current basis version."""
-    from axis_stream.basis import Basis
-
-    job_settings(params, cfg)  # fail on bad parameters before anything is created
-    version = Basis.open(cfg.paths.basis_dir).version
-    cfg.paths.jobs_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"local-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.paths.jobs_dir))
-    job_id = out_dir.name  # unique even for two runs started in the same second
-    ctx = JobContext(job_id, cfg, cfg.paths.basis_dir, version, out_dir, progress)
-    return {"job_id": job_id, "out_dir": str(out_dir), **run_adapt(params, ctx)}
-
-
-def summary_lines(result: Mapping[str, Any]) -> list[str]:
-    """A finished job's report as the lines ``adapt --local`` prints."""
-    mib = result["peak_memory_bytes"] / 2**20
-    step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
-    scale = result.get("hyperparameters", {}).get("start_scale", 1.0)
-    start = "merged model" if scale == 1 else f"start Lambda = {scale:g} s"
-    lines = [
-        f"adapted basis version {result['basis_version']} to {result['target_name']} ({result['num_classes']} classes, "
-        f"{result['sizes']['train']} train images) with {result['trainable_params']:,} trainable values "
-        f"(N = {result['n_fraction']:g})",
-        f"validation accuracy {result['val_accuracy']:.2%} ({start} before training "
-        f"{result['initial_val_accuracy']:.2%}, best epoch {result['best_epoch']})",
-        f"test accuracy {result['test_accuracy']:.2%} (before training {result['initial_test_accuracy']:.2%})",
-        f"{step}, peak memory {mib:,.0f} MiB ({result['peak_memory_kind']}) on {result['device']}, "
-        f"{result['seconds']:.0f} s in all",
-    ]
-    if "out_dir" in result:
-        lines.append(f"saved {LAMBDA_FILE}, {HEAD_FILE} and {REPORT_FILE} in {result['out_dir']}")
-        lines.append(f"full weights: axis-stream export --job {result['job_id']} --out model.safetensors")
-    return lines

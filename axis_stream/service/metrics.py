@@ -1,0 +1,180 @@
+"""Prometheus metrics of the daemon and the small HTTP server for /metrics, /healthz and /readyz.
+
+All metrics live in a private ``CollectorRegistry`` owned by ``Metrics`` (never the global one, so
+tests and an in-process quickstart can build several). Names follow Prometheus conventions: base
+units, ``_total`` on counters (added by prometheus_client on export), ``_seconds``, ``_bytes``,
+``_ratio``. Job processes report back to the daemon, which is the only process that exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from axis_stream import __version__
+
+log = logging.getLogger(__name__)
+
+FOLD_RESULTS = ("folded", "rejected", "error")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class Metrics:
+    """Every metric the daemon exports, in one private registry, with small methods to update them."""
+
+    def __init__(self, reject_reasons: Iterable[str] = ()):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.folds = Counter("axis_stream_folds", "Checkpoints taken off the fold queue, by result "
+                             "(folded, rejected into quarantine, error: an internal failure).",
+                             ["result"], registry=r)
+        self.rejects = Counter("axis_stream_rejects", "Checkpoints moved to quarantine, by reason.",
+                               ["reason"], registry=r)
+        self.fold_duration = Histogram(
+            "axis_stream_fold_duration_seconds", "Time to fold one checkpoint until its basis version is durable.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        self.basis_version = Gauge("axis_stream_basis_version", "Current basis version.", registry=r)
+        self.sources_folded = Gauge("axis_stream_sources_folded",
+                                    "Sources folded into the current basis version.", registry=r)
+        self.basis_size = Gauge("axis_stream_basis_size_bytes",
+                                "On-disk size of the current basis version.", registry=r)
+        self.energy_kept = Gauge("axis_stream_last_fold_energy_kept_ratio",
+                                 "Mean fraction of the last folded source's energy kept in the basis.", registry=r)
+        self.last_fold_success = Gauge("axis_stream_last_fold_success_timestamp_seconds",
+                                       "Unix time of the last successful fold.", registry=r)
+        self.queue_depth = Gauge("axis_stream_watch_queue_depth",
+                                 "Checkpoints that have arrived and wait to be folded.", registry=r)
+        self.jobs = Gauge("axis_stream_jobs", "Adaptation jobs known to the scheduler, by state.",
+                          ["state"], registry=r)
+        self.job_duration = Histogram(
+            "axis_stream_job_duration_seconds", "Run time of finished adaptation jobs.",
+            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800), registry=r)
+        self.last_accuracy = Gauge("axis_stream_last_accuracy_ratio",
+                                   "Test accuracy of the last successful adaptation, by target.",
+                                   ["target"], registry=r)
+        self.build = Info("axis_stream_build", "Versions of axis-stream and its runtime.", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version(),
+                         "torch": _version_of("torch"), "open_clip": _version_of("open_clip_torch")})
+        for result in FOLD_RESULTS:
+            self.folds.labels(result)
+        for reason in reject_reasons:
+            self.rejects.labels(reason)
+        for state in JOB_STATES:
+            self.jobs.labels(state)
+
+    def fold_succeeded(self, seconds: float, energy_kept: float, when: float) -> None:
+        """A checkpoint was folded and its basis version is durable."""
+        self.folds.labels("folded").inc()
+        self.fold_duration.observe(seconds)
+        self.energy_kept.set(energy_kept)
+        self.last_fold_success.set(when)
+
+    def fold_rejected(self, reason: str, internal: bool = False) -> None:
+        """A checkpoint went to quarantine; ``internal`` when the cause was a bug, not the file."""
+        self.folds.labels("error" if internal else "rejected").inc()
+        self.rejects.labels(reason).inc()
+
+    def fold_failed(self) -> None:
+        """A fold failed for a reason outside the file (disk, permissions); the file stays for a retry."""
+        self.folds.labels("error").inc()
+
+    def basis_state(self, version: int, sources: int, size_bytes: int) -> None:
+        """The current basis version, how many sources it holds, and its size on disk."""
+        self.basis_version.set(version)
+        self.sources_folded.set(sources)
+        self.basis_size.set(size_bytes)
+
+    def job_states(self, counts: dict[str, int]) -> None:
+        """How many jobs are in each state now."""
+        for state in set(JOB_STATES) | set(counts):
+            self.jobs.labels(state).set(counts.get(state, 0))
+
+    def job_finished(self, seconds: float | None, target: str | None, accuracy: float | None) -> None:
+        """A job ended; a successful one may carry the test accuracy of its target."""
+        if seconds is not None:
+            self.job_duration.observe(seconds)
+        if target and accuracy is not None:
+            self.last_accuracy.labels(target).set(accuracy)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+def _version_of(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) into a bindable pair; config.py has validated the form."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """/metrics, /healthz (the process answers: 200) and /readyz (200 once ``ready()``, else 503).
+
+    A ``ThreadingHTTPServer`` bound to exactly the configured host; prometheus_client's own
+    ``start_http_server`` cannot serve extra routes.
+    """
+
+    def __init__(self, address: str, metrics: Metrics, ready: Callable[[], bool]):
+        host, port = parse_address(address)
+        handler = _handler(metrics, ready)
+        server_cls = type("_Server", (ThreadingHTTPServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
+            "daemon_threads": True,
+        })
+        self._server = server_cls((host, port), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port), useful when port 0 asked the kernel for a free one."""
+        return self._server.server_address[:2]
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(metrics: Metrics, ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                ok = ready()
+                self._reply(200 if ok else 503, b"ready\n" if ok else b"starting\n")
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args) -> None:
+            log.debug("metrics http: " + fmt, *args)
+
+    return Handler

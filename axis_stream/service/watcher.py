@@ -1,0 +1,224 @@
+"""Arrival detection in the watched folder: when is a checkpoint file complete?
+
+A file counts as arrived on the first of three triggers (watchdog on Linux gives no single one that
+covers every writer):
+- close-after-write (``FileClosedEvent``, inotify only): ``cp``, ``torch.save``, ``save_file``;
+- a rename into the folder (``FileMovedEvent`` with its destination here): ``cp x.partial && mv``,
+  ``rsync`` (which writes a dot-file and renames it);
+- otherwise, created or modified and then unchanged (size and mtime) for ``stable_interval_s``,
+  checked by a timer thread: files moved in from another filesystem, the polling observer,
+  network filesystems, and files found by a rescan.
+Only regular files directly in the folder whose name ends in an accepted suffix count; dot-files,
+``*.partial``, ``*.tmp`` and subfolders are ignored (suffix checks by hand: watchdog 7 matches
+patterns with ``full_match``). The observer starts before the first listing, and the folder is
+rescanned periodically, because inotify drops events when its queue overflows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def is_candidate(path: str | Path, folder: Path) -> bool:
+    """True for a checkpoint name directly inside ``folder``: accepted suffix, not a dot-file."""
+    path = Path(path)
+    return (path.parent == folder and not path.name.startswith(".")
+            and path.name.lower().endswith(ACCEPTED_SUFFIXES))
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    since: float        # clock time at which this (size, mtime) was first observed
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+class Watcher:
+    """Calls ``on_arrival(path)`` once a checkpoint in ``folder`` is complete, roughly in arrival order.
+
+    ``is_pending(path)`` tells it which files the caller already holds (queued or being folded), so
+    rescans do not report them again. ``clock`` is injectable so tests can drive the stability timer.
+    """
+
+    def __init__(self, folder: Path, on_arrival: Callable[[Path], None], *,
+                 observer: str = "auto", poll_interval_s: float = 1.0, stable_interval_s: float = 2.0,
+                 rescan_interval_s: float = 60.0, is_pending: Callable[[Path], bool] = lambda p: False,
+                 clock: Callable[[], float] = time.monotonic):
+        self.folder = Path(folder).resolve()
+        self.on_arrival = on_arrival
+        self.observer_kind = observer
+        self.poll_interval_s = poll_interval_s
+        self.stable_interval_s = stable_interval_s
+        self.rescan_interval_s = rescan_interval_s
+        self.is_pending = is_pending
+        self.clock = clock
+        self._seen: dict[Path, _Seen] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._timer: threading.Thread | None = None
+        self._last_scan = float("-inf")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the observer, then list the folder (so nothing falls between), then the stability timer."""
+        self._observer = self._make_observer()
+        self.scan()
+        self._timer = threading.Thread(target=self._run_timer, name="watch-timer", daemon=True)
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Stop watching; files not yet reported stay in the folder and are found again at restart."""
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+
+    @property
+    def observer_name(self) -> str:
+        return "polling" if isinstance(self._observer, PollingObserver) else "inotify"
+
+    def _make_observer(self) -> BaseObserver:
+        handler = _Handler(self.on_event)
+        if self.observer_kind != "polling":
+            try:
+                from watchdog.observers.inotify import InotifyObserver
+
+                observer = InotifyObserver(generate_full_events=True)
+                observer.schedule(handler, str(self.folder), recursive=False)
+                observer.start()
+                return observer
+            except (ImportError, OSError) as exc:
+                if self.observer_kind == "inotify":
+                    raise
+                log.warning("inotify unavailable (%s); watching %s by polling every %.1f s",
+                            exc, self.folder, self.poll_interval_s)
+        observer = PollingObserver(timeout=self.poll_interval_s)
+        observer.schedule(handler, str(self.folder), recursive=False)
+        observer.start()
+        return observer
+
+    # -- triggers --------------------------------------------------------------------------------
+
+    def on_event(self, event: FileSystemEvent) -> None:
+        """Route one watchdog event: closed and moved-in arrive now; created/modified wait until stable."""
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+            dest = os.fsdecode(event.dest_path)
+            if dest and is_candidate(dest, self.folder):
+                self._arrive([Path(dest)])
+        elif isinstance(event, FileClosedEvent):
+            path = Path(os.fsdecode(event.src_path))
+            if is_candidate(path, self.folder):
+                self._arrive([path])
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            self.observe(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileDeletedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+
+    def observe(self, path: Path) -> None:
+        """Start (or restart) the stability clock of ``path`` if it is a candidate we do not hold yet."""
+        if not is_candidate(path, self.folder) or self.is_pending(path):
+            return
+        st = _stat(path)
+        if st is None:
+            return
+        with self._lock:
+            seen = self._seen.get(path)
+            if seen is None or (seen.size, seen.mtime_ns) != st:
+                self._seen[path] = _Seen(*st, since=self.clock())
+
+    def scan(self) -> None:
+        """List the folder and put every candidate not yet held on the stability clock."""
+        self._last_scan = self.clock()
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError as exc:
+            log.error("cannot list %s: %s", self.folder, exc)
+            return
+        for entry in entries:
+            self.observe(Path(entry.path))
+
+    def tick(self) -> None:
+        """Report files whose size and mtime have not changed for the stable interval; rescan when due."""
+        now = self.clock()
+        if now - self._last_scan >= self.rescan_interval_s:
+            self.scan()
+        ready: list[tuple[int, str, Path]] = []
+        with self._lock:
+            for path, seen in list(self._seen.items()):
+                st = _stat(path)
+                if st is None:
+                    del self._seen[path]
+                elif st != (seen.size, seen.mtime_ns):
+                    self._seen[path] = _Seen(*st, since=now)
+                elif now - seen.since >= self.stable_interval_s:
+                    ready.append((seen.mtime_ns, path.name, path))
+        self._arrive([p for _, _, p in sorted(ready)])
+
+    def _arrive(self, paths: list[Path]) -> None:
+        with self._lock:
+            for path in paths:
+                self._seen.pop(path, None)
+        for path in paths:
+            if not self.is_pending(path):
+                self.on_arrival(path)
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._seen.pop(path, None)
+
+    def _run_timer(self) -> None:
+        period = max(0.02, min(self.stable_interval_s / 4, self.poll_interval_s, 1.0))
+        while not self._stop.wait(period):
+            try:
+                self.tick()
+            except Exception:  # the timer must outlive any one bad file
+                log.exception("watch timer")
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, route: Callable[[FileSystemEvent], None]):
+        self._route = route
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._route(event)
+        except Exception:
+            log.exception("watch event %r", event)
