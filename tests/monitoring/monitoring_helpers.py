@@ -144,6 +144,7 @@ class Prometheus:
         return next(iter(result.values())) if len(result) == 1 else None
 
     def log_tail(self) -> str:
+        """The end of the server's log."""
         return self.log.read_text()[-4000:] if self.log.exists() else ""
 
     def stop(self) -> None:

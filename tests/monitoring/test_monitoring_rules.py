@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +24,7 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not in
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run promtool with ``args``; its completed process (output captured)."""
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
@@ -163,7 +165,7 @@ SAMPLE = MONITORING / "tests" / "sample_range.json"
 def test_render_dashboard_draws_a_saved_run(tmp_path):
     """The script on range-query results saved from a real run (daemon, folds, rejects, a failed job)."""
     out = tmp_path / "dash.png"
-    r = subprocess.run(["python", str(MONITORING / "render_dashboard.py"), "--load", str(SAMPLE), "-o", str(out)],
+    r = subprocess.run([sys.executable, str(MONITORING / "render_dashboard.py"), "--load", str(SAMPLE), "-o", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
