@@ -268,7 +268,7 @@ class Daemon:
     def __init__(self, config: Config, env: Mapping[str, str] | None = None):
         self.config = config
         self.env = os.environ if env is None else env
-        self.metrics = Metrics(REJECT_REASONS)
+        self.metrics = Metrics(REJECT_REASONS, state_dir=config.paths.state_dir)
         self.queue = FoldQueue()
         self.watchdog = notify.Watchdog(self.env)
         self.started_at = time.time()

@@ -9,10 +9,13 @@ units, ``_total`` on counters (added by prometheus_client on export), ``_seconds
 from __future__ import annotations
 
 import logging
+import math
 import platform
+import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -28,7 +31,7 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 class Metrics:
     """Every metric the daemon exports, in one private registry, with small methods to update them."""
 
-    def __init__(self, reject_reasons: Iterable[str] = ()):
+    def __init__(self, reject_reasons: Iterable[str] = (), state_dir: Path | None = None):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.folds = Counter("axis_stream_folds", "Checkpoints taken off the fold queue, by result "
                              "(folded, rejected into quarantine, error: an internal failure).",
@@ -57,6 +60,12 @@ class Metrics:
         self.last_accuracy = Gauge("axis_stream_last_accuracy_ratio",
                                    "Test accuracy of the last successful adaptation, by target.",
                                    ["target"], registry=r)
+        self.ready = Gauge("axis_stream_ready", "1 once the start-up scan is done (as /readyz), else 0.", registry=r)
+        if state_dir is not None:       # read at scrape time; not exported without a state dir
+            Gauge("axis_stream_state_dir_free_bytes", "Bytes available to unprivileged users on the "
+                  "filesystem of the state dir.", registry=r).set_function(lambda: _disk_usage(state_dir)[1])
+            Gauge("axis_stream_state_dir_size_bytes", "Size of the filesystem holding the state dir.",
+                  registry=r).set_function(lambda: _disk_usage(state_dir)[0])
         self.build = Info("axis_stream_build", "Versions of axis-stream and its runtime.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version(),
                          "torch": _version_of("torch"), "open_clip": _version_of("open_clip_torch")})
@@ -106,6 +115,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _disk_usage(path: Path) -> tuple[float, float]:
+    """(total, free) bytes of the filesystem holding ``path``; NaNs when it cannot be read (never fails a scrape)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return math.nan, math.nan
+    return float(usage.total), float(usage.free)
+
+
 def _version_of(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -130,6 +148,7 @@ class MetricsServer:
 
     def __init__(self, address: str, metrics: Metrics, ready: Callable[[], bool]):
         host, port = parse_address(address)
+        metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
         handler = _handler(metrics, ready)
         server_cls = type("_Server", (ThreadingHTTPServer,), {
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
