@@ -9,13 +9,23 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import finetuned_like
+from monitoring_helpers import (
+    ALERTS,
+    PROMETHEUS,
+    RULES,
+    Prometheus,
+    dashboard_exprs,
+    exported_names,
+    metric_names,
+    render_module,
+    rules_of,
+    wait_for,
+)
 from safetensors.torch import save_file
+from test_daemon import drop, free_port, http, read_log, start, stop, write_config
 
 from axis_stream import config
-from conftest import finetuned_like
-from monitoring_helpers import (ALERTS, PROMETHEUS, RULES, Prometheus, dashboard_exprs, exported_names,
-                                metric_names, render_module, rules_of, wait_for)
-from test_daemon import drop, free_port, http, read_log, start, stop, write_config
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not installed "
                                 "(apt-get install prometheus)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from axis_stream.metrics import Metrics, MetricsServer
+from axis_stream.service.metrics import Metrics, MetricsServer
 
 
 def samples(m: Metrics) -> dict[str, float]:

@@ -14,11 +14,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from monitoring_helpers import (
+    ALERTS,
+    DASHBOARD,
+    JOB,
+    MONITORING,
+    PROMTOOL,
+    RULES,
+    SCRAPE_CONFIG,
+    UNIT_TESTS,
+    dashboard_exprs,
+    exported_names,
+    metric_names,
+    render_module,
+    rules_of,
+)
 
-from axis_stream.daemon import REJECT_REASONS
-from axis_stream.metrics import Metrics
-from monitoring_helpers import (ALERTS, DASHBOARD, JOB, MONITORING, PROMTOOL, RULES, SCRAPE_CONFIG, UNIT_TESTS,
-                                dashboard_exprs, exported_names, metric_names, render_module, rules_of)
+from axis_stream.service.daemon import REJECT_REASONS
+from axis_stream.service.metrics import Metrics
 
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
 
