@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from axis_stream.core import merges, stage1
+from axis_stream.core import elementwise, merges, stage1
 
 SHAPES = [(12, 12), (20, 8), (8, 30)]
 
@@ -43,25 +43,25 @@ def ref_ties(deltas, density, lam):
 def test_task_arithmetic_and_average(shape):
     deltas = [rand(shape, s) for s in range(4)]
     dense = deltas[0] + deltas[1] + deltas[2] + deltas[3]
-    assert rel(merges.task_arithmetic(deltas, lam=0.3), 0.3 * dense) < 1e-12
-    assert rel(merges.average(deltas), dense / 4) < 1e-12
+    assert rel(elementwise.task_arithmetic(deltas, lam=0.3), 0.3 * dense) < 1e-12
+    assert rel(elementwise.average(deltas), dense / 4) < 1e-12
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(9,)])
 @pytest.mark.parametrize("density,lam", [(0.2, 1.0), (0.5, 0.7), (1.0, 1.0)])
 def test_ties_matches_reference(shape, density, lam):
     deltas = [rand(shape, s) for s in range(3)]
-    assert rel(merges.ties(deltas, density, lam), ref_ties(deltas, density, lam)) < 1e-12
+    assert rel(elementwise.ties(deltas, density, lam), ref_ties(deltas, density, lam)) < 1e-12
 
 
 def test_ties_trim_keeps_exact_count_and_disjoint_mean_by_hand():
     a = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
     b = torch.tensor([-1.0, -2.0, 4.0, 0.1], dtype=torch.float64)
     # density 0.5 keeps two entries each: a -> [3, 0, 0, 2], b -> [0, -2, 4, 0]
-    out = merges.ties([a, b], density=0.5, lam=1.0)
+    out = elementwise.ties([a, b], density=0.5, lam=1.0)
     assert torch.equal(out, torch.tensor([3.0, -2.0, 4.0, 2.0], dtype=torch.float64))
     c = torch.tensor([-5.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-    out = merges.ties([a, c], density=0.5, lam=2.0)  # c -> [-5, 0, 1, 0]: entry 0 elects "-"
+    out = elementwise.ties([a, c], density=0.5, lam=2.0)  # c -> [-5, 0, 1, 0]: entry 0 elects "-"
     assert torch.equal(out, torch.tensor([-10.0, 0.0, 2.0, 4.0], dtype=torch.float64))
 
 
@@ -74,18 +74,18 @@ def test_dare_with_fixed_seed_matches_reference(shape, p):
     for d in deltas:
         keep = torch.rand(shape, generator=gen, dtype=torch.float64) >= p
         dropped.append(d * keep / (1 - p))
-    out = merges.dare(deltas, p=p, combine="average", seed=123)
+    out = elementwise.dare(deltas, p=p, combine="average", seed=123)
     assert rel(out, sum(dropped) / 3) < 1e-12
-    out_ties = merges.dare(deltas, p=p, combine="ties", seed=123, density=0.5, lam=0.8)
+    out_ties = elementwise.dare(deltas, p=p, combine="ties", seed=123, density=0.5, lam=0.8)
     assert rel(out_ties, ref_ties(dropped, 0.5, 0.8)) < 1e-12
-    assert torch.equal(merges.dare(deltas, p=p, seed=123), out)  # same seed, same draw
+    assert torch.equal(elementwise.dare(deltas, p=p, seed=123), out)  # same seed, same draw
     if p > 0:
-        assert not torch.equal(merges.dare(deltas, p=p, seed=124), out)
+        assert not torch.equal(elementwise.dare(deltas, p=p, seed=124), out)
 
 
 def test_dare_drops_about_p_and_rescales_kept_entries():
     d = torch.ones(200, 200, dtype=torch.float64)
-    (out,) = merges.dare_drop([d], p=0.3, seed=0)
+    (out,) = elementwise.dare_drop([d], p=0.3, seed=0)
     kept = out != 0
     assert abs(float(kept.double().mean()) - 0.7) < 0.01
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
@@ -145,10 +145,10 @@ MATS = ["blk.0.attn.in_proj_weight", "blk.0.mlp.c_fc.weight"]
 
 
 @pytest.mark.parametrize("method,dense_rule", [
-    ("ta", lambda ds, seed: merges.task_arithmetic(ds, 0.3)),
-    ("average", lambda ds, seed: merges.average(ds)),
+    ("ta", lambda ds, seed: elementwise.task_arithmetic(ds, 0.3)),
+    ("average", lambda ds, seed: elementwise.average(ds)),
     ("ties", lambda ds, seed: ref_ties(ds, 0.2, 1.0)),
-    ("dare", lambda ds, seed: merges.dare(ds, 0.5, seed=seed)),
+    ("dare", lambda ds, seed: elementwise.dare(ds, 0.5, seed=seed)),
 ])
 def test_build_basis_dense_methods_keep_top_k_of_the_merge(method, dense_rule):
     tvs = [random_state(s) for s in range(3)]

@@ -21,92 +21,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from axis_stream.core import stage1, svd
+from axis_stream.core import continual, stage1, svd
+from axis_stream.core.elementwise import average, dare, keep_top_magnitude, stack, task_arithmetic, ties
 from axis_stream.core.layout import as_matrix
 from axis_stream.core.registry import Registry
 from axis_stream.core.stage1 import Factors
-
-# --- elementwise building blocks (any tensor shape) ---
-
-def _stack(deltas: Sequence[Tensor]) -> Tensor:
-    if len(deltas) == 0:
-        raise ValueError("a merge needs at least one task vector")
-    shape = deltas[0].shape
-    for i, d in enumerate(deltas):
-        if d.shape != shape:
-            raise ValueError(f"task vector {i} has shape {tuple(d.shape)}, expected {tuple(shape)}")
-    return torch.stack([d.to(svd.work_dtype(d)) for d in deltas])
-
-
-def keep_top_magnitude(t: Tensor, density: float) -> Tensor:
-    """``t`` with all but its ``int(density * numel)`` largest-magnitude entries set to zero."""
-    if not 0 <= density <= 1:
-        raise ValueError(f"density must be in [0, 1], got {density!r}")
-    keep = int(density * t.numel() + 1e-9)
-    out = torch.zeros_like(t)
-    if keep > 0:
-        idx = t.abs().flatten().topk(keep).indices
-        out.view(-1)[idx] = t.reshape(-1)[idx]
-    return out
-
-
-def task_arithmetic(deltas: Sequence[Tensor], lam: float = 0.3) -> Tensor:
-    """Task arithmetic (Ilharco et al. 2023): ``lam * sum_i delta_i``."""
-    return lam * _stack(deltas).sum(0)
-
-
-def average(deltas: Sequence[Tensor]) -> Tensor:
-    """Simple averaging (model soup / Wortsman et al. 2022): the mean of the task vectors."""
-    return _stack(deltas).mean(0)
-
-
-def ties(deltas: Sequence[Tensor], density: float = 0.2, lam: float = 1.0) -> Tensor:
-    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean, scale by ``lam``.
-
-    Trim keeps each task's top ``density`` fraction of entries by magnitude (per tensor); the
-    elected sign of an entry is the sign of the sum of the trimmed values (a zero sum takes the
-    tensor's majority sign, as in the reference code); the merged entry is the mean of the trimmed
-    values that agree with the elected sign (0 where none does).
-    """
-    trimmed = torch.stack([keep_top_magnitude(d, density) for d in _stack(deltas)])
-    elected = torch.sign(trimmed.sum(0))
-    majority = torch.sign(elected.sum())
-    elected[elected == 0] = majority if majority != 0 else 1
-    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
-    count = agree.sum(0).clamp_min(1)
-    return lam * (trimmed * agree).sum(0) / count
-
-
-def dare_drop(deltas: Sequence[Tensor], p: float, seed: int) -> list[Tensor]:
-    """DARE's drop-and-rescale (Yu et al. 2024): zero each entry with probability ``p``, scale the rest by 1/(1-p).
-
-    Source i's mask is the i-th ``torch.rand(shape, dtype=torch.float64)`` draw of a generator seeded with ``seed``;
-    an entry is kept where its draw is ``>= p``.
-    """
-    if not 0 <= p < 1:
-        raise ValueError(f"drop probability must be in [0, 1), got {p!r}")
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for d in _stack(deltas):
-        keep = torch.rand(d.shape, generator=gen, dtype=torch.float64) >= p
-        out.append(torch.where(keep, d / (1 - p), torch.zeros_like(d)))
-    return out
-
-
-def dare(deltas: Sequence[Tensor], p: float = 0.5, combine: str = "average", seed: int = 0,
-         density: float = 1.0, lam: float = 1.0) -> Tensor:
-    """DARE: drop and rescale each task vector, then average them or TIES-merge them.
-
-    ``density`` and ``lam`` are the TIES parameters (used only with ``combine="ties"``; density 1.0
-    means DARE's own sparsity replaces the TIES trim).
-    """
-    dropped = dare_drop(deltas, p, seed)
-    if combine == "average":
-        return average(dropped)
-    if combine == "ties":
-        return ties(dropped, density, lam)
-    raise ValueError(f"DARE combine must be 'average' or 'ties', got {combine!r}")
-
 
 # --- matrix-only building blocks ---
 
@@ -121,13 +40,13 @@ def tsvm_factors(deltas: Sequence[Tensor], alpha: float = 1.0) -> tuple[Tensor, 
     the U blocks and the V blocks, whiten each stack to its nearest orthogonal matrix, and recombine
     with the stacked singular values: ``Delta = alpha * U_o diag(s) V_o^T``. Returns ``(U_o, alpha * s, V_o)``.
     """
-    stack = _stack(deltas)
-    t, m, n = stack.shape
+    stacked = stack(deltas)
+    t, m, n = stacked.shape
     k = min(m, n) // t
     if k < 1:
         raise ValueError(f"TSV-M needs T <= min(m, n): {t} task vectors for a {m}x{n} matrix")
     us, ss, vs = [], [], []
-    for d in stack:
+    for d in stacked:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         us.append(u[:, :k])
         ss.append(s[:k])
@@ -161,8 +80,8 @@ class MergeMethod:
 
     name: str
     paper: str
-    matrix: MatrixRule
-    vector: VectorRule
+    matrix: MatrixRule | None        # None: a continual rule (``continual.RULES``), run over the whole model
+    vector: VectorRule | None
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,6 +167,8 @@ def build_basis(method: str, task_vectors: Sequence[Mapping[str, Tensor]], matri
         raise ValueError("build_basis needs at least one task vector")
     kwargs = spec.check(params or {})
     matrices = set(matrices)
+    if method in continual.RULES:
+        return _continual_basis(method, task_vectors, matrices, k_fraction, kwargs)
     factors: dict[str, Factors] = {}
     means: dict[str, Tensor] = {}
     for name in task_vectors[0]:
@@ -263,6 +184,29 @@ def build_basis(method: str, task_vectors: Sequence[Mapping[str, Tensor]], matri
             if bool(merged.any()):
                 means[name] = merged
     return factors, means
+
+
+def _continual_basis(method: str, task_vectors: Sequence[Mapping[str, Tensor]], matrices: set[str],
+                     k_fraction: float, params: Mapping[str, Any]) -> tuple[dict[str, Factors], dict[str, Tensor]]:
+    """A continual merge over the whole model (OPCM's scale is model-wide), then the usual basis shape."""
+    tvs = [{n: as_matrix(d) if n in matrices else d for n, d in tv.items() if d.is_floating_point()}
+           for tv in task_vectors]
+    merged = continual.merge_stream(method, tvs, matrices, **params)
+    factors = {n: top_k_factors(d, stage1.k_for(d.shape, k_fraction)) for n, d in merged.items() if n in matrices}
+    means = {n: d.to(task_vectors[0][n].dtype) for n, d in merged.items() if n not in matrices and bool(d.any())}
+    return factors, means
+
+
+def _continual_entry(name: str) -> MergeMethod:
+    """The registry entry of a continual rule: no per-tensor rules, it runs over the whole model."""
+    rule = continual.RULES[name]
+    return MergeMethod(name, rule.paper + " (continual: sources folded in order)", None, None, dict(rule.defaults))
+
+
+register(_continual_entry("continual-ta"))
+register(_continual_entry("continual-ties"))
+register(_continual_entry("running-average"))
+register(_continual_entry("opcm"))
 
 
 # --- robustness studies: what is done to the sources before any merge ---
