@@ -184,18 +184,28 @@ class _StageProgress:
 @main.command(name="export")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Config TOML (defaults apply without one): the base model, the basis and <state_dir>/jobs.")
-@click.option("--job", "job_id", required=True, help="The adapt job's id (its folder under <state_dir>/jobs).")
+@click.option("--job", "job_id", help="The adapt job's id (its folder under <state_dir>/jobs).")
+@click.option("--merged", is_flag=True, help="Export the basis itself (base + basis at its stored values), no job.")
+@click.option("--version", type=int, help="With --merged: the basis version (default: the current).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, ending in .safetensors.")
-def export_cmd(config_path: str | None, job_id: str, out: str) -> None:
-    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors)."""
-
+def export_cmd(config_path: str | None, job_id: str | None, merged: bool, version: int | None, out: str) -> None:
+    """Write full weights as an open_clip state dict (safetensors): an adapt job's, or with --merged the basis's."""
     from axis_stream import config
-    from axis_stream.adapt.export import export_job
+    from axis_stream.adapt.export import export_job, export_merged
     from axis_stream.adapt.files import HEAD_FILE
 
+    if merged == (job_id is not None):
+        raise click.UsageError("give exactly one of --job ID and --merged")
+    if version is not None and not merged:
+        raise click.UsageError("--version goes with --merged (a job's basis version is in its report)")
+    cfg = config.load(config_path)
+    if merged:
+        path = export_merged(Path(out), cfg, version)
+        click.echo(f"wrote {path}: the base plus the basis at its stored values; "
+                   f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it")
+        return
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
-    cfg = config.load(config_path)
     path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
     click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
                f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")

@@ -92,3 +92,31 @@ def test_cli_errors_are_one_clear_line(setup, tmp_path):
     assert result.exit_code == 1 and "not a finished adapt job" in result.output
     result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", "../x", "--out", "x.safetensors"])
     assert result.exit_code == 2 and "not a job id" in result.output
+
+
+def test_export_merged_writes_the_base_plus_the_basis_at_its_stored_values(setup, tiny_base, make_checkpoint, tmp_path):
+    cfg_path, _ = setup
+    _, base_sd = tiny_base
+    cfg = config.load(cfg_path)
+    Basis.open(cfg.paths.basis_dir, base_sd).fold_checkpoint(make_checkpoint(4))      # version 2
+    runner = CliRunner()
+    for version in (None, 1):
+        out = tmp_path / f"merged-{version}.safetensors"
+        args = ["export", "--merged", "--config", str(cfg_path), "--out", str(out)]
+        result = runner.invoke(cli.main, args + (["--version", str(version)] if version else []))
+        assert result.exit_code == 0, result.output
+        weights = load_file(str(out))
+        snap = Basis.open(cfg.paths.basis_dir).load(version)
+        assert snap.version == (version or 2)
+        for name, b in base_sd.items():
+            want = b.double()
+            if name in snap.factors:
+                f = snap.factors[name]
+                want = want + ((f.U.double() * f.s.double()) @ f.V.double().mT).reshape(b.shape)
+            elif name in snap.means:
+                want = want + snap.means[name].double()
+            assert (weights[name].double() - want).abs().max() < 1e-5, name
+        assert any(not bool((weights[n] == base_sd[n]).all()) for n in snap.factors)
+        open_clip.create_model("axis-tiny", pretrained=str(out))
+    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2 and "exactly one of --job ID and --merged" in result.output

@@ -1,7 +1,9 @@
-"""Export a finished Stage 2 job as the full adapted weights: an open_clip state dict in safetensors.
+"""Export full weights as an open_clip state dict in safetensors: a finished Stage 2 job, or the basis itself.
 
 ``open_clip.create_model(name, pretrained=FILE)`` loads the file; with the job's ``head.safetensors``
-(normalised image features times the head) it gives the job's predictions.
+(normalised image features times the head) a job's export gives the job's predictions. The merged
+export is the knowledge base usable without Stage 2: the base plus ``U diag(s) V^T`` of every basis
+matrix at its stored singular values, plus the averaged parameters.
 """
 
 from __future__ import annotations
@@ -53,14 +55,30 @@ def read_job(job_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def write_adapted(base: nn.Module, snapshot: Snapshot, report: Mapping[str, Any], lambdas: Mapping[str, Tensor],
                   out: Path) -> Path:
     """Write ``base`` adapted by ``snapshot`` and ``lambdas`` (consumes ``base``) crash-safely to ``out``."""
+    _check_out(out)
+    model = SVDAdapted(base, snapshot.factors, snapshot.means, report["n_fraction"], seed=report["seed"])
+    model.load_lambdas(lambdas, source=LAMBDA_FILE)
+    meta = {"basis_version": str(report["basis_version"]), "n_fraction": repr(report["n_fraction"]),
+            "target": str(report.get("target", ""))}
+    return _write_state(out, model.merged_state_dict(), meta)
+
+
+def export_merged(out: Path, cfg: Config, version: int | None = None) -> Path:
+    """Write the base plus basis version ``version`` (default: the current) at its stored values to ``out``."""
+    _check_out(out)
+    basis = Basis.open(cfg.paths.basis_dir, models.create_base(cfg.base).state_dict())
+    version = basis.version if version is None else version
+    meta = {"basis_version": str(version), "kind": "merged"}
+    return _write_state(out, basis.materialize(version, with_base=True), meta)
+
+
+def _check_out(out: Path) -> None:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise AdaptError(f"{out}: the export must end in .safetensors (open_clip picks its loader by suffix)")
     if not out.parent.is_dir():
         raise AdaptError(f"{out}: folder {out.parent} does not exist")
-    model = SVDAdapted(base, snapshot.factors, snapshot.means, report["n_fraction"], seed=report["seed"])
-    model.load_lambdas(lambdas, source=LAMBDA_FILE)
-    state = model.merged_state_dict()
-    meta = {"basis_version": str(report["basis_version"]), "n_fraction": repr(report["n_fraction"]),
-            "target": str(report.get("target", ""))}
-    return atomic_write(out, lambda p: save_file(state, str(p), metadata=meta))
+
+
+def _write_state(out: Path, state: Mapping[str, Tensor], meta: Mapping[str, str]) -> Path:
+    return atomic_write(Path(out), lambda p: save_file(dict(state), str(p), metadata=dict(meta)))
