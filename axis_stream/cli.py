@@ -302,10 +302,11 @@ def _open_basis(config_path: str | None, basis_dir: str | None):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_basis_options
 def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None) -> None:
-    """Fold checkpoints into the basis one after another (creating the basis on first use)."""
+    """Fold checkpoints (files, or Hugging Face model folders) into the basis one after another
+    (creating the basis on first use)."""
 
     from axis_stream import config
     from axis_stream.errors import CheckpointError

@@ -1,4 +1,10 @@
-"""The base model: building it with open_clip, naming its matrices, and fingerprinting its weights."""
+"""The base model: building it (open_clip, or a Hugging Face transformers folder), and fingerprinting its weights.
+
+A transformers base is a local folder or a model id looked up in the local Hugging Face hub cache
+(``models--ORG--NAME/snapshots/<refs/main>``); nothing is downloaded. Stage 1 needs only its
+weights, read with ``readers.read_hf_base`` (no ``transformers`` import); building the module
+(``create_base``) needs the ``hf`` extra.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from axis_stream.config import BaseConfig, Config
+from axis_stream.errors import ConfigError
+from axis_stream.store import readers
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -30,8 +38,33 @@ def register_model_config(path: str | Path) -> str:
     return path.stem
 
 
+def hf_model_dir(cfg: BaseConfig) -> Path:
+    """The folder of a transformers base: ``cfg.model`` as a folder, else as a model id in the hub cache."""
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir():
+        return folder
+    repo = Path(cfg.hf_cache or "") / f"models--{cfg.model.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    if len(snapshots) == 1:
+        return snapshots[0]
+    raise ConfigError(f"base.model: {cfg.model!r} is neither a folder nor a model in the Hugging Face cache "
+                      f"(looked in {folder.resolve()} and {repo}{'' if not snapshots else ', which has several snapshots and no refs/main'}); "
+                      f"download it first (huggingface-cli download {cfg.model}) or give its folder")
+
+
 def create_base(cfg: BaseConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the configured open_clip model with its pretrained weights (a tag or a local file)."""
+    """Build the configured model with its pretrained weights: open_clip (a tag or a local file), or the
+    transformers class its config.json names (``AutoModel`` when it names none)."""
+    if cfg.kind == "transformers":
+        import transformers
+
+        folder = hf_model_dir(cfg)
+        archs = readers.hf_config(folder).get("architectures") or ["AutoModel"]
+        cls = getattr(transformers, archs[0], transformers.AutoModel)
+        return cls.from_pretrained(folder, local_files_only=True).to(device)
     import open_clip
 
     if cfg.model_config is not None:
@@ -50,7 +83,11 @@ def weights_sha256(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def load_base(cfg: Config) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The configured base model's state dict and its identity (name, pretrained; sha256 added on create)."""
+    """The configured base model's state dict and its identity (name, pretrained; sha256 added on create).
+    A transformers base's state dict is what its folder stores (a ``readers.BaseWeights`` with its config)."""
+    if cfg.base.kind == "transformers":
+        state = readers.read_hf_base(hf_model_dir(cfg.base))
+        return state, {"name": cfg.base.model, "pretrained": f"transformers:{state.config.get('model_type', '')}"}
     model = create_base(cfg.base)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     return state, {"name": cfg.base.model, "pretrained": cfg.base.pretrained}

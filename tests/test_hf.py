@@ -1,0 +1,279 @@
+"""Hugging Face transformers bases and model folders: family defaults, the hub cache, sharded folders
+(safetensors and .bin) read one tensor at a time, bad folders, `fold DIR`, and folder arrival."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from axis_stream import config, errors
+from axis_stream.cli import main
+from axis_stream.core import layout
+from axis_stream.store import ingest, models, readers
+from axis_stream.testing import finetuned_like
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+SHARD = "20KB"  # a few tensors per shard for the tiny models below
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised two-block model of ``family`` (clip, llama, bert), built offline."""
+    torch.manual_seed(seed)
+    if family == "clip":
+        cfg = transformers.CLIPConfig(
+            text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=48, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                               image_size=32, patch_size=8, **overrides),
+            projection_dim=16)
+        return transformers.CLIPModel(cfg)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**{**dict(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+                                                 max_position_embeddings=32), **overrides})
+        return transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.BertConfig(**{**dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=32), **overrides})
+    return transformers.BertModel(cfg)
+
+
+def save_finetune(model: torch.nn.Module, base: dict[str, torch.Tensor], seed: int, folder: Path,
+                  scale: float = 0.002) -> Path:
+    """``model`` with fine-tune-like changes to every float tensor (HF inits weights at std 0.02, so
+    ``scale`` is kept small), saved sharded into ``folder``."""
+    model.load_state_dict(finetuned_like(base, seed, scale=scale, prefix=""), strict=False)
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_bases(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module, dict[str, torch.Tensor]]]:
+    """family -> (saved base folder, the module, its state dict as saved)."""
+    root = tmp_path_factory.mktemp("hf-bases")
+    out = {}
+    for family in ("clip", "llama", "bert"):
+        model = tiny_model(family)
+        model.save_pretrained(root / family)
+        out[family] = (root / family, model, dict(readers.read_hf_base(root / family)))
+    return out
+
+
+def hf_config(folder: Path, tmp_path: Path, **basis) -> config.Config:
+    """A config file for a transformers base in ``folder``, loaded (defaults for the matrix patterns)."""
+    lines = ["[paths]", f'state_dir = "{tmp_path / "state"}"', f'watch_dir = "{tmp_path / "incoming"}"',
+             "[base]", 'kind = "transformers"', f'model = "{folder}"', "[basis]", 'svd = "exact"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in basis.items()]
+    path = tmp_path / "axis-stream.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return config.load(path)
+
+
+# -- the base ----------------------------------------------------------------------------------------
+
+EXPECTED = {
+    "clip": ("vision_model.encoder.layers.", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "llama": ("model.layers.", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "bert": ("encoder.layer.", ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                                "layer.0.output.dense", "layer.1.output.dense")),
+}
+
+
+@pytest.mark.parametrize("family", ["clip", "llama", "bert"])
+def test_default_patterns_select_each_familys_block_projections(hf_bases, tmp_path, family):
+    folder, _, _ = hf_bases[family]
+    cfg = hf_config(folder, tmp_path)
+    assert cfg.basis.matrix_patterns == config.HF_BLOCK_MATRICES
+    base, identity = models.load_base(cfg)
+    assert identity["pretrained"] == f"transformers:{family}" and base.config["model_type"] == family
+    names = layout.matrix_names(base, cfg.basis.matrix_patterns)
+    prefix, parts = EXPECTED[family]
+    per_block = 6 if family != "llama" else 7
+    assert len(names) == 2 * per_block
+    assert all(n.startswith(prefix) and n.endswith(".weight") for n in names)
+    for part in parts:
+        assert any(part in n for n in names), part
+    # nothing else 2-D is a matrix: CLIP's text tower, embeddings, projections, heads, the pooler
+    others = [n for n, t in base.items() if t.dim() == 2 and n not in names]
+    assert others and not [n for n in others if "encoder.layer" in n and "vision" in n]
+    foreign = [p for f, patterns in config.HF_FAMILY_MATRICES.items() if f != family for p in patterns]
+    assert not layout.matrix_names(base, foreign)     # the union of the families' defaults is safe
+
+
+def test_explicit_patterns_and_kind_are_checked(hf_bases, tmp_path):
+    folder, _, _ = hf_bases["bert"]
+    cfg = hf_config(folder, tmp_path, matrix_patterns=["*.query.weight"])
+    assert cfg.basis.matrix_patterns == ["*.query.weight"]
+    assert config.load().basis.matrix_patterns == config.VIT_BLOCK_MATRICES  # open_clip stays the default
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[base]\nkind = "hf"\n')
+    with pytest.raises(errors.ConfigError, match="base.kind"):
+        config.load(bad)
+
+
+def test_model_id_is_resolved_from_the_hub_cache_only(hf_bases, tmp_path):
+    folder, _, state = hf_bases["bert"]
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    shutil.copytree(folder, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    cfg = config.load(env={"HF_HOME": str(tmp_path)})
+    cfg.base = config.BaseConfig(kind="transformers", model="acme/tiny-bert", hf_cache=tmp_path / "hub")
+    base, _ = models.load_base(cfg)
+    assert models.weights_sha256(base) == models.weights_sha256(state)
+    assert config.load(env={"HF_HOME": str(tmp_path)}).base.hf_cache is None  # only resolved for transformers
+    cfg.base.model = "acme/absent"
+    with pytest.raises(errors.ConfigError) as exc:
+        models.load_base(cfg)
+    message = str(exc.value)
+    assert "\n" not in message and "models--acme--absent" in message and "neither a folder" in message
+
+
+def test_hub_cache_follows_the_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[base]\nkind = "transformers"\nmodel = "acme/x"\n')
+    assert config.load(path, env={"HF_HOME": "/h"}).base.hf_cache == Path("/h/hub")
+    assert config.load(path, env={"HF_HUB_CACHE": "/c", "HF_HOME": "/h"}).base.hf_cache == Path("/c")
+
+
+# -- folder checkpoints ------------------------------------------------------------------------------
+
+def test_a_sharded_folder_is_one_checkpoint_read_tensor_by_tensor(hf_bases, tmp_path):
+    folder, model, base = hf_bases["llama"]
+    ft = save_finetune(tiny_model("llama"), base, 1, tmp_path / "ft")
+    shards = sorted(p.name for p in ft.glob("model-*.safetensors"))
+    assert len(shards) > 3 and (ft / "model.safetensors.index.json").is_file()
+    expected = finetuned_like(base, 1, scale=0.002, prefix="")
+    base_weights = readers.read_hf_base(folder)
+    with ingest.read_checkpoint(ft, base_weights) as ckpt:
+        assert ckpt.format == "hf-folder" and ckpt.size == sum((ft / s).stat().st_size for s in shards)
+        assert sorted(ckpt.names) == sorted(n for n, t in base.items() if t.is_floating_point())
+        for name in ckpt.names:
+            torch.testing.assert_close(ckpt.delta(name), expected[name].float() - base[name].float(),
+                                       rtol=0, atol=1e-6)
+        sha = ckpt.sha256
+    (ft / "README.md").write_text("a model card")       # non-weight files do not count
+    (ft / "tokenizer.json").write_text("{}")
+    assert ingest.checkpoint_sha256(ft) == sha
+
+
+def test_bin_shards_are_read_with_weights_only(hf_bases, tmp_path):
+    folder, _, base = hf_bases["bert"]
+    tensors = finetuned_like(base, 2, prefix="")
+    ft = tmp_path / "ft-bin"
+    ft.mkdir()
+    shutil.copy(folder / "config.json", ft)
+    names = sorted(tensors)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in halves.items():
+        torch.save({k: tensors[k] for k in keys}, ft / shard)
+    (ft / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    with ingest.read_checkpoint(ft, readers.read_hf_base(folder)) as ckpt:
+        name = "encoder.layer.1.attention.self.value.weight"
+        torch.testing.assert_close(ckpt.delta(name), tensors[name] - base[name])
+    torch.save({"x": torch.nn.Linear(2, 2)}, ft / "pytorch_model-00001-of-00002.bin")  # a pickled module
+    with pytest.raises(errors.UntrustedPickle):
+        ingest.read_checkpoint(ft, readers.read_hf_base(folder))
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_bad_folders_are_rejected_with_their_reason(hf_bases, tmp_path):
+    folder, _, base = hf_bases["llama"]
+    base_weights = readers.read_hf_base(folder)
+    good = save_finetune(tiny_model("llama"), base, 3, tmp_path / "good")
+
+    def variant(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    shards = sorted(p.name for p in good.glob("model-*.safetensors"))
+    missing = variant("missing-shard")
+    (missing / shards[1]).unlink()
+    absent = variant("index-names-absent")
+    edit_json(absent / "model.safetensors.index.json", lambda d: d["weight_map"].update({"model.norm.weight": shards[0]}))
+    arch = variant("other-architecture")
+    edit_json(arch / "config.json", lambda d: d.update(model_type="mistral"))
+    no_config = variant("no-config")
+    (no_config / "config.json").unlink()
+    wider = save_finetune(tiny_model("llama", intermediate_size=64), {}, 0, tmp_path / "wider")
+    cases = {missing: (errors.MissingShard, "names shard"), absent: (errors.MissingKeys, "does not hold"),
+             arch: (errors.DifferentBase, "model_type 'mistral'"), no_config: (errors.NotACheckpoint, "config.json"),
+             wider: (errors.ShapeMismatch, "mlp")}
+    for path, (cls, words) in cases.items():
+        with pytest.raises(cls, match=words) as exc:
+            ingest.read_checkpoint(path, base_weights)
+        assert str(exc.value).startswith(f"{path.name}: ") and "\n" not in str(exc.value)
+    assert not readers.hf_folder_complete(missing) and readers.hf_folder_complete(good)
+
+
+def test_fold_cli_takes_a_folder_and_basis_show_lists_the_matrices(hf_bases, tmp_path):
+    folder, _, base = hf_bases["bert"]
+    cfg = hf_config(folder, tmp_path)
+    ft = save_finetune(tiny_model("bert"), base, 4, tmp_path / "bert-ft")
+    cfg_path = tmp_path / "axis-stream.toml"
+    result = CliRunner().invoke(main, ["fold", str(ft), "--config", str(cfg_path)])
+    assert result.exit_code == 0, result.output
+    assert "folded bert-ft -> version 1" in result.output
+    shown = CliRunner().invoke(main, ["basis", "show", "--config", str(cfg_path)]).output
+    rows = [line.split() for line in shown.splitlines() if line.startswith("encoder.layer.")]
+    assert len(rows) == 12 and {r[2] for r in rows} == {"3"}       # K = floor(0.1 * 32) for every matrix
+    assert {r[1] for r in rows} == {"32x32", "64x32", "32x64"}
+    assert "transformers:bert" in shown and cfg.paths.basis_dir.is_dir()
+
+
+# -- arrival of folders ------------------------------------------------------------------------------
+
+def test_folders_arrive_as_a_unit(hf_bases, tmp_path):
+    from watchdog.events import DirCreatedEvent, DirMovedEvent
+
+    from axis_stream.service.watcher import Watcher
+
+    _, _, base = hf_bases["bert"]
+    incoming = (tmp_path / "incoming").resolve()
+    incoming.mkdir()
+    now = [1000.0]
+    arrived: list[str] = []
+    w = Watcher(incoming, lambda p: arrived.append(p.name), stable_interval_s=2.0, rescan_interval_s=1e9,
+                clock=lambda: now[0])
+    # renamed into place: arrives at once
+    save_finetune(tiny_model("bert"), base, 5, incoming / "a.partial")
+    w.on_event(DirCreatedEvent(str(incoming / "a.partial")))
+    w.tick()
+    (incoming / "a.partial").rename(incoming / "a")
+    w.on_event(DirMovedEvent(str(incoming / "a.partial"), str(incoming / "a")))
+    assert arrived == ["a"]
+    # copied in: arrives once complete and unchanged for the stable interval
+    src = save_finetune(tiny_model("bert"), base, 6, tmp_path / "b-src")
+    shards = sorted(src.glob("model-*.safetensors"))
+    (incoming / "b").mkdir()
+    w.on_event(DirCreatedEvent(str(incoming / "b")))
+    for f in [src / "config.json", src / "model.safetensors.index.json", *shards[:-1]]:
+        shutil.copy(f, incoming / "b")
+    now[0] += 5
+    w.tick()
+    assert arrived == ["a"]                              # stable, but a shard is missing: waits
+    shutil.copy(shards[-1], incoming / "b")
+    w.tick()
+    assert arrived == ["a"]                              # it just changed: the clock restarted
+    now[0] += 2.5
+    w.tick()
+    assert arrived == ["a", "b"]
+    for folded in ("a", "b"):                            # as the daemon discards them
+        shutil.rmtree(incoming / folded)
+    for ignored in (".hidden", "c.tmp", "d.partial"):
+        shutil.copytree(src, incoming / ignored)
+    w.scan()
+    now[0] += 5
+    w.tick()
+    assert arrived == ["a", "b"]
