@@ -277,3 +277,106 @@ def test_folders_arrive_as_a_unit(hf_bases, tmp_path):
     now[0] += 5
     w.tick()
     assert arrived == ["a", "b"]
+
+
+# -- the daemon end to end ---------------------------------------------------------------------------
+
+def serve_config(root: Path, base_folder: Path) -> Path:
+    """A daemon config on a transformers base (default matrices), with fast watch settings."""
+    from test_daemon import free_port
+
+    path = root / "serve.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{root / 'state'}"
+watch_dir = "{root / 'incoming'}"
+[base]
+kind = "transformers"
+model = "{base_folder}"
+[basis]
+svd = "exact"
+[watch]
+stable_interval_s = 0.3
+poll_interval_s = 0.1
+rescan_interval_s = 2.0
+[metrics]
+address = "127.0.0.1:{free_port()}"
+""")
+    return path
+
+
+def rename_in(folder: Path, inbox: Path) -> None:
+    """The documented safe way: copy as ``name.partial/``, then rename to ``name/``."""
+    shutil.copytree(folder, inbox / f"{folder.name}.partial")
+    (inbox / f"{folder.name}.partial").rename(inbox / folder.name)
+
+
+def streamed_reference(base: dict[str, torch.Tensor], finetunes: list[dict[str, torch.Tensor]],
+                       names: list[str], k: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The project's own in-memory streaming Stage 1 (float64) on the same deltas: dense merged matrices."""
+    from axis_stream.core import stage1
+
+    out = {}
+    for name in names:
+        current = None
+        for ft in finetunes:
+            current = stage1.fold(current, ft[name].double() - base[name].double(), k[name], svd="exact")
+        out[name] = current.to_dense()
+    return out
+
+
+def serve_and_fold(tmp_path: Path, base_folder: Path, good: list[Path], bad: dict[Path, str]):
+    """Run ``serve`` on ``base_folder``, rename ``good`` and ``bad`` folders in, wait until all are
+    folded or quarantined, stop; returns the config and the daemon's basis."""
+    from test_daemon import files, read_ledger, start, stop, wait_for, wait_ready
+
+    from axis_stream.store.basis import Basis
+
+    cfg_path = serve_config(tmp_path, base_folder)
+    cfg = config.load(cfg_path, env={})
+    proc = start(cfg_path)
+    try:
+        wait_ready(proc, cfg)
+        inbox = cfg.paths.watch_dir
+        for folder in [*good[:1], *bad, *good[1:]]:
+            rename_in(folder, inbox)
+        expected_quarantine = sorted([p.name for p in bad] + [f"{p.name}.reason" for p in bad])
+        wait_for(lambda: len(read_ledger(cfg)) == len(good) and not any(inbox.iterdir())
+                 and sorted(p.name for p in cfg.paths.quarantine.iterdir()) == expected_quarantine,
+                 120, f"{len(good)} folds and {len(bad)} rejects", proc)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    quarantine = cfg.paths.quarantine
+    for folder, reason in bad.items():
+        moved = quarantine / folder.name
+        assert moved.is_dir() and sorted(p.name for p in moved.iterdir()) == sorted(p.name for p in folder.iterdir())
+        assert f"[reason={reason}]" in (quarantine / f"{folder.name}.reason").read_text()
+    assert files(quarantine) == sorted(f"{p.name}.reason" for p in bad)
+    ledger = read_ledger(cfg)
+    assert [e["file"] for e in ledger] == [p.name for p in good]
+    assert all(e["sha256"] == ingest.checkpoint_sha256(p) for e, p in zip(ledger, good))
+    return cfg, Basis.open(cfg.paths.basis_dir)
+
+
+def test_serve_folds_sharded_folders_and_quarantines_bad_ones_whole(hf_bases, tmp_path):
+    folder, _, base = hf_bases["llama"]
+    staging = tmp_path / "staging"
+    good = [save_finetune(tiny_model("llama"), base, seed, staging / f"task-{seed}") for seed in (10, 11)]
+    missing = Path(shutil.copytree(good[0], staging / "missing-shard"))
+    next(missing.glob("model-00002-of-*.safetensors")).unlink()
+    arch = Path(shutil.copytree(good[1], staging / "other-arch"))
+    edit_json(arch / "config.json", lambda d: d.update(model_type="qwen2"))
+    cfg, basis = serve_and_fold(tmp_path, folder, good, {missing: "missing_shard", arch: "different_base"})
+    snap = basis.load()
+    names = list(snap.manifest["matrices"])
+    assert len(names) == 14 and all(n.startswith("model.layers.") for n in names)
+    finetunes = [dict(readers.read_hf_base(p)) for p in good]
+    ref = streamed_reference(base, finetunes, names, {n: i["k"] for n, i in snap.manifest["matrices"].items()})
+    for name in names:
+        torch.testing.assert_close(snap.factors[name].to_dense().double(), ref[name], rtol=0, atol=1e-6)
+    norm = "model.norm.weight"
+    torch.testing.assert_close(snap.means[norm].double(),
+                               sum(ft[norm].double() - base[norm].double() for ft in finetunes) / 2,
+                               rtol=0, atol=1e-7)
