@@ -184,18 +184,35 @@ class _StageProgress:
 @main.command(name="export")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Config TOML (defaults apply without one): the base model, the basis and <state_dir>/jobs.")
-@click.option("--job", "job_id", required=True, help="The adapt job's id (its folder under <state_dir>/jobs).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, ending in .safetensors.")
-def export_cmd(config_path: str | None, job_id: str, out: str) -> None:
-    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors)."""
+@click.option("--job", "job_id", help="The adapt job's id (its folder under <state_dir>/jobs).")
+@click.option("--merged", is_flag=True, help="Instead: the merged model of Stage 1 (base + basis + averaged "
+                                             "parameters); a Hugging Face folder for a transformers base.")
+@click.option("--version", "basis_version", type=int, help="With --merged: the basis version (default: current).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a .safetensors file, or a new folder for --merged on a transformers base.")
+def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_version: int | None, out: str) -> None:
+    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors), or with
+    --merged the basis's merged model."""
 
     from axis_stream import config
+
+    if merged == bool(job_id):
+        raise click.UsageError("give either --job ID or --merged")
+    cfg = config.load(config_path)
+    if merged:
+        from axis_stream.store.export import export_merged
+
+        path = export_merged(cfg, Path(out), basis_version)
+        loader = (f"transformers' from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
+                  else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
+        click.echo(f"wrote {path}: the merged model of basis version "
+                   f"{'current' if basis_version is None else basis_version}; {loader} loads it")
+        return
     from axis_stream.adapt.export import export_job
     from axis_stream.adapt.files import HEAD_FILE
 
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
-    cfg = config.load(config_path)
     path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
     click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
                f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")

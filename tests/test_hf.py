@@ -410,3 +410,40 @@ def test_real_minilm_base_three_sharded_finetunes_through_the_daemon(tmp_path):
     for name in ("embeddings.LayerNorm.weight", "encoder.layer.5.output.dense.bias", "pooler.dense.weight"):
         mean = sum(ft[name].double() - base[name].double() for ft in finetunes) / 3
         torch.testing.assert_close(snap.means[name].double(), mean, rtol=0, atol=1e-7)
+
+
+# -- export of the merged model ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,auto", [("llama", "AutoModelForCausalLM"), ("bert", "AutoModel")])
+def test_export_merged_writes_a_folder_from_pretrained_loads(hf_bases, tmp_path, family, auto):
+    from axis_stream.store.basis import Basis
+    from axis_stream.store.export import export_merged
+
+    folder = Path(shutil.copytree(hf_bases[family][0], tmp_path / "base"))
+    base = hf_bases[family][2]
+    (folder / "tokenizer_config.json").write_text("{}")          # travels with the export
+    cfg = hf_config(folder, tmp_path)
+    basis = Basis.create(cfg.paths.basis_dir, readers.read_hf_base(folder), cfg.basis)
+    for seed in (20, 21):
+        basis.fold_checkpoint(save_finetune(tiny_model(family), base, seed, tmp_path / f"ft-{seed}"))
+    tau = basis.materialize()
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["export", "--merged", "--config", str(tmp_path / "axis-stream.toml"),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    loaded = getattr(transformers, auto).from_pretrained(out, local_files_only=True).state_dict()
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        expected = b + tau[name] if name in tau else b
+        torch.testing.assert_close(loaded[name], expected, rtol=0, atol=0, msg=name)
+    assert set(basis.manifest["matrices"]) < set(tau)            # the matrices and the averaged parameters
+    # sharded when asked, and the same weights
+    sharded = export_merged(cfg, tmp_path / "merged-sharded", max_shard_bytes=20_000)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    again = dict(readers.read_hf_base(sharded))
+    assert all(torch.equal(again[n], t) for n, t in readers.read_hf_base(out).items())
+    with pytest.raises(errors.BasisError, match="already exists"):
+        export_merged(cfg, out)
+    assert "give either" in CliRunner().invoke(main, ["export", "--out", str(out)]).output
