@@ -214,8 +214,9 @@ def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
     path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
-    click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
-               f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
+    loader = (f"CLIPModel.from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
+              else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
+    click.echo(f"wrote {path}: {loader} loads it; the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
 
 
 def _guard(generator, *args):

@@ -23,13 +23,15 @@ transformers.logging.set_verbosity_error()
 SHARD = "20KB"  # a few tensors per shard for the tiny models below
 
 
-def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised two-block model of ``family`` (clip, llama, bert), built offline."""
+def tiny_model(family: str, seed: int = 0, text: dict | None = None, **overrides) -> torch.nn.Module:
+    """A randomly initialised two-block model of ``family`` (clip, llama, bert), built offline;
+    ``overrides`` change its config (CLIP: the vision tower's; ``text``: CLIP's text tower's)."""
     torch.manual_seed(seed)
     if family == "clip":
         cfg = transformers.CLIPConfig(
-            text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=48, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+            text_config={**dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=48, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+                         **(text or {})},
             vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
                                image_size=32, patch_size=8, **overrides),
             projection_dim=16)
@@ -447,3 +449,70 @@ def test_export_merged_writes_a_folder_from_pretrained_loads(hf_bases, tmp_path,
     with pytest.raises(errors.BasisError, match="already exists"):
         export_merged(cfg, out)
     assert "give either" in CliRunner().invoke(main, ["export", "--out", str(out)]).output
+
+
+# -- Stage 2 on a transformers CLIP ------------------------------------------------------------------
+
+def tiny_clip_tokenizer(folder: Path):
+    """A byte-level CLIP tokenizer with no merges (every character a token): 514 ids, built offline."""
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]  # GPT-2's byte map
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_adapt_and_export_on_a_transformers_clip_base(tmp_path):
+    from test_adapt_data import write_colour_folders
+
+    from axis_stream.adapt.head import logits
+    from axis_stream.adapt.model import SVDAdapted
+    from axis_stream.store.basis import Basis
+
+    tokenizer = tiny_clip_tokenizer(tmp_path / "vocab")
+    text = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    folder = tmp_path / "clip-base"
+    model = tiny_model("clip", text=text)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    base = dict(readers.read_hf_base(folder))
+    cfg = hf_config(folder, tmp_path)
+    cfg_path = tmp_path / "axis-stream.toml"
+    cfg_path.write_text(cfg_path.read_text() + "[adapt]\nnum_workers = 0\ndevice = \"cpu\"\n")
+    basis = Basis.create(cfg.paths.basis_dir, readers.read_hf_base(folder), cfg.basis)
+    for seed in (30, 31):
+        basis.fold_checkpoint(save_finetune(tiny_model("clip", text=text), base, seed, tmp_path / f"ft-{seed}"))
+    colours = write_colour_folders(tmp_path / "colours", n_train=8, n_test=4)
+    runner = CliRunner()
+    result = runner.invoke(main, ["adapt", "--local", "--config", str(cfg_path), "--target", f"imagefolder:{colours}",
+                                  "--epochs", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "with 36 trainable values" in result.output      # 12 matrices x N = 3 (10 % of 32)
+    job_id = result.output.split("export --job ")[1].split()[0]
+    out = tmp_path / "adapted"
+    result = runner.invoke(main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "CLIPModel.from_pretrained" in result.output and (out / "tokenizer_config.json").is_file()
+
+    job_dir = config.load(cfg_path).paths.jobs_dir / job_id
+    from safetensors.torch import load_file
+
+    from axis_stream.adapt.export import read_job
+
+    report, lambdas = read_job(job_dir)
+    head = load_file(job_dir / "head.safetensors")["head"]
+    job_model = SVDAdapted(models.create_base(cfg.base), basis.load().factors, basis.load().means,
+                           report["n_fraction"], seed=report["seed"])
+    job_model.load_lambdas(lambdas)
+    exported = transformers.CLIPModel.from_pretrained(out, local_files_only=True).eval()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = logits(job_model.call("encode_image", images), head)
+        got = logits(exported.get_image_features(pixel_values=images).pooler_output, head)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, logits(model.eval().get_image_features(pixel_values=images).pooler_output, head))

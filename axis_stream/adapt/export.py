@@ -1,7 +1,9 @@
-"""Export a finished Stage 2 job as the full adapted weights: an open_clip state dict in safetensors.
+"""Export a finished Stage 2 job as the full adapted weights: an open_clip state dict in safetensors,
+or for a transformers CLIP base a Hugging Face folder (the base folder's config and tokenizer).
 
-``open_clip.create_model(name, pretrained=FILE)`` loads the file; with the job's ``head.safetensors``
-(normalised image features times the head) it gives the job's predictions.
+``open_clip.create_model(name, pretrained=FILE)`` (or ``CLIPModel.from_pretrained(FOLDER)``) loads it;
+with the job's ``head.safetensors`` (normalised image features times the head) it gives the job's
+predictions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from axis_stream.config import Config
 from axis_stream.store import models
 from axis_stream.store.atomic import atomic_write
 from axis_stream.store.basis import Basis
+from axis_stream.store.export import write_hf_folder
 
 
 def export_job(job_dir: Path, out: Path, cfg: Config) -> Path:
@@ -31,7 +34,8 @@ def export_job(job_dir: Path, out: Path, cfg: Config) -> Path:
     if models.weights_sha256(base.state_dict()) != report["base"]["sha256"]:
         raise AdaptError(f"{job_dir}: the job was trained on other base weights than {cfg.base.pretrained!r}")
     snapshot = Basis.open(cfg.paths.basis_dir, base.state_dict()).load(report["basis_version"])
-    return write_adapted(base, snapshot, report, lambdas, out)
+    folder = models.hf_model_dir(cfg.base) if cfg.base.kind == "transformers" else None
+    return write_adapted(base, snapshot, report, lambdas, out, base_folder=folder)
 
 
 def read_job(job_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -51,10 +55,11 @@ def read_job(job_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def write_adapted(base: nn.Module, snapshot: Snapshot, report: Mapping[str, Any], lambdas: Mapping[str, Tensor],
-                  out: Path) -> Path:
-    """Write ``base`` adapted by ``snapshot`` and ``lambdas`` (consumes ``base``) crash-safely to ``out``."""
+                  out: Path, base_folder: Path | None = None) -> Path:
+    """Write ``base`` adapted by ``snapshot`` and ``lambdas`` (consumes ``base``) crash-safely to ``out``;
+    with ``base_folder`` (a transformers base's), ``out`` is a new Hugging Face folder with its files."""
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if base_folder is None and out.suffix != ".safetensors":
         raise AdaptError(f"{out}: the export must end in .safetensors (open_clip picks its loader by suffix)")
     if not out.parent.is_dir():
         raise AdaptError(f"{out}: folder {out.parent} does not exist")
@@ -63,4 +68,6 @@ def write_adapted(base: nn.Module, snapshot: Snapshot, report: Mapping[str, Any]
     state = model.merged_state_dict()
     meta = {"basis_version": str(report["basis_version"]), "n_fraction": repr(report["n_fraction"]),
             "target": str(report.get("target", ""))}
+    if base_folder is not None:
+        return write_hf_folder(state, base_folder, out, meta)
     return atomic_write(out, lambda p: save_file(state, str(p), metadata=meta))

@@ -138,9 +138,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     # 1. the target and its frozen zero-shot head, from the base model's text tower
     target = resolve_target(job.target, job.data_root, job.classnames, job.templates)
     base = base.to(device)
-    import open_clip
-    head = zero_shot_head(base, open_clip.get_tokenizer(base_cfg.model), target.classnames, target.templates,
-                          device=device)
+    head = zero_shot_head(base, models.tokenizer_for(base_cfg), target.classnames, target.templates, device=device)
 
     # 2. the Stage 2 model: only the top-N singular values of every basis matrix train, from start_scale * s
     model = (build(base, hp) if build is not None

@@ -43,15 +43,25 @@ def export_merged(cfg: Config, out: str | Path, version: int | None = None,
     basis = Basis.open(cfg.paths.basis_dir, base, settings=cfg.basis)
     version = basis.version if version is None else version
     state = basis.materialize(version, with_base=True)
-    meta = {"format": "pt", "basis_version": str(version), "base_sha256": basis.manifest["identity"]["sha256"]}
+    meta = {"basis_version": str(version), "base_sha256": basis.manifest["identity"]["sha256"]}
     if cfg.base.kind != "transformers":
         if out.suffix != ".safetensors":
             raise BasisError(f"{out}: an open_clip export is one file ending in .safetensors")
-        return atomic.atomic_write(out, lambda p: save_file(state, str(p), metadata=meta))
+        return atomic.atomic_write(out, lambda p: save_file(state, str(p), metadata={"format": "pt", **meta}))
+    return write_hf_folder(state, models.hf_model_dir(cfg.base), out, meta, max_shard_bytes)
+
+
+def write_hf_folder(state: dict[str, Tensor], base_dir: Path, out: Path, metadata: dict[str, str],
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """A new Hugging Face folder ``out``: ``base_dir``'s files but its weights, and ``state`` as the weights;
+    written under a temporary name, fsynced, renamed."""
+    out = Path(out)
+    if out.exists():
+        raise BasisError(f"{out}: already exists; remove it or choose another --out")
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     try:
-        _copy_non_weights(models.hf_model_dir(cfg.base), tmp)
-        write_hf_weights(state, tmp, meta, max_shard_bytes)
+        _copy_non_weights(base_dir, tmp)
+        write_hf_weights(state, tmp, {"format": "pt", **metadata}, max_shard_bytes)
         for path in tmp.rglob("*"):
             if path.is_file():
                 atomic.fsync_file(path)

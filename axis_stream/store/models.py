@@ -8,10 +8,11 @@ weights, read with ``readers.read_hf_base`` (no ``transformers`` import); buildi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -64,12 +65,66 @@ def create_base(cfg: BaseConfig, device: str | torch.device = "cpu") -> nn.Modul
         folder = hf_model_dir(cfg)
         archs = readers.hf_config(folder).get("architectures") or ["AutoModel"]
         cls = getattr(transformers, archs[0], transformers.AutoModel)
+        if isinstance(cls, type) and issubclass(cls, transformers.CLIPModel):
+            return _clip_for_stage2().from_pretrained(folder, local_files_only=True).to(device)
         return cls.from_pretrained(folder, local_files_only=True).to(device)
     import open_clip
 
     if cfg.model_config is not None:
         register_model_config(cfg.model_config)
     return open_clip.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device)
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@functools.cache
+def _clip_for_stage2() -> type:
+    """transformers' ``CLIPModel`` with the surface Stage 2 uses on an open_clip model: ``encode_image``,
+    ``encode_text`` (the projected features) and ``preprocess_cfg`` (read by open_clip's transforms).
+    Same modules, so the same state-dict names as the folder's."""
+    import transformers
+
+    class CLIPForStage2(transformers.CLIPModel):
+        @classmethod
+        def from_pretrained(cls, folder: Path, **kwargs: Any) -> "CLIPForStage2":
+            model = super().from_pretrained(folder, **kwargs)
+            size = model.config.vision_config.image_size
+            try:
+                proc = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+            except FileNotFoundError:
+                proc = {}
+            model.preprocess_cfg = {"size": size, "mode": "RGB", "interpolation": "bicubic",
+                                    "resize_mode": "shortest", "fill_color": 0,
+                                    "mean": tuple(proc.get("image_mean", OPENAI_CLIP_MEAN)),
+                                    "std": tuple(proc.get("image_std", OPENAI_CLIP_STD))}
+            return model
+
+        def encode_image(self, image: Tensor) -> Tensor:
+            return self.get_image_features(pixel_values=image).pooler_output
+
+        def encode_text(self, text: Tensor) -> Tensor:
+            return self.get_text_features(input_ids=text).pooler_output
+
+    return CLIPForStage2
+
+
+def tokenizer_for(cfg: BaseConfig) -> Callable[[list[str]], Tensor]:
+    """Texts -> token ids for the base's text tower: open_clip's tokenizer, or the transformers folder's
+    own (padded to its text tower's context length)."""
+    if cfg.kind != "transformers":
+        import open_clip
+
+        return open_clip.get_tokenizer(cfg.model)
+    import transformers
+
+    folder = hf_model_dir(cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text_cfg = readers.hf_config(folder).get("text_config", {})
+    length = int(text_cfg.get("max_position_embeddings", tok.model_max_length))
+    return lambda texts: tok(list(texts), padding="max_length", truncation=True, max_length=length,
+                             return_tensors="pt")["input_ids"]
 
 
 def weights_sha256(state_dict: Mapping[str, Tensor]) -> str:
