@@ -516,3 +516,39 @@ def test_adapt_and_export_on_a_transformers_clip_base(tmp_path):
         got = logits(exported.get_image_features(pixel_values=images).pooler_output, head)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(got, logits(model.eval().get_image_features(pixel_values=images).pooler_output, head))
+
+
+def test_worker_deletes_archives_and_moves_folders_whole(hf_bases, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from axis_stream.service.daemon import FoldWorker, move_into
+
+    folder, _, base = hf_bases["bert"]
+    cfg = hf_config(folder, tmp_path)
+    inbox = cfg.paths.watch_dir
+    inbox.mkdir(parents=True)
+    worker = FoldWorker(cfg, *models.load_base(cfg))
+    a = save_finetune(tiny_model("bert"), base, 40, inbox / "a")
+    assert worker.process(a).result == "folded" and not any(inbox.iterdir())    # deleted, no leftovers
+    cfg.watch.discard = "archive"
+    b = save_finetune(tiny_model("bert"), base, 41, inbox / "b")
+    names = sorted(p.name for p in b.iterdir())
+    assert worker.process(b).result == "folded" and not b.exists()
+    assert sorted(p.name for p in (cfg.paths.archive / "b").iterdir()) == names
+    assert [e["file"] for e in worker.basis.manifest["ledger"]] == ["a", "b"]
+
+    real_replace, crossed = os.replace, []
+
+    def across_filesystems(src, dst):
+        if not crossed and Path(src) == src_dir:
+            crossed.append(src)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    src_dir = Path(shutil.copytree(cfg.paths.archive / "b", tmp_path / "elsewhere" / "b"))
+    monkeypatch.setattr(os, "replace", across_filesystems)
+    move_into(src_dir, tmp_path / "moved" / "b")
+    assert crossed and not src_dir.exists() and not any((tmp_path / "elsewhere").iterdir())
+    assert sorted(p.name for p in (tmp_path / "moved" / "b").iterdir()) == names
+    assert [p.name for p in (tmp_path / "moved").iterdir()] == ["b"]
