@@ -552,3 +552,15 @@ def test_worker_deletes_archives_and_moves_folders_whole(hf_bases, tmp_path, mon
     assert crossed and not src_dir.exists() and not any((tmp_path / "elsewhere").iterdir())
     assert sorted(p.name for p in (tmp_path / "moved" / "b").iterdir()) == names
     assert [p.name for p in (tmp_path / "moved").iterdir()] == ["b"]
+
+
+def test_adapt_on_a_language_model_says_stage_2_needs_a_clip(tmp_path):
+    from types import SimpleNamespace
+
+    from axis_stream.adapt.model import AdaptError
+    from axis_stream.adapt.recipe import adapt
+
+    job = SimpleNamespace(hp=config.AdaptConfig())
+    with pytest.raises(AdaptError, match="Stage 2 needs a CLIP .* not a LlamaForCausalLM.*export --merged"):
+        adapt(tiny_model("llama"), config.BaseConfig(kind="transformers", model="tiny-llama"), None, job, tmp_path,
+              lambda event: None)

@@ -129,6 +129,9 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     """
     started = time.monotonic()
     hp = job.hp
+    if not (hasattr(base, "encode_image") and hasattr(base, "encode_text")):
+        raise AdaptError(f"base {base_cfg.model}: Stage 2 needs a CLIP (open_clip, or transformers' CLIPModel), "
+                         f"not a {type(base).__name__}; fold it and use `axis-stream export --merged`")
     device = pick_device(hp.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
