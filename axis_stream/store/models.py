@@ -51,8 +51,9 @@ def hf_model_dir(cfg: BaseConfig) -> Path:
         return repo / "snapshots" / ref.read_text().strip()
     if len(snapshots) == 1:
         return snapshots[0]
+    several = ", which has several snapshots and no refs/main" if snapshots else ""
     raise ConfigError(f"base.model: {cfg.model!r} is neither a folder nor a model in the Hugging Face cache "
-                      f"(looked in {folder.resolve()} and {repo}{'' if not snapshots else ', which has several snapshots and no refs/main'}); "
+                      f"(looked in {folder.resolve()} and {repo}{several}); "
                       f"download it first (huggingface-cli download {cfg.model}) or give its folder")
 
 
@@ -102,12 +103,17 @@ def _clip_for_stage2() -> type:
             return model
 
         def encode_image(self, image: Tensor) -> Tensor:
-            return self.get_image_features(pixel_values=image).pooler_output
+            return _features(self.get_image_features(pixel_values=image))
 
         def encode_text(self, text: Tensor) -> Tensor:
-            return self.get_text_features(input_ids=text).pooler_output
+            return _features(self.get_text_features(input_ids=text))
 
     return CLIPForStage2
+
+
+def _features(out: Any) -> Tensor:
+    """transformers 4 returns the projected features; 5 returns them as ``pooler_output``."""
+    return out if isinstance(out, Tensor) else out.pooler_output
 
 
 def tokenizer_for(cfg: BaseConfig) -> Callable[[list[str]], Tensor]:
