@@ -165,6 +165,23 @@ def test_a_sharded_folder_is_one_checkpoint_read_tensor_by_tensor(hf_bases, tmp_
     assert ingest.checkpoint_sha256(ft) == sha
 
 
+def test_a_clip_vision_model_finetune_folds_into_a_clip_base(hf_bases, tmp_path):
+    """FusionBench's layout: fine-tunes saved as CLIPVisionModel (model_type clip_vision_model)."""
+    folder, model, base = hf_bases["clip"]
+    tuned = finetuned_like(base, 7, scale=0.002, prefix="vision_model.")
+    vision = transformers.CLIPVisionModel(model.config.vision_config)
+    vision.load_state_dict({k.removeprefix("vision_model."): v for k, v in tuned.items()
+                            if k.startswith("vision_model.")})
+    vision.save_pretrained(tmp_path / "vit-ft", max_shard_size=SHARD)
+    assert json.loads((tmp_path / "vit-ft" / "config.json").read_text())["model_type"] == "clip_vision_model"
+    with ingest.read_checkpoint(tmp_path / "vit-ft", readers.read_hf_base(folder),
+                                required=layout.matrix_names(base, config.HF_BLOCK_MATRICES)) as ckpt:
+        assert all(n.startswith("vision_model.") for n in ckpt.names) and ckpt.mapping.tower == "vision_model."
+        assert any(n.startswith("text_model.") for n in ckpt.mapping.absent)      # unchanged, tau = 0
+        name = "vision_model.encoder.layers.1.mlp.fc2.weight"
+        torch.testing.assert_close(ckpt.delta(name), tuned[name] - base[name])
+
+
 def test_bin_shards_are_read_with_weights_only(hf_bases, tmp_path):
     folder, _, base = hf_bases["bert"]
     tensors = finetuned_like(base, 2, prefix="")

@@ -44,7 +44,9 @@ from axis_stream.store.readers import (  # noqa: F401
 
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "image_encoder.")
 """Prefixes that wrappers add (DataParallel, Lightning, torch.compile, task_vectors' ImageClassifier)."""
-VISUAL_PREFIX = "visual."
+TOWER_PREFIXES = ("visual.", "vision_model.")
+"""Where an image-encoder-only checkpoint's names go in a whole CLIP: open_clip's ``visual.*``, and
+``vision_model.*`` of transformers' CLIPModel (a CLIPVisionModel saved by transformers 5 has no prefix)."""
 DIFFERENT_BASE_RELATIVE_NORM = 0.5
 """A checkpoint whose weights (tensors of 2 or more dims) differ from the base's by more than this
 fraction of the base's norm was not fine-tuned from this base. Fine-tunes move weights by a few
@@ -60,7 +62,7 @@ class KeyMapping:
 
     names: dict[str, str]                   # base name -> name in the file
     stripped: tuple[str, ...] = ()          # wrapper prefixes removed
-    visual_only: bool = False               # an image-encoder-only checkpoint mapped onto visual.*
+    tower: str = ""                         # an image-encoder-only checkpoint mapped onto this prefix
     unmatched: tuple[str, ...] = ()         # names in the file that are not in the base (ignored)
     absent: tuple[str, ...] = ()            # base parameters not in the file (unchanged, tau = 0)
 
@@ -68,8 +70,8 @@ class KeyMapping:
         parts = [f"{len(self.names)} tensors mapped"]
         if self.stripped:
             parts.append("stripped " + ", ".join(repr(p) for p in self.stripped))
-        if self.visual_only:
-            parts.append(f"image-encoder-only, prefixed {VISUAL_PREFIX!r}")
+        if self.tower:
+            parts.append(f"image-encoder-only, prefixed {self.tower!r}")
         if self.unmatched:
             parts.append(f"{len(self.unmatched)} not in the base ignored (e.g. {self.unmatched[0]})")
         if self.absent:
@@ -79,8 +81,9 @@ class KeyMapping:
 
 def normalise_keys(path: str | Path, shapes: Mapping[str, tuple[int, ...]],
                    base_shapes: Mapping[str, tuple[int, ...]]) -> KeyMapping:
-    """Map file names onto base names: strip wrapper prefixes, and map onto ``visual.*`` when that
-    matches more base names with the right shape (an image-encoder-only checkpoint)."""
+    """Map file names onto base names: strip wrapper prefixes, and map onto ``visual.*`` or
+    ``vision_model.*`` when that matches more base names with the right shape (an image-encoder-only
+    checkpoint)."""
     stripped: set[str] = set()
     plain: dict[str, str] = {}
     for key in shapes:
@@ -98,14 +101,16 @@ def normalise_keys(path: str | Path, shapes: Mapping[str, tuple[int, ...]],
     def score(mapping: dict[str, str]) -> int:
         return sum(base_shapes.get(n) == tuple(shapes[k]) for n, k in mapping.items())
 
-    visual = {VISUAL_PREFIX + n: k for n, k in plain.items()}
-    visual_only = score(visual) > score(plain)
-    chosen = visual if visual_only else plain
+    tower, chosen = "", plain
+    for prefix in TOWER_PREFIXES:
+        prefixed = {prefix + n: k for n, k in plain.items()}
+        if score(prefixed) > score(chosen):
+            tower, chosen = prefix, prefixed
     names = {n: k for n, k in chosen.items() if n in base_shapes}
     return KeyMapping(
         names={n: names[n] for n in base_shapes if n in names},
         stripped=tuple(sorted(stripped)),
-        visual_only=visual_only,
+        tower=tower,
         unmatched=tuple(k for n, k in chosen.items() if n not in base_shapes),
         absent=tuple(n for n in base_shapes if n not in names),
     )
