@@ -163,7 +163,7 @@ class HFFolder:
                     if key in self._where:
                         raise errors.NotACheckpoint(self.path, f"{key!r} is in both {self._where[key]} and {name}")
                     self._where[key] = name
-                absent = [k for k in expected if k not in shard.keys()]
+                absent = [k for k in expected if self._where.get(k) != name]
                 if absent:
                     raise errors.MissingKeys(self.path, f"the index puts {absent[0]!r} in {name}, which does not "
                                                         f"hold it ({len(absent)} tensors absent)")
