@@ -253,7 +253,7 @@ def test_fold_cli_takes_a_folder_and_basis_show_lists_the_matrices(hf_bases, tmp
 
 # -- arrival of folders ------------------------------------------------------------------------------
 
-def test_folders_arrive_as_a_unit(hf_bases, tmp_path):
+def test_folders_arrive_as_a_unit(hf_bases, tmp_path, caplog):
     from watchdog.events import DirCreatedEvent, DirMovedEvent
 
     from axis_stream.service.watcher import Watcher
@@ -279,9 +279,14 @@ def test_folders_arrive_as_a_unit(hf_bases, tmp_path):
     w.on_event(DirCreatedEvent(str(incoming / "b")))
     for f in [src / "config.json", src / "model.safetensors.index.json", *shards[:-1]]:
         shutil.copy(f, incoming / "b")
+    w.tick()                                             # it changed: the clock restarts
     now[0] += 5
     w.tick()
+    w.tick()
     assert arrived == ["a"]                              # stable, but a shard is missing: waits
+    assert [r.getMessage() for r in caplog.records].count(
+        "b: unchanged, but its weights are incomplete (a shard its index names is missing or short, "
+        "or no config.json); waiting for them") == 1
     shutil.copy(shards[-1], incoming / "b")
     w.tick()
     assert arrived == ["a"]                              # it just changed: the clock restarted

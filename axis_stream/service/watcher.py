@@ -75,6 +75,7 @@ class _Seen:
     size: int
     mtime_ns: int
     since: float        # clock time at which this (size, mtime) was first observed
+    waiting: bool = False   # a stable folder whose weights are incomplete was logged once
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -230,8 +231,13 @@ class Watcher:
                     del self._seen[path]
                 elif st != (seen.size, seen.mtime_ns):
                     self._seen[path] = _Seen(*st, since=now)
-                elif now - seen.since >= self.stable_interval_s and (not path.is_dir() or hf_folder_complete(path)):
-                    ready.append((seen.mtime_ns, path.name, path))
+                elif now - seen.since >= self.stable_interval_s:
+                    if not path.is_dir() or hf_folder_complete(path):
+                        ready.append((seen.mtime_ns, path.name, path))
+                    elif not seen.waiting:
+                        seen.waiting = True
+                        log.warning("%s: unchanged, but its weights are incomplete (a shard its index names is "
+                                    "missing or short, or no config.json); waiting for them", path.name)
         self._arrive([p for _, _, p in sorted(ready)])
 
     def _arrive(self, paths: list[Path]) -> None:
