@@ -205,8 +205,8 @@ def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_
         path = export_merged(cfg, Path(out), basis_version)
         loader = (f"transformers' from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
                   else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
-        click.echo(f"wrote {path}: the merged model of basis version "
-                   f"{'current' if basis_version is None else basis_version}; {loader} loads it")
+        which = "the current basis version" if basis_version is None else f"basis version {basis_version}"
+        click.echo(f"wrote {path}: the merged model of {which}; {loader} loads it")
         return
     from axis_stream.adapt.export import export_job
     from axis_stream.adapt.files import HEAD_FILE
