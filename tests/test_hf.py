@@ -104,6 +104,8 @@ def test_default_patterns_select_each_familys_block_projections(hf_bases, tmp_pa
     # nothing else 2-D is a matrix: CLIP's text tower, embeddings, projections, heads, the pooler
     others = [n for n, t in base.items() if t.dim() == 2 and n not in names]
     assert others and not [n for n in others if "encoder.layer" in n and "vision" in n]
+    if family == "clip":
+        assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in others
     foreign = [p for f, patterns in config.HF_FAMILY_MATRICES.items() if f != family for p in patterns]
     assert not layout.matrix_names(base, foreign)     # the union of the families' defaults is safe
 
@@ -113,6 +115,11 @@ def test_explicit_patterns_and_kind_are_checked(hf_bases, tmp_path):
     cfg = hf_config(folder, tmp_path, matrix_patterns=["*.query.weight"])
     assert cfg.basis.matrix_patterns == ["*.query.weight"]
     assert config.load().basis.matrix_patterns == config.VIT_BLOCK_MATRICES  # open_clip stays the default
+    shipped = (Path(__file__).parents[1] / "config" / "axis-stream.toml").read_text()
+    edited = tmp_path / "shipped.toml"                   # the shipped file with only kind and model changed
+    edited.write_text(shipped.replace('kind = "open_clip"', 'kind = "transformers"')
+                      .replace('model = "ViT-B-32"', f'model = "{folder}"'))
+    assert config.load(edited).basis.matrix_patterns == config.HF_BLOCK_MATRICES
     bad = tmp_path / "bad.toml"
     bad.write_text('[base]\nkind = "hf"\n')
     with pytest.raises(errors.ConfigError, match="base.kind"):
