@@ -354,9 +354,22 @@ def basis_group() -> None:
 @click.argument("version", type=int, required=False)
 @_basis_options
 def basis_show(version: int | None, config_path: str | None, basis_dir: str | None) -> None:
-    """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current)."""
+    """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current).
+    Before the first fold: the matrices the configured base yields and their K."""
+    import tempfile
 
-    click.echo("\n".join(render.basis_summary_lines(_open_basis(config_path, basis_dir), version)))
+    from axis_stream import config
+    from axis_stream.store.basis import CURRENT, open_from_config
+
+    cfg = config.load(config_path)
+    directory = Path(basis_dir) if basis_dir else cfg.paths.basis_dir
+    if (directory / CURRENT).exists() or version is not None:
+        click.echo("\n".join(render.basis_summary_lines(_open_basis(config_path, basis_dir), version)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # an empty version 0 of the configured base and settings
+        preview = open_from_config(cfg, Path(tmp) / "basis", create=True)
+        click.echo(f"no basis in {directory} yet; the configured base and settings give:")
+        click.echo("\n".join(render.basis_summary_lines(preview)[1:]))
 
 
 @basis_group.command(name="history")

@@ -248,6 +248,9 @@ def test_fold_cli_takes_a_folder_and_basis_show_lists_the_matrices(hf_bases, tmp
     cfg = hf_config(folder, tmp_path)
     ft = save_finetune(tiny_model("bert"), base, 4, tmp_path / "bert-ft")
     cfg_path = tmp_path / "axis-stream.toml"
+    preview = CliRunner().invoke(main, ["basis", "show", "--config", str(cfg_path)])
+    assert preview.exit_code == 0 and "no basis in" in preview.output and not cfg.paths.basis_dir.exists()
+    assert len([line for line in preview.output.splitlines() if line.startswith("encoder.layer.")]) == 12
     result = CliRunner().invoke(main, ["fold", str(ft), "--config", str(cfg_path)])
     assert result.exit_code == 0, result.output
     assert "folded bert-ft -> version 1" in result.output
