@@ -185,30 +185,38 @@ class _StageProgress:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Config TOML (defaults apply without one): the base model, the basis and <state_dir>/jobs.")
 @click.option("--job", "job_id", help="The adapt job's id (its folder under <state_dir>/jobs).")
-@click.option("--merged", is_flag=True, help="Export the basis itself (base + basis at its stored values), no job.")
-@click.option("--version", type=int, help="With --merged: the basis version (default: the current).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, ending in .safetensors.")
-def export_cmd(config_path: str | None, job_id: str | None, merged: bool, version: int | None, out: str) -> None:
-    """Write full weights as an open_clip state dict (safetensors): an adapt job's, or with --merged the basis's."""
-    from axis_stream import config
-    from axis_stream.adapt.export import export_job, export_merged
-    from axis_stream.adapt.files import HEAD_FILE
+@click.option("--merged", is_flag=True, help="Instead: the merged model of Stage 1 (base + basis + averaged "
+                                             "parameters); a Hugging Face folder for a transformers base.")
+@click.option("--version", "basis_version", type=int, help="With --merged: the basis version (default: current).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a .safetensors file, or a new folder for --merged on a transformers base.")
+def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_version: int | None, out: str) -> None:
+    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors), or with
+    --merged the basis's merged model."""
 
-    if merged == (job_id is not None):
-        raise click.UsageError("give exactly one of --job ID and --merged")
-    if version is not None and not merged:
-        raise click.UsageError("--version goes with --merged (a job's basis version is in its report)")
+    from axis_stream import config
+
+    if merged == bool(job_id):
+        raise click.UsageError("give either --job ID or --merged")
     cfg = config.load(config_path)
     if merged:
-        path = export_merged(Path(out), cfg, version)
-        click.echo(f"wrote {path}: the base plus the basis at its stored values; "
-                   f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it")
+        from axis_stream.store.export import export_merged
+
+        path = export_merged(cfg, Path(out), basis_version)
+        loader = (f"transformers' from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
+                  else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
+        which = "the current basis version" if basis_version is None else f"basis version {basis_version}"
+        click.echo(f"wrote {path}: the merged model of {which}; {loader} loads it")
         return
+    from axis_stream.adapt.export import export_job
+    from axis_stream.adapt.files import HEAD_FILE
+
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
     path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
-    click.echo(f"wrote {path}: open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r}) loads it; "
-               f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
+    loader = (f"CLIPModel.from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
+              else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
+    click.echo(f"wrote {path}: {loader} loads it; the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
 
 
 def _guard(generator, *args):
@@ -312,10 +320,11 @@ def _open_basis(config_path: str | None, basis_dir: str | None):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_basis_options
 def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None) -> None:
-    """Fold checkpoints into the basis one after another (creating the basis on first use)."""
+    """Fold checkpoints (files, or Hugging Face model folders) into the basis one after another
+    (creating the basis on first use)."""
 
     from axis_stream import config
     from axis_stream.errors import CheckpointError
@@ -345,9 +354,22 @@ def basis_group() -> None:
 @click.argument("version", type=int, required=False)
 @_basis_options
 def basis_show(version: int | None, config_path: str | None, basis_dir: str | None) -> None:
-    """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current)."""
+    """Per matrix: rank, K, energy kept, and the sources' shares (VERSION: default the current).
+    Before the first fold: the matrices the configured base yields and their K."""
+    import tempfile
 
-    click.echo("\n".join(render.basis_summary_lines(_open_basis(config_path, basis_dir), version)))
+    from axis_stream import config
+    from axis_stream.store.basis import CURRENT, open_from_config
+
+    cfg = config.load(config_path)
+    directory = Path(basis_dir) if basis_dir else cfg.paths.basis_dir
+    if (directory / CURRENT).exists() or version is not None:
+        click.echo("\n".join(render.basis_summary_lines(_open_basis(config_path, basis_dir), version)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # an empty version 0 of the configured base and settings
+        preview = open_from_config(cfg, Path(tmp) / "basis", create=True)
+        click.echo(f"no basis in {directory} yet; the configured base and settings give:")
+        click.echo("\n".join(render.basis_summary_lines(preview)[1:]))
 
 
 @basis_group.command(name="history")

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Mapping, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +28,25 @@ VIT_BLOCK_MATRICES = [
     "visual.transformer.resblocks.*.mlp.c_fc.weight",
     "visual.transformer.resblocks.*.mlp.c_proj.weight",
 ]
+
+HF_FAMILY_MATRICES = {
+    "clip": [f"vision_model.encoder.layers.*.{m}.weight" for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")],
+    "llama": [f"{prefix}layers.*.{m}.weight" for prefix in ("", "model.") for m in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")],
+    "bert": [f"*encoder.layer.*.{m}.weight" for m in
+             ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense")],
+}
+"""The paper's matrices (attention and MLP projections of the transformer blocks) in Hugging Face names,
+per architecture family: CLIP's vision tower (``CLIPModel``, ``CLIPVisionModel``), Llama/Qwen/Mistral-style
+LMs (bare or ``model.``-prefixed for ``*ForCausalLM``), BERT-style encoders (bare or ``bert.``-prefixed).
+Each family's patterns match nothing in the others' models (CLIP's text tower included), so their
+union is the default for ``[base] kind = "transformers"`` whatever the family."""
+
+HF_BLOCK_MATRICES = [p for patterns in HF_FAMILY_MATRICES.values() for p in patterns]
+BASE_KINDS = ("open_clip", "transformers")
 
 
 @dataclass
@@ -62,9 +81,16 @@ class PathsConfig:
 
 @dataclass
 class BaseConfig:
-    model: str = "ViT-B-32"              # open_clip architecture name
-    pretrained: str = "openai"           # open_clip pretrained tag, or a local weights file
+    kind: str = "open_clip"              # open_clip | transformers (a Hugging Face model folder)
+    model: str = "ViT-B-32"              # open_clip architecture name; transformers: a folder or a model id
+    pretrained: str = "openai"           # open_clip pretrained tag, or a local weights file (open_clip only)
     model_config: Path | None = None     # optional open_clip model config JSON (custom architectures)
+    hf_cache: Path | None = None         # transformers: the hub cache a model id is looked up in (never downloaded)
+
+    def validate(self) -> None:
+        _choice("base.kind", self.kind, BASE_KINDS)
+        if not self.model:
+            raise ConfigError("base.model: required")
 
 
 @dataclass
@@ -221,6 +247,18 @@ class Config:
         return self
 
 
+HF_CACHE_ENV = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+
+
+def default_hf_cache(env: Mapping[str, str]) -> Path:
+    """Where huggingface_hub keeps downloaded models: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ~/.cache/huggingface/hub."""
+    for var in HF_CACHE_ENV:
+        if env.get(var):
+            return Path(env[var]).expanduser()
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
 ENV_OVERRIDES = {
     "AXIS_STREAM_STATE_DIR": "state_dir",
     "AXIS_STREAM_WATCH_DIR": "watch_dir",
@@ -241,8 +279,9 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     cfg = build_dataclass(Config, data, "")
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    env = os.environ if env is None else env
     for var, name in ENV_OVERRIDES.items():
-        value = (os.environ if env is None else env).get(var)
+        value = env.get(var)
         if value:
             setattr(cfg.paths, name, Path(value))
     for f in dataclasses.fields(cfg.paths):
@@ -251,6 +290,16 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
             setattr(cfg.paths, f.name, base_dir / value)
     if cfg.base.model_config is not None and not cfg.base.model_config.is_absolute():
         cfg.base.model_config = base_dir / cfg.base.model_config
+    if cfg.base.kind == "transformers":
+        if cfg.basis.matrix_patterns == VIT_BLOCK_MATRICES:  # open_clip's names, which no HF model has
+            cfg.basis.matrix_patterns = list(HF_BLOCK_MATRICES)
+        if cfg.base.hf_cache is None:
+            cfg.base.hf_cache = default_hf_cache(env)
+        elif not cfg.base.hf_cache.is_absolute():
+            cfg.base.hf_cache = base_dir / cfg.base.hf_cache
+        local = Path(cfg.base.model).expanduser()
+        if not local.is_absolute() and (base_dir / local).is_dir():
+            cfg.base.model = str(base_dir / local)
     return cfg.validate()
 
 

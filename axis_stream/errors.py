@@ -32,6 +32,10 @@ class TruncatedFile(CheckpointError):
     reason = "truncated"
 
 
+class MissingShard(CheckpointError):
+    reason = "missing_shard"
+
+
 class NotACheckpoint(CheckpointError):
     reason = "not_a_checkpoint"
 

@@ -21,6 +21,11 @@ stopped (``svd.SVDReport.stop``).
     python benchmarks/fold_memory.py                        # 30 folds, measures 1, 10, 30 twice each
     python benchmarks/fold_memory.py --folds 3 --measure 1 3 --svd exact
     python benchmarks/fold_memory.py --repeat 1 --without-give-up
+    python benchmarks/fold_memory.py --sharded 100          # each checkpoint a folder of <= 100 MiB shards
+
+With ``--sharded MIB`` each checkpoint is a Hugging Face-style folder instead of one file
+(``config.json``, shards ``model-0000N-of-0000M.safetensors`` of at most MIB written by
+``store.export.write_hf_weights``, ``model.safetensors.index.json``), read through ``readers.HFFolder``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from axis_stream.config import BasisConfig
 from axis_stream.core import stage1, svd
 from axis_stream.store import ingest
 from axis_stream.store.basis import FACTORS, MEANS, VERSIONS, Basis
+from axis_stream.store.export import write_hf_weights
 
 MiB = 2**20
 
@@ -103,6 +109,17 @@ def fine_tuned(base: dict[str, torch.Tensor], seed: int, rank: int = 16, size: f
     return out
 
 
+def write_checkpoint(state: dict[str, torch.Tensor], stem: Path, shard_mib: float | None) -> Path:
+    """``stem.safetensors``, or with ``shard_mib`` the folder ``stem`` holding the state dict in shards."""
+    if shard_mib is None:
+        save_file(state, stem.with_suffix(".safetensors"))
+        return stem.with_suffix(".safetensors")
+    stem.mkdir()
+    (stem / "config.json").write_text(json.dumps({"model_type": "open_clip"}))
+    write_hf_weights(state, stem, {"format": "pt"}, int(shard_mib * MiB))
+    return stem
+
+
 def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float) -> dict:
     """Run in a fresh process: the peak RSS and time of one fold."""
     for path in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
@@ -131,7 +148,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
         "base": sum(t.nbytes for t in base.values()),
         "basis": sum((vdir / f).stat().st_size for f in (FACTORS, MEANS)),
         "largest": max(t.nbytes for t in base.values()),
-        "checkpoint": ckpt.stat().st_size, "new_kept": record.new_kept_total,
+        "checkpoint": ingest.checkpoint_size(ckpt), "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,
         "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
         "stops": dict(stops), "give_up": math.isfinite(give_up_factor),
@@ -147,6 +164,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--without-give-up", action="store_true",
                         help="measure each measured fold also with the randomized SVD's early give-up off")
+    parser.add_argument("--sharded", type=float, metavar="MIB", default=None,
+                        help="write each checkpoint as a Hugging Face folder of shards of at most MIB MiB")
     parser.add_argument("--worker", nargs=4, metavar=("BASE", "BASIS", "CKPT", "FACTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -162,8 +181,7 @@ def main() -> None:
         basis = Basis.open(basis_dir, base)
         rows = []
         for i in range(1, args.folds + 1):
-            ckpt = tmp / f"task-{i:03d}.safetensors"
-            save_file(fine_tuned(base, seed=i), ckpt)
+            ckpt = write_checkpoint(fine_tuned(base, seed=i), tmp / f"task-{i:03d}", args.sharded)
             if i in args.measure:  # on copies of the basis, each in a fresh process
                 for _ in range(args.repeat):
                     for factor in factors:
@@ -177,7 +195,8 @@ def main() -> None:
             cpu_start = cpu_seconds()
             record = basis.fold_checkpoint(ckpt)
             print(f"fold {i}: {record.seconds:.1f} s, cpu {cpu_seconds() - cpu_start:.1f} s", flush=True)
-            ckpt.unlink()
+            shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
+    print(f"checkpoints: {'folders of shards <= %g MiB' % args.sharded if args.sharded else 'one safetensors file'}")
     print()
     print("| fold | give-up | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
           "| peak - baseline - base | svd | randomized attempt stopped |")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_adapt_data import write_colour_folders
@@ -119,4 +120,21 @@ def test_export_merged_writes_the_base_plus_the_basis_at_its_stored_values(setup
         assert any(not bool((weights[n] == base_sd[n]).all()) for n in snap.factors)
         open_clip.create_model("axis-tiny", pretrained=str(out))
     result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--out", str(tmp_path / "x.safetensors")])
-    assert result.exit_code == 2 and "exactly one of --job ID and --merged" in result.output
+    assert result.exit_code == 2 and "give either --job ID or --merged" in result.output
+
+
+def test_export_merged_on_an_open_clip_base_is_one_loadable_file(setup, tmp_path):
+    cfg_path, _ = setup
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(cli.main, ["export", "--merged", "--config", str(cfg_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged model of the current basis version" in result.output
+    cfg = config.load(cfg_path)
+    merged = Basis.open(cfg.paths.basis_dir, load_file(cfg.base.pretrained)).materialize(with_base=True)
+    model = open_clip.create_model(cfg.base.model, pretrained=str(out))
+    assert all(torch.equal(t, merged[name]) for name, t in model.state_dict().items() if name in merged)
+    assert not torch.equal(merged["visual.transformer.resblocks.0.attn.in_proj_weight"],
+                           load_file(cfg.base.pretrained)["visual.transformer.resblocks.0.attn.in_proj_weight"])
+    result = CliRunner().invoke(cli.main, ["export", "--merged", "--config", str(cfg_path), "--out",
+                                           str(tmp_path / "merged.pt")])
+    assert result.exit_code == 1 and "one file ending in .safetensors" in result.output

@@ -87,7 +87,7 @@ def test_image_encoder_only_checkpoint_maps_onto_the_visual_tower(tiny_base, tmp
     save_file(visual, path)
     with ingest.read_checkpoint(path, base) as ckpt:
         m = ckpt.mapping
-        assert m.visual_only and len(m.names) == len(visual) and not m.unmatched
+        assert m.tower == "visual." and len(m.names) == len(visual) and not m.unmatched
         assert all(n.startswith("visual.") for n in m.names)
         assert "transformer.resblocks.0.attn.in_proj_weight" in m.absent  # the text tower: unchanged
         assert "image-encoder-only" in str(m) and "taken as unchanged" in str(m)

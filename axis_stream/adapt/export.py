@@ -1,9 +1,9 @@
-"""Export full weights as an open_clip state dict in safetensors: a finished Stage 2 job, or the basis itself.
+"""Export a finished Stage 2 job as the full adapted weights: an open_clip state dict in safetensors,
+or for a transformers CLIP base a Hugging Face folder (the base folder's config and tokenizer).
 
-``open_clip.create_model(name, pretrained=FILE)`` loads the file; with the job's ``head.safetensors``
-(normalised image features times the head) a job's export gives the job's predictions. The merged
-export is the knowledge base usable without Stage 2: the base plus ``U diag(s) V^T`` of every basis
-matrix at its stored singular values, plus the averaged parameters.
+``open_clip.create_model(name, pretrained=FILE)`` (or ``CLIPModel.from_pretrained(FOLDER)``) loads it;
+with the job's ``head.safetensors`` (normalised image features times the head) it gives the job's
+predictions.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from axis_stream.config import Config
 from axis_stream.store import models
 from axis_stream.store.atomic import atomic_write
 from axis_stream.store.basis import Basis
+from axis_stream.store.export import write_hf_folder
 
 
 def export_job(job_dir: Path, out: Path, cfg: Config) -> Path:
@@ -33,7 +34,8 @@ def export_job(job_dir: Path, out: Path, cfg: Config) -> Path:
     if models.weights_sha256(base.state_dict()) != report["base"]["sha256"]:
         raise AdaptError(f"{job_dir}: the job was trained on other base weights than {cfg.base.pretrained!r}")
     snapshot = Basis.open(cfg.paths.basis_dir, base.state_dict()).load(report["basis_version"])
-    return write_adapted(base, snapshot, report, lambdas, out)
+    folder = models.hf_model_dir(cfg.base) if cfg.base.kind == "transformers" else None
+    return write_adapted(base, snapshot, report, lambdas, out, base_folder=folder)
 
 
 def read_job(job_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -53,32 +55,19 @@ def read_job(job_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def write_adapted(base: nn.Module, snapshot: Snapshot, report: Mapping[str, Any], lambdas: Mapping[str, Tensor],
-                  out: Path) -> Path:
-    """Write ``base`` adapted by ``snapshot`` and ``lambdas`` (consumes ``base``) crash-safely to ``out``."""
-    _check_out(out)
-    model = SVDAdapted(base, snapshot.factors, snapshot.means, report["n_fraction"], seed=report["seed"])
-    model.load_lambdas(lambdas, source=LAMBDA_FILE)
-    meta = {"basis_version": str(report["basis_version"]), "n_fraction": repr(report["n_fraction"]),
-            "target": str(report.get("target", ""))}
-    return _write_state(out, model.merged_state_dict(), meta)
-
-
-def export_merged(out: Path, cfg: Config, version: int | None = None) -> Path:
-    """Write the base plus basis version ``version`` (default: the current) at its stored values to ``out``."""
-    _check_out(out)
-    basis = Basis.open(cfg.paths.basis_dir, models.create_base(cfg.base).state_dict())
-    version = basis.version if version is None else version
-    meta = {"basis_version": str(version), "kind": "merged"}
-    return _write_state(out, basis.materialize(version, with_base=True), meta)
-
-
-def _check_out(out: Path) -> None:
+                  out: Path, base_folder: Path | None = None) -> Path:
+    """Write ``base`` adapted by ``snapshot`` and ``lambdas`` (consumes ``base``) crash-safely to ``out``;
+    with ``base_folder`` (a transformers base's), ``out`` is a new Hugging Face folder with its files."""
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if base_folder is None and out.suffix != ".safetensors":
         raise AdaptError(f"{out}: the export must end in .safetensors (open_clip picks its loader by suffix)")
     if not out.parent.is_dir():
         raise AdaptError(f"{out}: folder {out.parent} does not exist")
-
-
-def _write_state(out: Path, state: Mapping[str, Tensor], meta: Mapping[str, str]) -> Path:
-    return atomic_write(Path(out), lambda p: save_file(dict(state), str(p), metadata=dict(meta)))
+    model = SVDAdapted(base, snapshot.factors, snapshot.means, report["n_fraction"], seed=report["seed"])
+    model.load_lambdas(lambdas, source=LAMBDA_FILE)
+    state = model.merged_state_dict()
+    meta = {"basis_version": str(report["basis_version"]), "n_fraction": repr(report["n_fraction"]),
+            "target": str(report.get("target", ""))}
+    if base_folder is not None:
+        return write_hf_folder(state, base_folder, out, meta)
+    return atomic_write(out, lambda p: save_file(state, str(p), metadata=meta))

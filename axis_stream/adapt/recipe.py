@@ -129,6 +129,9 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     """
     started = time.monotonic()
     hp = job.hp
+    if not (hasattr(base, "encode_image") and hasattr(base, "encode_text")):
+        raise AdaptError(f"base {base_cfg.model}: Stage 2 needs a CLIP (open_clip, or transformers' CLIPModel), "
+                         f"not a {type(base).__name__}; fold it and use `axis-stream export --merged`")
     device = pick_device(hp.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,9 +141,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     # 1. the target and its frozen zero-shot head, from the base model's text tower
     target = resolve_target(job.target, job.data_root, job.classnames, job.templates)
     base = base.to(device)
-    import open_clip
-    head = zero_shot_head(base, open_clip.get_tokenizer(base_cfg.model), target.classnames, target.templates,
-                          device=device)
+    head = zero_shot_head(base, models.tokenizer_for(base_cfg), target.classnames, target.templates, device=device)
 
     # 2. the Stage 2 model: only the top-N singular values of every basis matrix train, from start_scale * s
     model = (build(base, hp) if build is not None

@@ -125,7 +125,7 @@ class FoldWorker:
 
     def process(self, path: Path) -> Outcome:
         """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file."""
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
         t0 = time.monotonic()
         try:
@@ -168,7 +168,7 @@ class FoldWorker:
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
-        sha = ingest.file_sha256(path)
+        sha = ingest.checkpoint_sha256(path)
         return any(e.get("sha256") == sha and e.get("file") == path.name for e in ledger(self.basis))
 
     def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:
@@ -206,8 +206,7 @@ class FoldWorker:
             if self.config.watch.discard == "archive":
                 move_into(path, free_name(self.paths.archive, path.name))
             else:
-                path.unlink()
-                fsync_dir(path.parent)
+                remove(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -244,8 +243,23 @@ def free_name(folder: Path, name: str) -> Path:
     return dest
 
 
+def remove(path: Path) -> None:
+    """Delete a file, or a model folder renamed to a dot-name first (which the watcher ignores), so that
+    a crash mid-way never leaves a half-deleted model where a checkpoint is expected."""
+    if path.is_dir():
+        trash = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+        shutil.rmtree(trash)
+    else:
+        path.unlink()
+        fsync_dir(path.parent)
+
+
 def move_into(src: Path, dest: Path) -> None:
-    """Move a file crash-safely: a rename when on one filesystem, else copy, fsync, rename, unlink."""
+    """Move a file or a model folder crash-safely: a rename when on one filesystem, else copy, fsync,
+    rename, remove."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(src, dest)
@@ -253,11 +267,19 @@ def move_into(src: Path, dest: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        fsync_file(tmp)
+        if src.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    fsync_file(Path(root) / name)
+                fsync_dir(Path(root))
+        else:
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-        src.unlink()
+        remove(src)
     fsync_dir(dest.parent)
     fsync_dir(src.parent)
 

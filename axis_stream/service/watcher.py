@@ -9,8 +9,16 @@ covers every writer):
   checked by a timer thread: files moved in from another filesystem, the polling observer,
   network filesystems, and files found by a rescan.
 Only regular files directly in the folder whose name ends in an accepted suffix count; dot-files,
-``*.partial``, ``*.tmp`` and subfolders are ignored (suffix checks by hand: watchdog 7 matches
-patterns with ``full_match``). The observer starts before the first listing, and the folder is
+``*.partial`` and ``*.tmp`` are ignored (suffix checks by hand: watchdog 7 matches patterns with
+``full_match``).
+
+A subfolder directly in the folder is one checkpoint (a Hugging Face model folder), arriving as a
+unit: renamed into place (``name.partial/`` -> ``name/``, the safe way) it arrives at once; otherwise
+(copied in, found by a rescan) once its weights are complete (``readers.hf_folder_complete``: the
+index names shards that are all present and whole) and nothing in it, recursively, changed size or
+mtime for ``stable_interval_s``. Files written inside a subfolder give no events here (the observer
+is not recursive), so the timer polls such folders. Dot-folders and ``*.partial``/``*.tmp`` folders
+are ignored. The observer starts before the first listing, and the folder is
 rescanned periodically, because inotify drops events when its queue overflows.
 """
 
@@ -26,6 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -37,9 +48,12 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from axis_stream.store.readers import hf_folder_complete
+
 log = logging.getLogger(__name__)
 
 ACCEPTED_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+IGNORED_FOLDER_SUFFIXES = (".partial", ".tmp")
 
 
 def is_candidate(path: str | Path, folder: Path) -> bool:
@@ -49,19 +63,38 @@ def is_candidate(path: str | Path, folder: Path) -> bool:
             and path.name.lower().endswith(ACCEPTED_SUFFIXES))
 
 
+def is_folder_candidate(path: str | Path, folder: Path) -> bool:
+    """True for a subfolder directly inside ``folder`` that may be a model: not a dot-, .partial or .tmp folder."""
+    path = Path(path)
+    return (path.parent == folder and not path.name.startswith(".")
+            and not path.name.lower().endswith(IGNORED_FOLDER_SUFFIXES) and path.is_dir())
+
+
 @dataclass
 class _Seen:
     size: int
     mtime_ns: int
     since: float        # clock time at which this (size, mtime) was first observed
+    waiting: bool = False   # a stable folder whose weights are incomplete was logged once
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a regular file; for a folder, the total size and the newest mtime of it and
+    everything under it (an added, removed, renamed or growing file changes one of them)."""
     try:
         st = path.stat()
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size, st.st_mtime_ns
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        size, mtime = 0, st.st_mtime_ns
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                sub = os.stat(os.path.join(root, name), follow_symlinks=False)
+                size, mtime = size + (sub.st_size if stat.S_ISREG(sub.st_mode) else 0), max(mtime, sub.st_mtime_ns)
+        return size, mtime
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 class Watcher:
@@ -136,9 +169,18 @@ class Watcher:
 
     def on_event(self, event: FileSystemEvent) -> None:
         """Route one watchdog event: closed and moved-in arrive now; created/modified wait until stable."""
-        if event.is_directory:
+        if isinstance(event, DirMovedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+            dest = os.fsdecode(event.dest_path)
+            if dest and is_folder_candidate(dest, self.folder):
+                self._arrive([Path(dest)])
+        elif isinstance(event, DirCreatedEvent):
+            self.observe(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, DirDeletedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+        elif event.is_directory:
             return
-        if isinstance(event, FileMovedEvent):
+        elif isinstance(event, FileMovedEvent):
             self._forget(Path(os.fsdecode(event.src_path)))
             dest = os.fsdecode(event.dest_path)
             if dest and is_candidate(dest, self.folder):
@@ -154,7 +196,7 @@ class Watcher:
 
     def observe(self, path: Path) -> None:
         """Start (or restart) the stability clock of ``path`` if it is a candidate we do not hold yet."""
-        if not is_candidate(path, self.folder) or self.is_pending(path):
+        if not (is_candidate(path, self.folder) or is_folder_candidate(path, self.folder)) or self.is_pending(path):
             return
         st = _stat(path)
         if st is None:
@@ -176,7 +218,8 @@ class Watcher:
             self.observe(Path(entry.path))
 
     def tick(self) -> None:
-        """Report files whose size and mtime have not changed for the stable interval; rescan when due."""
+        """Report files (and complete folders) whose size and mtime have not changed for the stable
+        interval; rescan when due."""
         now = self.clock()
         if now - self._last_scan >= self.rescan_interval_s:
             self.scan()
@@ -189,7 +232,12 @@ class Watcher:
                 elif st != (seen.size, seen.mtime_ns):
                     self._seen[path] = _Seen(*st, since=now)
                 elif now - seen.since >= self.stable_interval_s:
-                    ready.append((seen.mtime_ns, path.name, path))
+                    if not path.is_dir() or hf_folder_complete(path):
+                        ready.append((seen.mtime_ns, path.name, path))
+                    elif not seen.waiting:
+                        seen.waiting = True
+                        log.warning("%s: unchanged, but its weights are incomplete (a shard its index names is "
+                                    "missing or short, or no config.json); waiting for them", path.name)
         self._arrive([p for _, _, p in sorted(ready)])
 
     def _arrive(self, paths: list[Path]) -> None:

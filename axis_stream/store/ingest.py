@@ -7,22 +7,17 @@ model's, shapes and dtypes agree) and hashes the file. Tensors are then read one
 ``Checkpoint.finish()`` needs to reject a zero task vector or a checkpoint of another base model.
 Every rejection is an ``errors.CheckpointError`` subclass whose message names the file.
 
-Formats: safetensors (read with plain file reads, not mmap, so a process holds about one tensor of
-the file at a time), torch state dicts ``.pt``/``.pth``/``.bin`` loaded with ``weights_only=True``
-and ``mmap=True`` (also a nested dict with a ``state_dict``, ``model_state_dict`` or ``model``
-entry). Whole pickled objects are refused unless ``trust_pickles`` is set; they are then loaded by
-``axis_stream.store.convert``'s restricted unpickler, whole, into memory.
+Formats (the readers are in ``store.readers``): safetensors, torch state dicts ``.pt``/``.pth``/``.bin``
+loaded with ``weights_only=True`` (also a nested dict with a ``state_dict``, ``model_state_dict`` or
+``model`` entry), and Hugging Face model folders (``config.json`` and ``model.safetensors`` or its
+shards, read one tensor at a time from whichever shard holds it; another architecture than the
+base's in ``config.json`` is ``DifferentBase``). Whole pickled objects are refused unless
+``trust_pickles`` is set; they are then loaded by ``store.unpickle``'s restricted unpickler, whole.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import pickle
-import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -31,172 +26,32 @@ import torch
 from torch import Tensor
 
 from axis_stream import errors
-from axis_stream.errors import first_line
-from axis_stream.store import unpickle
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# SafetensorsFile, torch_file_kind, unnest_state_dict and file_sha256 are also used as ingest.* elsewhere.
+from axis_stream.store.readers import (  # noqa: F401
+    HF_CONFIG,
+    DictSource,
+    HFFolder,
+    SafetensorsFile,
+    architecture_family,
+    checkpoint_sha256,
+    checkpoint_size,
+    file_sha256,
+    open_source,
+    torch_file_kind,
+    unnest_state_dict,
+)
+
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "image_encoder.")
 """Prefixes that wrappers add (DataParallel, Lightning, torch.compile, task_vectors' ImageClassifier)."""
-STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model")
-VISUAL_PREFIX = "visual."
+TOWER_PREFIXES = ("visual.", "vision_model.")
+"""Where an image-encoder-only checkpoint's names go in a whole CLIP: open_clip's ``visual.*``, and
+``vision_model.*`` of transformers' CLIPModel (a CLIPVisionModel saved by transformers 5 has no prefix)."""
 DIFFERENT_BASE_RELATIVE_NORM = 0.5
 """A checkpoint whose weights (tensors of 2 or more dims) differ from the base's by more than this
 fraction of the base's norm was not fine-tuned from this base. Fine-tunes move weights by a few
 percent; two independent pretrainings of one architecture differ by about sqrt(2)."""
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-_HASH_CHUNK = 4 * 2**20
 _FINITE_CHUNK = 1 << 20
-
-
-# --- low-level readers: names, shapes and dtypes without data; data one tensor at a time ---
-
-class SafetensorsFile:
-    """A safetensors file read with ``readinto`` per tensor: no mmap, so nothing stays resident.
-
-    Raises ``TruncatedFile`` when the header or data end before the header says they do, and
-    ``NotACheckpoint`` when the file is not safetensors at all.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._fh = open(self.path, "rb")
-        try:
-            self._parse()
-        except BaseException:
-            self._fh.close()
-            raise
-
-    def _parse(self) -> None:
-        size = os.fstat(self._fh.fileno()).st_size
-        head = self._fh.read(8)
-        if len(head) < 8:
-            raise errors.TruncatedFile(self.path, f"{size} bytes, shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise errors.NotACheckpoint(self.path, "not a safetensors file (implausible header length)")
-        if 8 + n > size:
-            raise errors.TruncatedFile(self.path, f"header needs {8 + n} bytes, the file has {size}")
-        try:
-            header = json.loads(self._fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for name, e in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise errors.NotACheckpoint(self.path, f"tensor {name!r} has an unreadable header entry") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-                raise errors.NotACheckpoint(self.path, f"tensor {name!r}: offsets disagree with its shape")
-            self._entries[name] = (dtype, shape, begin, end)
-            end_max = max(end_max, end)
-        if self._data_start + end_max > size:
-            raise errors.TruncatedFile(
-                self.path, f"data ends at byte {self._data_start + end_max}, the file has {size}")
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][0]
-
-    def read(self, key: str) -> Tensor:
-        """The tensor's own copy in torch-allocated (aligned) memory; nothing of the file stays mapped."""
-        dtype, shape, begin, end = self._entries[key]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        self._fh.seek(self._data_start + begin)
-        if end > begin and self._fh.readinto(memoryview(buf.numpy())) != end - begin:
-            raise errors.TruncatedFile(self.path, f"tensor {key!r} ends past the end of the file")
-        return buf.view(dtype).reshape(shape)
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-class _DictSource:
-    """A state dict already loaded (a torch file mapped with ``mmap=True``, or a trusted pickle)."""
-
-    def __init__(self, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None):
-        self._t = dict(tensors)
-        self.metadata = metadata or {}
-
-    def keys(self) -> list[str]:
-        return list(self._t)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._t[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._t[key].dtype
-
-    def read(self, key: str) -> Tensor:
-        return self._t[key]
-
-    def close(self) -> None:
-        self._t.clear()
-
-
-def torch_file_kind(path: Path) -> str:
-    """``"zip"`` (torch >= 1.6) or ``"legacy"``; ``TruncatedFile`` or ``NotACheckpoint`` otherwise."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
-            raise errors.TruncatedFile(path, "torch zip archive is incomplete (no central directory)")
-        return "zip"
-    if magic.startswith(b"\x80"):
-        return "legacy"
-    raise errors.NotACheckpoint(path, "not a torch file (neither a zip archive nor a pickle)")
-
-
-def _open_torch(path: Path, trust_pickles: bool) -> _DictSource:
-    """A torch file as a lazily paged state dict; whole pickles only when trusted."""
-    mmap = torch_file_kind(path) == "zip"  # the legacy format cannot be mapped
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
-        if not trust_pickles:
-            raise errors.UntrustedPickle(
-                path, "a whole pickled object, not a state dict; convert it with `axis-stream convert` "
-                      "(or set basis.trust_pickles for a folder you control)") from None
-        obj = unpickle.state_dict_of(unpickle.load_pickle(path))
-    except EOFError:
-        raise errors.TruncatedFile(path, "the pickle ends early") from None
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
-    return _DictSource(unnest_state_dict(path, obj))
-
-
-def unnest_state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
-    """The tensors of a state dict, looking one level into a ``state_dict``-like entry."""
-    if isinstance(obj, Mapping):
-        for entry in STATE_DICT_ENTRIES:
-            if isinstance(obj.get(entry), Mapping):
-                obj = obj[entry]
-                break
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-        if tensors:
-            return tensors
-    raise errors.NotACheckpoint(path, f"holds a {type(obj).__name__} without tensors, not a state dict")
 
 
 # --- key normalisation ---
@@ -207,7 +62,7 @@ class KeyMapping:
 
     names: dict[str, str]                   # base name -> name in the file
     stripped: tuple[str, ...] = ()          # wrapper prefixes removed
-    visual_only: bool = False               # an image-encoder-only checkpoint mapped onto visual.*
+    tower: str = ""                         # an image-encoder-only checkpoint mapped onto this prefix
     unmatched: tuple[str, ...] = ()         # names in the file that are not in the base (ignored)
     absent: tuple[str, ...] = ()            # base parameters not in the file (unchanged, tau = 0)
 
@@ -215,8 +70,8 @@ class KeyMapping:
         parts = [f"{len(self.names)} tensors mapped"]
         if self.stripped:
             parts.append("stripped " + ", ".join(repr(p) for p in self.stripped))
-        if self.visual_only:
-            parts.append(f"image-encoder-only, prefixed {VISUAL_PREFIX!r}")
+        if self.tower:
+            parts.append(f"image-encoder-only, prefixed {self.tower!r}")
         if self.unmatched:
             parts.append(f"{len(self.unmatched)} not in the base ignored (e.g. {self.unmatched[0]})")
         if self.absent:
@@ -226,8 +81,9 @@ class KeyMapping:
 
 def normalise_keys(path: str | Path, shapes: Mapping[str, tuple[int, ...]],
                    base_shapes: Mapping[str, tuple[int, ...]]) -> KeyMapping:
-    """Map file names onto base names: strip wrapper prefixes, and map onto ``visual.*`` when that
-    matches more base names with the right shape (an image-encoder-only checkpoint)."""
+    """Map file names onto base names: strip wrapper prefixes, and map onto ``visual.*`` or
+    ``vision_model.*`` when that matches more base names with the right shape (an image-encoder-only
+    checkpoint)."""
     stripped: set[str] = set()
     plain: dict[str, str] = {}
     for key in shapes:
@@ -245,14 +101,16 @@ def normalise_keys(path: str | Path, shapes: Mapping[str, tuple[int, ...]],
     def score(mapping: dict[str, str]) -> int:
         return sum(base_shapes.get(n) == tuple(shapes[k]) for n, k in mapping.items())
 
-    visual = {VISUAL_PREFIX + n: k for n, k in plain.items()}
-    visual_only = score(visual) > score(plain)
-    chosen = visual if visual_only else plain
+    tower, chosen = "", plain
+    for prefix in TOWER_PREFIXES:
+        prefixed = {prefix + n: k for n, k in plain.items()}
+        if score(prefixed) > score(chosen):
+            tower, chosen = prefix, prefixed
     names = {n: k for n, k in chosen.items() if n in base_shapes}
     return KeyMapping(
         names={n: names[n] for n in base_shapes if n in names},
         stripped=tuple(sorted(stripped)),
-        visual_only=visual_only,
+        tower=tower,
         unmatched=tuple(k for n, k in chosen.items() if n not in base_shapes),
         absent=tuple(n for n in base_shapes if n not in names),
     )
@@ -343,15 +201,6 @@ def all_finite(t: Tensor) -> bool:
     return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
                     trust_pickles: bool = False, required: Iterable[str] = (),
                     base_sha256: str | None = None) -> Checkpoint:
@@ -361,28 +210,27 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
     """
     path = Path(path)
+    source = open_source(path, trust_pickles)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise errors.NotACheckpoint(path, f"cannot read: {exc.strerror}") from None
-    if size == 0:
-        raise errors.TruncatedFile(path, "empty file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        source: Any = SafetensorsFile(path)
-    elif suffix in TORCH_SUFFIXES:
-        source = _open_torch(path, trust_pickles)
-    else:
-        raise errors.NotACheckpoint(path, f"unsupported file type {suffix or '(none)'!r}; "
-                                          f"expected .safetensors, {', '.join(TORCH_SUFFIXES)}")
-    try:
+        if isinstance(source, HFFolder):
+            _check_architecture(path, source.config, getattr(base_state_dict, "config", None))
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
-        fmt = "safetensors" if isinstance(source, SafetensorsFile) else "torch"
-        return Checkpoint(path, file_sha256(path), size, fmt, dict(source.metadata), mapping, source,
-                          base_state_dict)
+        fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
+        return Checkpoint(path, checkpoint_sha256(path), checkpoint_size(path), fmt, dict(source.metadata),
+                          mapping, source, base_state_dict)
     except BaseException:
         source.close()
         raise
+
+
+def _check_architecture(path: Path, config: Mapping[str, Any], base_config: Mapping[str, Any] | None) -> None:
+    """A folder whose config.json names another architecture family than the base's is ``DifferentBase``."""
+    if base_config is None:
+        return
+    mine, base = architecture_family(config), architecture_family(base_config)
+    if mine != base:
+        raise errors.DifferentBase(path, f"its {HF_CONFIG} says model_type {config.get('model_type')!r}, "
+                                         f"the base is {base_config.get('model_type')!r}")
 
 
 def _check_structure(path: Path, source: Any, base: Mapping[str, Tensor], required: Iterable[str],
@@ -424,7 +272,7 @@ def validate_state_dict(path: str | Path, tensors: Mapping[str, Tensor], base_st
                         metadata: dict[str, str] | None = None) -> Checkpoint:
     """``validate_checkpoint`` for a state dict in memory; ``path`` is the file errors name."""
     path = Path(path)
-    source = _DictSource(tensors, metadata)
+    source = DictSource(tensors, metadata)
     mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
     with Checkpoint(path, "", 0, "memory", dict(source.metadata), mapping, source, base_state_dict) as ckpt:
         _check_values(ckpt)

@@ -1,16 +1,25 @@
-"""The base model: building it with open_clip, naming its matrices, and fingerprinting its weights."""
+"""The base model: building it (open_clip, or a Hugging Face transformers folder), and fingerprinting its weights.
+
+A transformers base is a local folder or a model id looked up in the local Hugging Face hub cache
+(``models--ORG--NAME/snapshots/<refs/main>``); nothing is downloaded. Stage 1 needs only its
+weights, read with ``readers.read_hf_base`` (no ``transformers`` import); building the module
+(``create_base``) needs the ``hf`` extra.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from axis_stream.config import BaseConfig, Config
+from axis_stream.errors import ConfigError
+from axis_stream.store import readers
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -30,13 +39,98 @@ def register_model_config(path: str | Path) -> str:
     return path.stem
 
 
+def hf_model_dir(cfg: BaseConfig) -> Path:
+    """The folder of a transformers base: ``cfg.model`` as a folder, else as a model id in the hub cache."""
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir():
+        return folder
+    repo = Path(cfg.hf_cache or "") / f"models--{cfg.model.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    if len(snapshots) == 1:
+        return snapshots[0]
+    several = ", which has several snapshots and no refs/main" if snapshots else ""
+    raise ConfigError(f"base.model: {cfg.model!r} is neither a folder nor a model in the Hugging Face cache "
+                      f"(looked in {folder.resolve()} and {repo}{several}); "
+                      f"download it first (huggingface-cli download {cfg.model}) or give its folder")
+
+
 def create_base(cfg: BaseConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the configured open_clip model with its pretrained weights (a tag or a local file)."""
+    """Build the configured model with its pretrained weights: open_clip (a tag or a local file), or the
+    transformers class its config.json names (``AutoModel`` when it names none)."""
+    if cfg.kind == "transformers":
+        import transformers
+
+        folder = hf_model_dir(cfg)
+        archs = readers.hf_config(folder).get("architectures") or ["AutoModel"]
+        cls = getattr(transformers, archs[0], transformers.AutoModel)
+        if isinstance(cls, type) and issubclass(cls, transformers.CLIPModel):
+            return _clip_for_stage2().from_pretrained(folder, local_files_only=True).to(device)
+        return cls.from_pretrained(folder, local_files_only=True).to(device)
     import open_clip
 
     if cfg.model_config is not None:
         register_model_config(cfg.model_config)
     return open_clip.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device)
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@functools.cache
+def _clip_for_stage2() -> type:
+    """transformers' ``CLIPModel`` with the surface Stage 2 uses on an open_clip model: ``encode_image``,
+    ``encode_text`` (the projected features) and ``preprocess_cfg`` (read by open_clip's transforms).
+    Same modules, so the same state-dict names as the folder's."""
+    import transformers
+
+    class CLIPForStage2(transformers.CLIPModel):
+        @classmethod
+        def from_pretrained(cls, folder: Path, **kwargs: Any) -> "CLIPForStage2":
+            model = super().from_pretrained(folder, **kwargs)
+            size = model.config.vision_config.image_size
+            try:
+                proc = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+            except FileNotFoundError:
+                proc = {}
+            model.preprocess_cfg = {"size": size, "mode": "RGB", "interpolation": "bicubic",
+                                    "resize_mode": "shortest", "fill_color": 0,
+                                    "mean": tuple(proc.get("image_mean", OPENAI_CLIP_MEAN)),
+                                    "std": tuple(proc.get("image_std", OPENAI_CLIP_STD))}
+            return model
+
+        def encode_image(self, image: Tensor) -> Tensor:
+            return _features(self.get_image_features(pixel_values=image))
+
+        def encode_text(self, text: Tensor) -> Tensor:
+            return _features(self.get_text_features(input_ids=text))
+
+    return CLIPForStage2
+
+
+def _features(out: Any) -> Tensor:
+    """transformers 4 returns the projected features; 5 returns them as ``pooler_output``."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def tokenizer_for(cfg: BaseConfig) -> Callable[[list[str]], Tensor]:
+    """Texts -> token ids for the base's text tower: open_clip's tokenizer, or the transformers folder's
+    own (padded to its text tower's context length)."""
+    if cfg.kind != "transformers":
+        import open_clip
+
+        return open_clip.get_tokenizer(cfg.model)
+    import transformers
+
+    folder = hf_model_dir(cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text_cfg = readers.hf_config(folder).get("text_config", {})
+    length = int(text_cfg.get("max_position_embeddings", tok.model_max_length))
+    return lambda texts: tok(list(texts), padding="max_length", truncation=True, max_length=length,
+                             return_tensors="pt")["input_ids"]
 
 
 def weights_sha256(state_dict: Mapping[str, Tensor]) -> str:
@@ -50,7 +144,11 @@ def weights_sha256(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def load_base(cfg: Config) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The configured base model's state dict and its identity (name, pretrained; sha256 added on create)."""
+    """The configured base model's state dict and its identity (name, pretrained; sha256 added on create).
+    A transformers base's state dict is what its folder stores (a ``readers.BaseWeights`` with its config)."""
+    if cfg.base.kind == "transformers":
+        state = readers.read_hf_base(hf_model_dir(cfg.base))
+        return state, {"name": cfg.base.model, "pretrained": f"transformers:{state.config.get('model_type', '')}"}
     model = create_base(cfg.base)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     return state, {"name": cfg.base.model, "pretrained": cfg.base.pretrained}

@@ -1,0 +1,357 @@
+"""The low-level checkpoint readers: names, shapes and dtypes without data, then data one tensor at a time.
+
+Each reader has the same small interface (``keys``, ``shape``, ``dtype``, ``read``, ``metadata``,
+``close``); ``open_source`` picks one by the path's kind. ``store.ingest`` builds the validated
+``Checkpoint`` on top of them. Formats: safetensors (``SafetensorsFile``: plain reads, no mmap),
+torch state dicts (``weights_only=True``, ``mmap=True``), and Hugging Face model folders
+(``HFFolder``: ``config.json`` with ``model.safetensors``, or shards named by
+``model.safetensors.index.json``, or the ``pytorch_model*.bin`` equivalents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from axis_stream import errors
+from axis_stream.errors import first_line
+from axis_stream.store import unpickle
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model")
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+_HASH_CHUNK = 4 * 2**20
+
+class SafetensorsFile:
+    """A safetensors file read with ``readinto`` per tensor: no mmap, so nothing stays resident.
+
+    Raises ``TruncatedFile`` when the header or data end before the header says they do, and
+    ``NotACheckpoint`` when the file is not safetensors at all.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "rb")
+        try:
+            self._parse()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _parse(self) -> None:
+        size = os.fstat(self._fh.fileno()).st_size
+        head = self._fh.read(8)
+        if len(head) < 8:
+            raise errors.TruncatedFile(self.path, f"{size} bytes, shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise errors.NotACheckpoint(self.path, "not a safetensors file (implausible header length)")
+        if 8 + n > size:
+            raise errors.TruncatedFile(self.path, f"header needs {8 + n} bytes, the file has {size}")
+        try:
+            header = json.loads(self._fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not a JSON object)")
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for name, e in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise errors.NotACheckpoint(self.path, f"tensor {name!r} has an unreadable header entry") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise errors.NotACheckpoint(self.path, f"tensor {name!r}: offsets disagree with its shape")
+            self._entries[name] = (dtype, shape, begin, end)
+            end_max = max(end_max, end)
+        if self._data_start + end_max > size:
+            raise errors.TruncatedFile(
+                self.path, f"data ends at byte {self._data_start + end_max}, the file has {size}")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def read(self, key: str) -> Tensor:
+        """The tensor's own copy in torch-allocated (aligned) memory; nothing of the file stays mapped."""
+        dtype, shape, begin, end = self._entries[key]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._fh.seek(self._data_start + begin)
+        if end > begin and self._fh.readinto(memoryview(buf.numpy())) != end - begin:
+            raise errors.TruncatedFile(self.path, f"tensor {key!r} ends past the end of the file")
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class DictSource:
+    """A state dict already loaded (a torch file mapped with ``mmap=True``, or a trusted pickle)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None):
+        self._t = dict(tensors)
+        self.metadata = metadata or {}
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._t[key].dtype
+
+    def read(self, key: str) -> Tensor:
+        return self._t[key]
+
+    def close(self) -> None:
+        self._t.clear()
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""A Hugging Face folder's weights, in the order ``transformers`` prefers them; the other files are ignored."""
+HF_CONFIG = "config.json"
+
+
+class HFFolder:
+    """A Hugging Face model folder as one checkpoint, with the ``SafetensorsFile`` interface.
+
+    Every shard is opened (headers only) when the folder is; ``read`` reads one tensor from the
+    shard that holds it. Raises ``MissingShard`` when the index names a shard that is not there,
+    ``MissingKeys`` when the index names a tensor its shard does not hold, ``NotACheckpoint`` when
+    the folder has no ``config.json`` or no weights.
+    """
+
+    def __init__(self, path: str | Path, trust_pickles: bool = False):
+        self.path = Path(path)
+        self.config = hf_config(self.path)
+        self.files = hf_weight_files(self.path)
+        self._shards: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        self.metadata: dict[str, str] = {}
+        try:
+            for name, expected in self.files.items():
+                shard = self._shards[name] = open_source(self.path / name, trust_pickles)
+                for key in shard.keys():
+                    if key in self._where:
+                        raise errors.NotACheckpoint(self.path, f"{key!r} is in both {self._where[key]} and {name}")
+                    self._where[key] = name
+                absent = [k for k in expected if self._where.get(k) != name]
+                if absent:
+                    raise errors.MissingKeys(self.path, f"the index puts {absent[0]!r} in {name}, which does not "
+                                                        f"hold it ({len(absent)} tensors absent)")
+                self.metadata.update(shard.metadata)
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shards[self._where[key]].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._shards[self._where[key]].dtype(key)
+
+    def read(self, key: str) -> Tensor:
+        return self._shards[self._where[key]].read(key)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+
+def hf_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder's ``config.json``; ``NotACheckpoint`` when it is absent or not a JSON object."""
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text())
+    except FileNotFoundError:
+        raise errors.NotACheckpoint(folder, f"a folder without {HF_CONFIG}, not a Hugging Face model") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.NotACheckpoint(folder, f"unreadable {HF_CONFIG} ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise errors.NotACheckpoint(folder, f"{HF_CONFIG} is not a JSON object")
+    return config
+
+
+def hf_weight_files(folder: Path) -> dict[str, list[str]]:
+    """The weight files of a Hugging Face folder -> the tensors its index puts in each (all present)."""
+    for name in HF_WEIGHTS:
+        if (folder / name).is_file():
+            break
+    else:
+        raise errors.NotACheckpoint(folder, f"no weights: none of {', '.join(HF_WEIGHTS)}")
+    if not name.endswith(".index.json"):
+        return {name: []}
+    try:
+        weight_map = json.loads((folder / name).read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            files.setdefault(str(shard), []).append(str(key))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise errors.NotACheckpoint(folder, f"unreadable {name} ({first_line(exc)})") from None
+    for shard in files:
+        if Path(shard).name != shard or not (folder / shard).is_file():
+            raise errors.MissingShard(folder, f"{name} names shard {shard!r}, which is not in the folder "
+                                              f"({len(files)} shards named)")
+    return files
+
+
+def hf_folder_complete(folder: Path) -> bool:
+    """True when the folder's weights are all there and complete (headers and sizes only, no tensor data)."""
+    try:
+        for name in hf_weight_files(folder):
+            if name.endswith(".safetensors"):
+                SafetensorsFile(folder / name).close()
+            else:
+                torch_file_kind(folder / name)
+        return (folder / HF_CONFIG).is_file()
+    except (errors.CheckpointError, OSError):
+        return False
+
+
+def architecture_family(config: Mapping[str, Any]) -> str:
+    """A config.json's ``model_type`` with CLIP's towers folded into ``clip`` (a vision tower fits a CLIPModel)."""
+    model_type = str(config.get("model_type", ""))
+    for tower in ("_vision_model", "_text_model"):
+        model_type = model_type.removesuffix(tower)
+    return model_type
+
+
+class BaseWeights(dict):
+    """The base model's state dict; ``config`` is its Hugging Face ``config.json`` (None for open_clip),
+    against which a folder checkpoint's architecture is checked."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], config: Mapping[str, Any] | None = None):
+        super().__init__(tensors)
+        self.config = dict(config) if config is not None else None
+
+
+def read_hf_base(folder: str | Path) -> BaseWeights:
+    """Every tensor of a Hugging Face model folder, in memory, with its config (the base stays resident)."""
+    source = HFFolder(folder)
+    try:
+        return BaseWeights({k: source.read(k) for k in source.keys()}, source.config)
+    finally:
+        source.close()
+
+
+def torch_file_kind(path: Path) -> str:
+    """``"zip"`` (torch >= 1.6) or ``"legacy"``; ``TruncatedFile`` or ``NotACheckpoint`` otherwise."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise errors.TruncatedFile(path, "torch zip archive is incomplete (no central directory)")
+        return "zip"
+    if magic.startswith(b"\x80"):
+        return "legacy"
+    raise errors.NotACheckpoint(path, "not a torch file (neither a zip archive nor a pickle)")
+
+
+def open_torch(path: Path, trust_pickles: bool) -> DictSource:
+    """A torch file as a lazily paged state dict; whole pickles only when trusted."""
+    mmap = torch_file_kind(path) == "zip"  # the legacy format cannot be mapped
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
+        if not trust_pickles:
+            raise errors.UntrustedPickle(
+                path, "a whole pickled object, not a state dict; convert it with `axis-stream convert` "
+                      "(or set basis.trust_pickles for a folder you control)") from None
+        obj = unpickle.state_dict_of(unpickle.load_pickle(path))
+    except EOFError:
+        raise errors.TruncatedFile(path, "the pickle ends early") from None
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
+    return DictSource(unnest_state_dict(path, obj))
+
+
+def unnest_state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
+    """The tensors of a state dict, looking one level into a ``state_dict``-like entry."""
+    if isinstance(obj, Mapping):
+        for entry in STATE_DICT_ENTRIES:
+            if isinstance(obj.get(entry), Mapping):
+                obj = obj[entry]
+                break
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+        if tensors:
+            return tensors
+    raise errors.NotACheckpoint(path, f"holds a {type(obj).__name__} without tensors, not a state dict")
+
+
+def open_source(path: Path, trust_pickles: bool) -> Any:
+    """The reader for ``path`` chosen by its kind: a Hugging Face folder, safetensors or a torch file."""
+    if path.is_dir():
+        return HFFolder(path, trust_pickles)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise errors.NotACheckpoint(path, f"cannot read: {exc.strerror}") from None
+    if size == 0:
+        raise errors.TruncatedFile(path, "empty file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if suffix in TORCH_SUFFIXES:
+        return open_torch(path, trust_pickles)
+    raise errors.NotACheckpoint(path, f"unsupported file type {suffix or '(none)'!r}; "
+                                      f"expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a model folder")
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """A checkpoint's identity: a file's sha256, or for a Hugging Face folder the sha256 of its weight
+    files' names and sha256s (config, tokenizer and other files do not count)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for name in sorted(hf_weight_files(path)):
+        h.update(f"{name}\0{file_sha256(path / name)}\n".encode())
+    return h.hexdigest()
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes of a checkpoint: the file, or a Hugging Face folder's weight files."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum((path / name).stat().st_size for name in hf_weight_files(path))
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
