@@ -15,12 +15,15 @@ basis (the new version's files) + 2 x the largest tensor. A measured fold runs `
 copies of the basis; every fold also runs in this process, which carries the basis forward. With
 ``--without-give-up`` each measured fold is measured again with the randomized SVD's early give-up
 switched off (``svd.GIVE_UP_FACTOR = inf``: the attempt runs to its subspace budget before falling
-back), side by side. The SVD column counts the matrices by path and by why the randomized attempt
+back), side by side; with ``--without-first-fold-rule``, again with the randomized path attempted
+at the first fold too (``stage1.FIRST_FOLD_SVD = None``; by default an empty basis's fold takes the
+exact path). The SVD column counts the matrices by path and by why the randomized attempt
 stopped (``svd.SVDReport.stop``).
 
     python benchmarks/fold_memory.py                        # 30 folds, measures 1, 10, 30 twice each
     python benchmarks/fold_memory.py --folds 3 --measure 1 3 --svd exact
     python benchmarks/fold_memory.py --repeat 1 --without-give-up
+    python benchmarks/fold_memory.py --folds 1 --measure 1 --without-first-fold-rule
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def fine_tuned(base: dict[str, torch.Tensor], seed: int, rank: int = 16, size: f
     return out
 
 
-def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float) -> dict:
+def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float, first_fold_rule: bool) -> dict:
     """Run in a fresh process: the peak RSS and time of one fold."""
     for path in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
         stage1.fold(None, torch.randn(300, 200), 20, svd=path)
@@ -111,6 +114,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
     base = load_base(base_path)
     basis = Basis.open(basis_dir, base)
     svd.GIVE_UP_FACTOR = give_up_factor
+    stage1.FIRST_FOLD_SVD = stage1.FIRST_FOLD_SVD if first_fold_rule else None
     stops: Counter = Counter()
     top_svd = svd.top_svd
 
@@ -134,7 +138,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
         "checkpoint": ckpt.stat().st_size, "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,
         "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
-        "stops": dict(stops), "give_up": math.isfinite(give_up_factor),
+        "stops": dict(stops), "give_up": math.isfinite(give_up_factor), "first_fold_rule": first_fold_rule,
     }
 
 
@@ -147,12 +151,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--without-give-up", action="store_true",
                         help="measure each measured fold also with the randomized SVD's early give-up off")
-    parser.add_argument("--worker", nargs=4, metavar=("BASE", "BASIS", "CKPT", "FACTOR"), help=argparse.SUPPRESS)
+    parser.add_argument("--without-first-fold-rule", action="store_true",
+                        help="measure each measured fold also with the randomized path attempted at the first fold")
+    parser.add_argument("--worker", nargs=5, metavar=("BASE", "BASIS", "CKPT", "FACTOR", "RULE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(*map(Path, args.worker[:3]), float(args.worker[3]))))
+        print(json.dumps(measure(*map(Path, args.worker[:3]), float(args.worker[3]), args.worker[4] == "on")))
         return
-    factors = [svd.GIVE_UP_FACTOR] + ([math.inf] if args.without_give_up else [])
+    variants = [(svd.GIVE_UP_FACTOR, "on")] + ([(math.inf, "on")] if args.without_give_up else []) + (
+        [(svd.GIVE_UP_FACTOR, "off")] if args.without_first_fold_rule else [])
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         base_path = tmp / "vit-b-32-base.safetensors"
@@ -166,10 +174,10 @@ def main() -> None:
             save_file(fine_tuned(base, seed=i), ckpt)
             if i in args.measure:  # on copies of the basis, each in a fresh process
                 for _ in range(args.repeat):
-                    for factor in factors:
+                    for factor, rule in variants:
                         copy = tmp / "basis-copy"
                         shutil.copytree(basis_dir, copy)
-                        cmd = [sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt), str(factor)]
+                        cmd = [sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt), str(factor), rule]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         shutil.rmtree(copy)
                         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -179,12 +187,13 @@ def main() -> None:
             print(f"fold {i}: {record.seconds:.1f} s, cpu {cpu_seconds() - cpu_start:.1f} s", flush=True)
             ckpt.unlink()
     print()
-    print("| fold | give-up | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
+    print("| fold | give-up | first-fold rule | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
           "| peak - baseline - base | svd | randomized attempt stopped |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         bound = r["baseline"] + r["base"] + r["basis"] + 2 * r["largest"]
-        print(f"| {r['version']} | {'on' if r['give_up'] else 'off'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+        print(f"| {r['version']} | {'on' if r['give_up'] else 'off'} "
+              f"| {'on' if r['first_fold_rule'] else 'off'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
               f"| {r['peak'] / MiB:.0f} MiB | {r['baseline'] / MiB:.0f} MiB "
               f"| {r['base'] / MiB:.0f} MiB | {r['basis'] / MiB:.1f} MiB | {r['largest'] / MiB:.0f} MiB "
               f"| {bound / MiB:.0f} MiB {'ok' if r['peak'] <= bound else 'EXCEEDED'} "
