@@ -75,7 +75,7 @@ def _pool(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> _Pool:
         torch.cat([p[0] for p in parts], dim=1),
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts], dim=1),
-        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long) for i, p in enumerate(parts)]),
+        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long, device=p[1].device) for i, p in enumerate(parts)]),
     )
 
 
@@ -119,7 +119,7 @@ def _select_average_top(parts, k, seed):
     """Average the sources' own top-k approximations, then keep the top k of that average's SVD."""
     avg = _pool([(u[:, :k], s[:k] / len(parts), v[:, :k]) for u, s, v in parts])
     U, s, V = _svd.orthogonalize(avg.U, avg.s, avg.V, k)
-    return _Pool(U, s, V, torch.full((s.numel(),), -1, dtype=torch.long))
+    return _Pool(U, s, V, torch.full((s.numel(),), -1, dtype=torch.long, device=s.device))
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
