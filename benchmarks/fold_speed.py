@@ -3,12 +3,15 @@
 Task matrices have a slowly decaying spectrum, singular values ``j^-0.5`` over the full rank, with
 random orthonormal singular vectors. The current basis "after S sources" is synthetic: random
 orthonormal factors carrying the top k of S pooled ``c_i * j^-0.5`` spectra (``c_i = exp(0.3 z_i)``),
-as the fold of S such matrices would hold. Each measurement runs in a fresh subprocess: "+MiB" is
+as the fold of S such matrices would hold; S = 0 is the first fold of an empty basis, measured twice:
+with the first-fold rule (``stage1.FIRST_FOLD_SVD``: the exact path) and without it (the randomized
+attempt, row "0*"). Each measurement runs in a fresh subprocess: "+MiB" is
 its peak RSS during the folds (``VmHWM`` after a reset through /proc/self/clear_refs) minus its RSS
 just before them ("base MiB": torch and the inputs).
 
     python benchmarks/fold_speed.py                      # the full table (about 5-10 minutes)
     python benchmarks/fold_speed.py --shapes 3072x768    # one shape
+    python benchmarks/fold_speed.py --sources 0          # the first fold, with and without the rule
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ def decaying_task(m: int, n: int, seed: int) -> torch.Tensor:
     return (orthonormal(m, r, g) * s) @ orthonormal(n, r, g).T
 
 
-def merged_basis(m: int, n: int, k: int, sources: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """``(U, s, V)`` of the rank-k basis a fold of ``sources`` decaying task matrices would hold."""
+def merged_basis(m: int, n: int, k: int, sources: int, seed: int) -> tuple[torch.Tensor, ...] | None:
+    """``(U, s, V)`` of the rank-k basis a fold of ``sources`` decaying task matrices would hold (0: none)."""
+    if sources == 0:
+        return None
     g = torch.Generator().manual_seed(seed)
     scales = torch.exp(0.3 * torch.randn(sources, generator=g))
     pooled = torch.cat([c * torch.arange(1, k + 1, dtype=torch.float32) ** -0.5 for c in scales])
@@ -60,10 +65,16 @@ def memory_mib(field: str) -> float:
 
 
 def measure(case: Path, path: str, repeats: int, threads: int) -> None:
-    """Subprocess side: fold ``repeats`` times, print times and memory as JSON, save the last result."""
+    """Subprocess side: fold ``repeats`` times, print times and memory as JSON, save the last result.
+
+    ``path`` is ``exact``, ``randomized``, or ``randomized*``: randomized without the first-fold rule.
+    """
     torch.set_num_threads(threads)
+    if path == "randomized*":
+        stage1.FIRST_FOLD_SVD = None
+    name, path = path, path.rstrip("*")
     inputs = torch.load(case)
-    current = Factors(*inputs["current"])
+    current = Factors(*inputs["current"]) if inputs["current"] is not None else None
     warm = torch.randn(96, 64)
     stage1.fold(None, warm, 8, svd=path)  # load the LAPACK/BLAS kernels before measuring
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS (Linux)
@@ -75,7 +86,7 @@ def measure(case: Path, path: str, repeats: int, threads: int) -> None:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     peak = memory_mib("VmHWM")
-    torch.save({"U": out.U, "s": out.s, "V": out.V}, case.with_suffix(f".{path}.out"))
+    torch.save({"U": out.U, "s": out.s, "V": out.V}, case.with_suffix(f".{name}.out"))
     print(json.dumps({"times": times, "cpu": cpu, "base_mib": before, "peak_mib": peak,
                       "method": out.stats.svd_method, "cert": out.stats.svd_error,
                       "new_kept": out.stats.new_kept}))
@@ -128,15 +139,17 @@ def main() -> None:
                 case = Path(tmp) / f"{shape}-{sources}.pt"
                 torch.save({"delta": delta, "current": merged_basis(m, n, k, sources, seed=2), "k": k}, case)
                 exact = run_case(case, "exact", reps["exact"], args.threads)
-                fast = run_case(case, "randomized", reps["randomized"], args.threads)
-                sv_err, fold_err = errors(fast, exact)
-                te, tf = min(exact["times"]), min(fast["times"])
-                cpu = min(exact["cpu"]) / min(fast["cpu"])
-                print(f"{shape:>10} {k:>4} {sources:>3} | {te:8.3f} {tf:8.3f} {te / tf:7.1f}x {cpu:5.1f}x | "
-                      f"{exact['peak_mib'] - exact['base_mib']:10.0f} {fast['peak_mib'] - fast['base_mib']:9.0f} "
-                      f"{fast['base_mib']:8.0f} | "
-                      f"{sv_err:8.1e} {fold_err:8.1e} {fast['cert']:8.1e} {fast['method']:>10} "
-                      f"{fast['new_kept']:>4}", flush=True)
+                for path in ["randomized"] + (["randomized*"] if sources == 0 else []):
+                    fast = run_case(case, path, reps["randomized"], args.threads)
+                    sv_err, fold_err = errors(fast, exact)
+                    te, tf = min(exact["times"]), min(fast["times"])
+                    cpu = min(exact["cpu"]) / min(fast["cpu"])
+                    label = f"{sources}{path[-1] if path.endswith('*') else ''}"
+                    print(f"{shape:>10} {k:>4} {label:>3} | {te:8.3f} {tf:8.3f} {te / tf:7.1f}x {cpu:5.1f}x | "
+                          f"{exact['peak_mib'] - exact['base_mib']:10.0f} {fast['peak_mib'] - fast['base_mib']:9.0f} "
+                          f"{fast['base_mib']:8.0f} | "
+                          f"{sv_err:8.1e} {fold_err:8.1e} {fast['cert']:8.1e} {fast['method']:>10} "
+                          f"{fast['new_kept']:>4}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 
