@@ -1,7 +1,7 @@
 """Time and peak memory of one streaming Stage 1 fold: exact dense SVD vs the certified randomized path.
 
 Task matrices have a slowly decaying spectrum, singular values ``j^-0.5`` over the full rank, with
-random orthonormal singular vectors. The current basis "after S sources" is synthetic: random
+random orthonormal singular vectors (``--task noisy``: rank 16 plus noise, as in fold_memory.py). The current basis "after S sources" is synthetic: random
 orthonormal factors carrying the top k of S pooled ``c_i * j^-0.5`` spectra (``c_i = exp(0.3 z_i)``),
 as the fold of S such matrices would hold; S = 0 is the first fold of an empty basis, measured twice:
 with the first-fold rule (``stage1.FIRST_FOLD_SVD``: the exact path) and without it (the randomized
@@ -11,7 +11,7 @@ just before them ("base MiB": torch and the inputs).
 
     python benchmarks/fold_speed.py                      # the full table (about 5-10 minutes)
     python benchmarks/fold_speed.py --shapes 3072x768    # one shape
-    python benchmarks/fold_speed.py --sources 0          # the first fold, with and without the rule
+    python benchmarks/fold_speed.py --sources 0 --task noisy   # the first fold, with and without the rule
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def decaying_task(m: int, n: int, seed: int) -> torch.Tensor:
     r = min(m, n)
     s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.5
     return (orthonormal(m, r, g) * s) @ orthonormal(n, r, g).T
+
+
+def noisy_task(m: int, n: int, seed: int, rank: int = 16) -> torch.Tensor:
+    """A float32 fine-tune-like task matrix (as fold_memory.py's): a rank-16 ``1/j`` part with 90 % of
+    the energy plus Gaussian noise with 10 %, a flat (Marchenko-Pastur) tail from rank 17 on."""
+    g = torch.Generator().manual_seed(seed)
+    low = (orthonormal(m, rank, g) / torch.arange(1, rank + 1)) @ orthonormal(n, rank, g).T
+    noise = torch.randn(m, n, generator=g)
+    return 0.9**0.5 * low / torch.linalg.matrix_norm(low) + 0.1**0.5 * noise / torch.linalg.matrix_norm(noise)
+
+
+TASKS = {"decaying": decaying_task, "noisy": noisy_task}
 
 
 def merged_basis(m: int, n: int, k: int, sources: int, seed: int) -> tuple[torch.Tensor, ...] | None:
@@ -115,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated MxN list")
     parser.add_argument("--sources", default=",".join(map(str, SOURCES)), help="sources already folded")
+    parser.add_argument("--task", choices=sorted(TASKS), default="decaying",
+                        help="the new task matrix: singular values j^-0.5, or rank 16 plus noise")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per fold")
     parser.add_argument("--measure", nargs=3, metavar=("CASE", "PATH", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,7 +136,7 @@ def main() -> None:
         measure(Path(args.measure[0]), args.measure[1], int(args.measure[2]), args.threads)
         return
     print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-          f"float32, tol 1e-4, spectrum j^-0.5, best of the repetitions; "
+          f"float32, tol 1e-4, task {args.task}, best of the repetitions; "
           f"load average {os.getloadavg()[0]:.1f} at start")
     header = (f"{'shape':>10} {'k':>4} {'S':>3} | {'exact s':>8} {'fast s':>8} {'speed-up':>8} {'cpu':>6} | "
               f"{'exact +MiB':>10} {'fast +MiB':>9} {'base MiB':>8} | {'sv err':>8} {'fold err':>8} "
@@ -133,7 +147,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             m, n = map(int, shape.split("x"))
             k = stage1.k_for((m, n))
-            delta = decaying_task(m, n, seed=1)
+            delta = TASKS[args.task](m, n, seed=1)
             reps = {"exact": 1, "randomized": 3} if m * n > BIG else {"exact": 3, "randomized": 5}
             for sources in map(int, args.sources.split(",")):
                 case = Path(tmp) / f"{shape}-{sources}.pt"
