@@ -56,12 +56,12 @@ def base_model(tiny: bool, workdir: Path) -> tuple[config.BaseConfig, nn.Module]
 def stage2_job(name: str, sources: int, base_cfg: config.BaseConfig, base: nn.Module, snapshot: SimpleNamespace,
                build: Callable[[nn.Module, config.AdaptConfig], nn.Module] | None, params: dict, device: str,
                out: Path) -> dict:
-    """One Stage 2 job through the recipe on a copy of ``base``, with AMP on; its row for the table."""
+    """One Stage 2 job through the recipe on a copy of ``base``, as an adapt job with ``device`` and
+    ``amp = true`` runs it; its row for the table."""
     job = job_settings({**params, "device": device, "amp": True}, config.Config())
     folder = out / f"{name}-{sources}"
     folder.mkdir(parents=True)
-    report = adapt(copy.deepcopy(base), base_cfg, snapshot, job, folder, lambda event: None, build=build,
-                   runtime=runtime_for(device, amp=True))
+    report = adapt(copy.deepcopy(base), base_cfg, snapshot, job, folder, lambda event: None, build=build)
     gc.collect()
     row = {"what": f"Stage 2, {name}", "sources": sources, "trainable": report["trainable_params"],
            "seconds": report["step_seconds"], "peak_memory_bytes": report["peak_memory_bytes"],
