@@ -75,7 +75,8 @@ def _pool(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> _Pool:
         torch.cat([p[0] for p in parts], dim=1),
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts], dim=1),
-        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long, device=p[1].device) for i, p in enumerate(parts)]),
+        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long, device=p[1].device)
+                   for i, p in enumerate(parts)]),
     )
 
 
@@ -179,7 +180,7 @@ def merge(deltas: Sequence[Tensor], k: int, *, strategy: str = "top", final_svd:
 # The SVD path of a fold with nothing to beat (an empty basis: every floor is 0). Then all k
 # components of the new matrix enter, so a randomized attempt has nothing to prune: it must certify
 # every one of the k, and on a flat noise tail around the k-th singular value (rank-plus-noise task
-# matrices, as fine-tunes are) it cannot, so attempt + exact fallback cost about twice the exact SVD
+# matrices, as fine-tunes' changes often are) it cannot, so attempt + exact fallback cost about twice the exact SVD
 # (benchmarks/RESULTS.md, "fold_memory"). The exact path is that cost's bound, so it is taken
 # outright. ``None`` keeps the requested path (what benchmarks/fold_memory.py compares against).
 FIRST_FOLD_SVD: str | None = "exact"

@@ -1,8 +1,9 @@
 """Peak memory of one training step, measured the same way for every method.
 
-On CUDA it is the allocator's own peak statistic (``adapt.device.Allocator``). Elsewhere there is no allocator statistic, so it
-is the bytes of the tensors the model holds plus the peak of the tensors created during the step,
-counted storage by storage with a dispatch mode (forward and backward alike).
+On CUDA it is the allocator's own peak statistic (``adapt.device.Allocator``). Elsewhere there is
+no allocator statistic, so it is the bytes of the tensors the model holds plus the peak of the
+tensors created during the step, counted storage by storage with a dispatch mode (forward and
+backward alike).
 """
 
 from __future__ import annotations
