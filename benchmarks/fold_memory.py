@@ -15,13 +15,17 @@ basis (the new version's files) + 2 x the largest tensor. A measured fold runs `
 copies of the basis; every fold also runs in this process, which carries the basis forward. With
 ``--without-give-up`` each measured fold is measured again with the randomized SVD's early give-up
 switched off (``svd.GIVE_UP_FACTOR = inf``: the attempt runs to its subspace budget before falling
-back), side by side. The SVD column counts the matrices by path and by why the randomized attempt
-stopped (``svd.SVDReport.stop``).
+back), side by side; with ``--without-first-fold-rule``, again with the randomized path attempted
+at the first fold too (``stage1.FIRST_FOLD_SVD = None``; by default an empty basis's fold takes the
+exact path). The SVD column counts the matrices by path and by why the randomized attempt
+stopped (``svd.SVDReport.stop``); "SVD cpu seconds" is the CPU time spent inside ``svd.top_svd``
+(the rest of a fold, reading, hashing and writing, is the same whichever path the SVD takes).
 
     python benchmarks/fold_memory.py                        # 30 folds, measures 1, 10, 30 twice each
     python benchmarks/fold_memory.py --folds 3 --measure 1 3 --svd exact
     python benchmarks/fold_memory.py --repeat 1 --without-give-up
     python benchmarks/fold_memory.py --sharded 100          # each checkpoint a folder of <= 100 MiB shards
+    python benchmarks/fold_memory.py --folds 1 --measure 1 --without-first-fold-rule
 
 With ``--sharded MIB`` each checkpoint is a Hugging Face-style folder instead of one file
 (``config.json``, shards ``model-0000N-of-0000M.safetensors`` of at most MIB written by
@@ -120,7 +124,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], stem: Path, shard_mib: floa
     return stem
 
 
-def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float) -> dict:
+def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float, first_fold_rule: bool) -> dict:
     """Run in a fresh process: the peak RSS and time of one fold."""
     for path in ("exact", "randomized"):  # load the linear-algebra code: part of the baseline, not the fold
         stage1.fold(None, torch.randn(300, 200), 20, svd=path)
@@ -128,11 +132,15 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
     base = load_base(base_path)
     basis = Basis.open(basis_dir, base)
     svd.GIVE_UP_FACTOR = give_up_factor
+    stage1.FIRST_FOLD_SVD = stage1.FIRST_FOLD_SVD if first_fold_rule else None
     stops: Counter = Counter()
+    svd_cpu = [0.0]
     top_svd = svd.top_svd
 
-    def counted(*args, **kwargs):  # why each randomized attempt stopped: not in the fold's ledger
+    def counted(*args, **kwargs):  # why each randomized attempt stopped, and its CPU time: not in the ledger
+        tic = cpu_seconds()
         out = top_svd(*args, **kwargs)
+        svd_cpu[0] += cpu_seconds() - tic
         stops[out[3].stop or "-"] += 1
         return out
 
@@ -143,7 +151,8 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
     svd.top_svd = top_svd
     vdir = basis_dir / VERSIONS / f"v{record.version:06d}"
     return {
-        "version": record.version, "seconds": seconds, "cpu_seconds": cpu, "peak": peak_rss_bytes(),
+        "version": record.version, "seconds": seconds, "cpu_seconds": cpu, "svd_cpu_seconds": svd_cpu[0],
+        "peak": peak_rss_bytes(),
         "baseline": baseline,
         "base": sum(t.nbytes for t in base.values()),
         "basis": sum((vdir / f).stat().st_size for f in (FACTORS, MEANS)),
@@ -151,7 +160,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float)
         "checkpoint": ingest.checkpoint_size(ckpt), "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,
         "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
-        "stops": dict(stops), "give_up": math.isfinite(give_up_factor),
+        "stops": dict(stops), "give_up": math.isfinite(give_up_factor), "first_fold_rule": first_fold_rule,
     }
 
 
@@ -166,12 +175,16 @@ def main() -> None:
                         help="measure each measured fold also with the randomized SVD's early give-up off")
     parser.add_argument("--sharded", type=float, metavar="MIB", default=None,
                         help="write each checkpoint as a Hugging Face folder of shards of at most MIB MiB")
-    parser.add_argument("--worker", nargs=4, metavar=("BASE", "BASIS", "CKPT", "FACTOR"), help=argparse.SUPPRESS)
+    parser.add_argument("--without-first-fold-rule", action="store_true",
+                        help="measure each measured fold also with the randomized path attempted at the first fold")
+    parser.add_argument("--worker", nargs=5, metavar=("BASE", "BASIS", "CKPT", "FACTOR", "RULE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(*map(Path, args.worker[:3]), float(args.worker[3]))))
+        print(json.dumps(measure(*map(Path, args.worker[:3]), float(args.worker[3]), args.worker[4] == "on")))
         return
-    factors = [svd.GIVE_UP_FACTOR] + ([math.inf] if args.without_give_up else [])
+    variants = [(svd.GIVE_UP_FACTOR, "on")] + ([(math.inf, "on")] if args.without_give_up else []) + (
+        [(svd.GIVE_UP_FACTOR, "off")] if args.without_first_fold_rule else [])
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         base_path = tmp / "vit-b-32-base.safetensors"
@@ -184,10 +197,10 @@ def main() -> None:
             ckpt = write_checkpoint(fine_tuned(base, seed=i), tmp / f"task-{i:03d}", args.sharded)
             if i in args.measure:  # on copies of the basis, each in a fresh process
                 for _ in range(args.repeat):
-                    for factor in factors:
+                    for factor, rule in variants:
                         copy = tmp / "basis-copy"
                         shutil.copytree(basis_dir, copy)
-                        cmd = [sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt), str(factor)]
+                        cmd = [sys.executable, __file__, "--worker", str(base_path), str(copy), str(ckpt), str(factor), rule]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         shutil.rmtree(copy)
                         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -198,12 +211,13 @@ def main() -> None:
             shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
     print(f"checkpoints: {'folders of shards <= %g MiB' % args.sharded if args.sharded else 'one safetensors file'}")
     print()
-    print("| fold | give-up | seconds | cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
+    print("| fold | give-up | first-fold rule | seconds | cpu seconds | SVD cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
           "| peak - baseline - base | svd | randomized attempt stopped |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         bound = r["baseline"] + r["base"] + r["basis"] + 2 * r["largest"]
-        print(f"| {r['version']} | {'on' if r['give_up'] else 'off'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+        print(f"| {r['version']} | {'on' if r['give_up'] else 'off'} "
+              f"| {'on' if r['first_fold_rule'] else 'off'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['svd_cpu_seconds']:.1f} "
               f"| {r['peak'] / MiB:.0f} MiB | {r['baseline'] / MiB:.0f} MiB "
               f"| {r['base'] / MiB:.0f} MiB | {r['basis'] / MiB:.1f} MiB | {r['largest'] / MiB:.0f} MiB "
               f"| {bound / MiB:.0f} MiB {'ok' if r['peak'] <= bound else 'EXCEEDED'} "

@@ -28,6 +28,7 @@ import gc
 import json
 import time
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from axis_stream import config
+from axis_stream.adapt.device import Runtime, runtime_for
 from axis_stream.adapt.head import logits
 from axis_stream.adapt.model import SVDAdapted
 from axis_stream.core import layout, stage1
@@ -73,27 +75,34 @@ class SyntheticSource(Mapping):
         return len(self.shapes)
 
 
-def fold_bases(base: Mapping[str, Tensor], counts: list[int]) -> dict[int, tuple[dict, dict, float]]:
-    """The streaming AXIS basis after each count of sources: ``{S: (factors, means, seconds to fold)}``."""
+def fold_bases(base: Mapping[str, Tensor], counts: list[int], rt: Runtime
+               ) -> tuple[dict[int, tuple[dict, dict]], list[dict]]:
+    """The streaming AXIS basis after each count of sources, folded on ``rt.device``: ``{S: (factors, means)}``,
+    and one row per fold (its seconds, the device's peak memory during it, the SVD paths of its matrices)."""
     names = layout.matrix_names(base, config.VIT_BLOCK_MATRICES)
     factors: dict[str, stage1.Factors] = {}
     means: dict[str, Tensor] = {}
-    out, seconds = {}, 0.0
+    out, rows = {}, []
     for i in range(max(counts)):
-        tic = time.perf_counter()
         source = SyntheticSource(base, i)
-        for name in source:
-            delta = source[name]
+        deltas = {name: source[name].to(rt.device) for name in source}  # made and moved outside the clock
+        rt.synchronize()
+        rt.reset_peak()
+        tic, paths = time.perf_counter(), Counter()
+        for name, delta in deltas.items():
             if name in names:
-                k = stage1.k_for(delta.shape, 0.10)
+                k = stage1.k_for(delta.shape, N_FRACTION)
                 factors[name] = stage1.fold(factors.get(name), delta, k, svd="randomized")
+                paths[factors[name].stats.svd_method] += 1
             else:
                 means[name] = stage1.update_mean(means.get(name), i, delta)
-        seconds += time.perf_counter() - tic
+        rt.synchronize()
+        rows.append({"sources": i + 1, "seconds": time.perf_counter() - tic, **rt.peak_memory(), "svd": dict(paths)})
+        del deltas
         if i + 1 in counts:
-            out[i + 1] = (dict(factors), dict(means), seconds)
-            print(f"  folded {i + 1} sources ({seconds:.0f} s)", flush=True)
-    return out
+            out[i + 1] = (dict(factors), dict(means))
+            print(f"  folded {i + 1} sources ({sum(r['seconds'] for r in rows):.0f} s)", flush=True)
+    return out, rows
 
 
 class FullFineTune(nn.Module):
@@ -108,8 +117,9 @@ class FullFineTune(nn.Module):
         return getattr(self.base, method)(*args, **kwargs)
 
 
-def measure(model: nn.Module, device: torch.device, batch: int, steps: int) -> dict[str, float]:
+def measure(model: nn.Module, rt: Runtime, batch: int, steps: int) -> dict[str, float]:
     """Peak memory of the first training step, then the fastest of ``steps`` more after a warm-up."""
+    device = rt.device
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 224, 224, generator=g).to(device)
     labels = torch.randint(CLASSES, (batch,), generator=g).to(device)
@@ -118,23 +128,21 @@ def measure(model: nn.Module, device: torch.device, batch: int, steps: int) -> d
     optimizer = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.1)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with rt.amp.autocast():
             loss = F.cross_entropy(logits(model.call("encode_image", images), head), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    peak = step_peak_bytes(model, step, device)
+    peak = step_peak_bytes(model, step, rt.allocator)
     step()  # warm-up
     wall, cpu = [], []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rt.synchronize()
         tic, cpu_tic = time.perf_counter(), time.process_time()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rt.synchronize()
         wall.append(time.perf_counter() - tic)
         cpu.append(time.process_time() - cpu_tic)
     return {"step_seconds": min(wall), "cpu_seconds": min(cpu) if device.type == "cpu" else None,
@@ -142,15 +150,15 @@ def measure(model: nn.Module, device: torch.device, batch: int, steps: int) -> d
             "trainable_params": sum(p.numel() for p in params)}
 
 
-def run(counts: list[int], batch: int, steps: int, device: torch.device) -> list[dict]:
+def run(counts: list[int], batch: int, steps: int, rt: Runtime) -> list[dict]:
     torch.manual_seed(0)
     base_model = models.create_base(config.BaseConfig(model="ViT-B-32", pretrained=""))
     base_sd = {k: v.detach() for k, v in base_model.state_dict().items()}
     rows: list[dict] = []
 
     def record(method: str, sources: int | None, build: Callable[[], nn.Module], **extra) -> None:
-        model = build().to(device)
-        row = {"method": method, "sources": sources, **extra, **measure(model, device, batch, steps),
+        model = build().to(rt.device)
+        row = {"method": method, "sources": sources, **extra, **measure(model, rt, batch, steps),
                "load_average": os.getloadavg()[0]}
         rows.append(row)
         print(f"  {method:>14} S={sources if sources is not None else '-':>2}: {row['step_seconds']:.3f} s/step "
@@ -159,15 +167,14 @@ def run(counts: list[int], batch: int, steps: int, device: torch.device) -> list
               f"(load average {row['load_average']:.1f})", flush=True)
         del model
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
     print("full fine-tuning of the image tower", flush=True)
     record("full-finetune", None, lambda: FullFineTune(copy.deepcopy(base_model)))
     print("AXIS: folding the sources", flush=True)
-    for s, (factors, means, fold_s) in fold_bases(base_sd, counts).items():
+    bases, folds = fold_bases(base_sd, counts, rt)
+    for s, (factors, means) in bases.items():
         record("axis", s, lambda: SVDAdapted(copy.deepcopy(base_model), factors, means, N_FRACTION),
-               fold_seconds=fold_s)
+               fold_seconds=sum(r["seconds"] for r in folds[:s]))
     budget = rows[-1]["trainable_params"]
     print(f"aTLAS at AXIS's budget of {budget:,} coefficients", flush=True)
     for s in counts:
@@ -196,14 +203,14 @@ def main() -> None:
     parser.add_argument("--sources", type=int, nargs="+", default=[1, 5, 10, 20])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, help="Also write the rows here as JSON.")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    rt = runtime_for(args.device, amp=True)
     started = time.perf_counter()
-    rows = run(sorted(args.sources), args.batch, args.steps, device)
+    rows = run(sorted(args.sources), args.batch, args.steps, rt)
     print()
-    print(table(rows, str(device), args.batch))
+    print(table(rows, str(rt.device), args.batch))
     print(f"\n({time.perf_counter() - started:.0f} s in all)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

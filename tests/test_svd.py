@@ -45,7 +45,7 @@ def test_randomized_fold_matches_float64_exact_fold(shape, sources):
     delta = decaying(shape, 7)
     exact = stage1.fold(current64, delta, K)
     fast = stage1.fold(current32, delta.float(), K, svd="randomized")
-    assert fast.stats.svd_method == "randomized"
+    assert fast.stats.svd_method == ("randomized" if sources else "exact")  # an empty basis: the exact path
     assert fast.stats.svd_error <= 1e-4
     assert fast.stats.new_kept == exact.stats.new_kept
     assert rel(fast.to_dense(), exact.to_dense()) < 1e-4
@@ -130,6 +130,25 @@ def test_flat_tail_gives_up_early_and_returns_the_exact_result(monkeypatch):
     *_, full = svd.top_svd(a, 24, method="randomized", tol=1e-4)
     assert full.method == "randomized->exact" and full.stop == "exhausted" and full.max_rel_residual > 1e-4
     assert report.subspace < full.subspace and report.products < full.products
+
+
+def test_the_first_fold_takes_the_exact_path_and_later_folds_the_randomized_one(monkeypatch):
+    """An empty basis has no floor: all k new components enter, so there is nothing for a randomized
+    attempt to prune, and on a flat tail it fails after costing more than the exact SVD."""
+    a, b = low_rank_plus_noise((600, 240), 0), decaying((600, 240), 7).float()
+    first = stage1.fold(None, a, K, svd="randomized")
+    s64, trunc64 = float64_reference(a, K)
+    assert first.stats.svd_method == "exact" and first.stats.new_kept == K
+    assert float(((first.s.double() - s64) / s64).abs().max()) <= 1e-5 and rel(first.to_dense(), trunc64) < 1e-5
+    second = stage1.fold(first, b, K, svd="randomized")  # a floor now: the randomized path, certified
+    assert second.stats.svd_method == "randomized" and 0 < second.stats.svd_error <= 1e-4
+    reference = stage1.merge([a.double(), b.double()], K).to_dense()
+    assert rel(second.to_dense(), reference) < 1e-4
+    # without the rule the attempt is made, fails on the flat tail, and lands on the same exact result
+    monkeypatch.setattr(stage1, "FIRST_FOLD_SVD", None)
+    attempted = stage1.fold(None, a, K, svd="randomized")
+    assert attempted.stats.svd_method == "randomized->exact" and attempted.stats.svd_error > 1e-4
+    assert torch.equal(attempted.s, first.s) and torch.equal(attempted.U, first.U)
 
 
 @pytest.mark.parametrize("shape", [(600, 240), (240, 600)])

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, get_type_hints
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
+from axis_stream.adapt.device import Amp, Runtime, runtime_for
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE, STATE_FILE
 from axis_stream.adapt.head import logits, zero_shot_head
 from axis_stream.adapt.model import AdaptError, SVDAdapted, check_fraction, check_start_scale
@@ -107,34 +106,25 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     raise AdaptError(f"adapt parameter {key}: expected {kind.__name__}, got {value!r}")
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AdaptError(f"adapt.device is {name!r} but CUDA is not available")
-    return device
-
-
 # --- the recipe ---
 
 def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSettings, out_dir: Path,
-          progress: Progress, *, build: Callable[[nn.Module, AdaptConfig], nn.Module] | None = None
-          ) -> dict[str, Any]:
+          progress: Progress, *, build: Callable[[nn.Module, AdaptConfig], nn.Module] | None = None,
+          runtime: Runtime | None = None) -> dict[str, Any]:
     """Stage 2 on ``job.target`` from ``base`` (consumed) and one basis version; returns the report.
 
     ``build(base, hp)`` replaces the Stage 2 model with another one exposing the same surface (the
     evaluation harness trains aTLAS and LoRA with this exact recipe); its trainable parameters train.
+    ``runtime`` (default: ``device.runtime_for(hp.device, hp.amp)``) is where it runs.
     """
     started = time.monotonic()
     hp = job.hp
     if not (hasattr(base, "encode_image") and hasattr(base, "encode_text")):
         raise AdaptError(f"base {base_cfg.model}: Stage 2 needs a CLIP (open_clip, or transformers' CLIPModel), "
                          f"not a {type(base).__name__}; fold it and use `axis-stream export --merged`")
-    device = pick_device(hp.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    rt = runtime or runtime_for(hp.device, hp.amp)
+    device, amp = rt.device, rt.amp
+    rt.reset_peak()
     torch.manual_seed(hp.seed)
     base_sha256 = models.weights_sha256(base.state_dict())
 
@@ -158,7 +148,6 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     # 4. train: AdamW, cosine over all steps, clipping, AMP on CUDA; keep the best Lambda on validation
     optimizer = torch.optim.AdamW(lambdas, lr=hp.lr, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * hp.epochs)
-    amp = Amp(device, hp.amp)
     fingerprint = _fingerprint(job, snapshot.version, base_sha256, len(splits.train))
     state = _load_state(out_dir / STATE_FILE, fingerprint)
     if state is None:  # epoch 0 is the start (the merged model at start_scale 1): what Stage 2 must beat
@@ -176,8 +165,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
         if scaler:
             amp.scaler.load_state_dict(scaler)
     for epoch in range(state["epoch"] + 1, hp.epochs + 1):
-        loss, seconds = train_epoch(model, head, splits.train, optimizer, scheduler, amp, hp, device, epoch,
-                                    progress)
+        loss, seconds = train_epoch(model, head, splits.train, optimizer, scheduler, rt, hp, epoch, progress)
         val = evaluate(model, head, splits.val, hp, device, amp)
         if val > state["best_val"]:
             state.update(best_val=val, best_epoch=epoch, best_lambda=model.lambdas())
@@ -211,7 +199,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
         "val_accuracy": state["best_val"],
         "best_epoch": state["best_epoch"], "test_accuracy": test, "history": state["history"],
         "step_seconds": statistics.median(state["step_seconds"]) if state["step_seconds"] else None,
-        **_peak_memory(device), "seconds": time.monotonic() - started,
+        **rt.peak_memory(), "seconds": time.monotonic() - started,
         "files": {"lambda": LAMBDA_FILE, "head": HEAD_FILE},
     }
     atomic_write_json(out_dir / REPORT_FILE, report)
@@ -219,18 +207,19 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
 
 
 def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch.optim.Optimizer,
-                scheduler: Any, amp: "Amp", hp: AdaptConfig, device: torch.device, epoch: int,
-                progress: Progress) -> tuple[float, list[float]]:
+                scheduler: Any, rt: Runtime, hp: AdaptConfig, epoch: int, progress: Progress
+                ) -> tuple[float, list[float]]:
     """One pass over ``data`` in an order fixed by (seed, epoch); returns mean loss and compute seconds per step."""
     torch.manual_seed(hp.seed * 100_003 + epoch)  # augmentation draws, so a resumed epoch is the same epoch
     loader = DataLoader(data, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers,
                         generator=torch.Generator().manual_seed(hp.seed * 100_003 + epoch),
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=rt.pin_memory, persistent_workers=False)
     params = [p for p in model.parameters() if p.requires_grad]
+    amp = rt.amp
     total, count, seconds = 0.0, 0, []
     model.train()
     for step, (images, labels) in enumerate(loader, 1):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
         tic = time.perf_counter()
         with amp.autocast():
             loss = F.cross_entropy(logits(model.call("encode_image", images), head), labels)
@@ -241,8 +230,7 @@ def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch
         amp.scaler.step(optimizer)
         amp.scaler.update()
         scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rt.synchronize()
         seconds.append(time.perf_counter() - tic)
         total += float(loss.detach()) * len(labels)
         count += len(labels)
@@ -253,7 +241,7 @@ def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch
 
 @torch.no_grad()
 def evaluate(model: SVDAdapted, head: Tensor, data: Dataset, hp: AdaptConfig, device: torch.device,
-             amp: "Amp") -> float:
+             amp: Amp) -> float:
     """Top-1 accuracy of ``model`` with ``head`` on ``data``; the matrices are materialised once."""
     model.eval()
     weights = model.weights()
@@ -265,28 +253,6 @@ def evaluate(model: SVDAdapted, head: Tensor, data: Dataset, hp: AdaptConfig, de
         correct += int((pred.cpu() == labels).sum())
         seen += len(labels)
     return correct / max(seen, 1)
-
-
-class Amp:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); a no-op on CPU."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device = device
-        self.enabled = enabled and device.type == "cuda"
-        bf16 = self.enabled and torch.cuda.is_bf16_supported()
-        self.dtype = torch.bfloat16 if bf16 else torch.float16
-        self.dtype_name = str(self.dtype).removeprefix("torch.") if self.enabled else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and not bf16)
-
-    def autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=self.dtype) if self.enabled else nullcontext()
-
-
-def _peak_memory(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_memory_kind": "process_max_rss"}
 
 
 # --- the resumable state ---

@@ -75,7 +75,8 @@ def _pool(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> _Pool:
         torch.cat([p[0] for p in parts], dim=1),
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts], dim=1),
-        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long) for i, p in enumerate(parts)]),
+        torch.cat([torch.full((p[1].numel(),), i, dtype=torch.long, device=p[1].device)
+                   for i, p in enumerate(parts)]),
     )
 
 
@@ -119,7 +120,7 @@ def _select_average_top(parts, k, seed):
     """Average the sources' own top-k approximations, then keep the top k of that average's SVD."""
     avg = _pool([(u[:, :k], s[:k] / len(parts), v[:, :k]) for u, s, v in parts])
     U, s, V = _svd.orthogonalize(avg.U, avg.s, avg.V, k)
-    return _Pool(U, s, V, torch.full((s.numel(),), -1, dtype=torch.long))
+    return _Pool(U, s, V, torch.full((s.numel(),), -1, dtype=torch.long, device=s.device))
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
@@ -176,14 +177,25 @@ def merge(deltas: Sequence[Tensor], k: int, *, strategy: str = "top", final_svd:
     return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k))
 
 
+# The SVD path of a fold with nothing to beat (an empty basis: every floor is 0). Then all k
+# components of the new matrix enter, so a randomized attempt has nothing to prune: it must certify
+# every one of the k, and on a flat noise tail around the k-th singular value (rank-plus-noise task
+# matrices, as fine-tunes' changes often are) it cannot, so attempt + exact fallback cost up to
+# about twice the exact SVD (benchmarks/RESULTS.md, "First fold of an empty basis"). The exact path
+# bounds that cost, so it is taken outright. ``None`` keeps the requested path (what
+# benchmarks/fold_memory.py and fold_speed.py compare against).
+FIRST_FOLD_SVD: str | None = "exact"
+
+
 def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
          tol: float = 1e-4, seed: int = 0) -> Factors:
     """One streaming Stage 1 step, ``Stage1({current, delta})`` with the top strategy (paper A.11).
 
     Only the top ``k`` components of ``delta`` can enter the union's top ``k``, its ``j``-th only if
     it beats the current basis's ``(k + 1 - j)``-th singular value, so only those are computed. The
-    re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. The returned
-    ``Factors`` carries the fold's ``FoldStats``.
+    re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. With nothing to
+    beat (no ``current``), ``svd`` gives way to ``FIRST_FOLD_SVD``. The returned ``Factors`` carries
+    the fold's ``FoldStats``.
     """
     _check_k(k)
     _check_matrix(delta, "new task matrix", current.shape if current is not None else None)
@@ -196,7 +208,8 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
         # floor[j]: what the new j-th component (0-based) must beat, the current (k-1-j)-th or 0
         largest = cur[1].sort(descending=True).values[:k]
         floor[k - largest.numel():] = largest.flip(0)
-    U, s, V, report = _svd.top_svd(delta, k, method=svd, tol=tol, floor=floor, seed=seed)
+    method = svd if bool(floor.any()) or FIRST_FOLD_SVD is None else FIRST_FOLD_SVD
+    U, s, V, report = _svd.top_svd(delta, k, method=method, tol=tol, floor=floor, seed=seed)
     parts.append((U, s, V))
     chosen = _top(_pool(parts), k)
     new = chosen.source == len(parts) - 1

@@ -1,8 +1,9 @@
 """Peak memory of one training step, measured the same way for every method.
 
-On CUDA it is the allocator's own peak statistic. Elsewhere there is no allocator statistic, so it
-is the bytes of the tensors the model holds plus the peak of the tensors created during the step,
-counted storage by storage with a dispatch mode (forward and backward alike).
+On CUDA it is the allocator's own peak statistic (``adapt.device.Allocator``). Elsewhere there is
+no allocator statistic, so it is the bytes of the tensors the model holds plus the peak of the
+tensors created during the step, counted storage by storage with a dispatch mode (forward and
+backward alike).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from axis_stream.adapt.device import Allocator
 
 
 def resident_bytes(module: nn.Module) -> int:
@@ -60,15 +63,18 @@ class _LiveTensors(TorchDispatchMode):
         return out
 
 
-def step_peak_bytes(module: nn.Module, step: Callable[[], None], device: torch.device | str = "cpu") -> int:
-    """Peak memory while ``step()`` runs (typically one forward and backward of ``module``)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def step_peak_bytes(module: nn.Module, step: Callable[[], None], allocator: Allocator | None = None) -> int:
+    """Peak memory while ``step()`` runs (typically one forward and backward of ``module``).
+
+    With an ``allocator`` (``device.allocator_for(device)``: CUDA's) it is the allocator's peak;
+    without one, the module's resident tensors plus the peak of the tensors the step creates.
+    """
+    if allocator is not None:
+        allocator.synchronize()
+        allocator.reset_peak()
         step()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
+        allocator.synchronize()
+        return allocator.peak_bytes()
     held = resident_bytes(module)
     with _LiveTensors(list(module.parameters()) + list(module.buffers())) as tracker:
         step()

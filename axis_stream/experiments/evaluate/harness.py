@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
+from axis_stream.adapt.device import allocator_for, amp_for, pick_device
 from axis_stream.adapt.head import logits, zero_shot_head
 from axis_stream.adapt.model import SVDAdapted
-from axis_stream.adapt.recipe import HEAD_FILE, Amp, JobSettings, adapt, evaluate, pick_device
+from axis_stream.adapt.recipe import HEAD_FILE, JobSettings, adapt, evaluate
 from axis_stream.config import AdaptConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
 from axis_stream.errors import AxisError
@@ -149,7 +150,7 @@ class Harness:
                 test = outcome.test_accuracy
             else:
                 with references.patch_dropout(outcome.model.base, row["patch_dropout"], seed=0):
-                    test = evaluate(outcome.model, outcome.head, splits.test, hp, self.device, Amp(self.device, hp.amp))
+                    test = evaluate(outcome.model, outcome.head, splits.test, hp, self.device, amp_for(self.device, hp.amp))
             rows.append(dict(row, trainable_params=outcome.trainable, val_accuracy=outcome.val_accuracy,
                              test_accuracy=test, peak_memory_mb=peak / 2**20, step_seconds=outcome.step_seconds,
                              seconds=time.monotonic() - started))
@@ -200,7 +201,7 @@ class Harness:
         model = references.Frozen(base)
         splits = self.splits(run, hp, max_train, base)
         if run.method.name == "zeroshot":
-            amp = Amp(self.device, hp.amp)
+            amp = amp_for(self.device, hp.amp)
             val = evaluate(model, head, splits.val, hp, self.device, amp)
             test = evaluate(model, head, splits.test, hp, self.device, amp)
             return Outcome(model, head, 0, val, test, None)
@@ -226,7 +227,7 @@ class Harness:
             if loss.requires_grad:
                 loss.backward()
 
-        peak = step_peak_bytes(model, step, self.device)
+        peak = step_peak_bytes(model, step, allocator_for(self.device))
         model.zero_grad(set_to_none=True)
         return peak
 
