@@ -17,6 +17,10 @@ class BasisError(AxisError):
     """The basis directory is missing, corrupt or belongs to another base model."""
 
 
+class StateLocked(AxisError):
+    """The state folder's lock is held by another process (the message names its pid), or cannot be taken."""
+
+
 class CheckpointError(AxisError):
     """A checkpoint was rejected. ``reason`` is a short label (used in metrics and quarantine)."""
 

@@ -40,6 +40,7 @@ from axis_stream.store import ingest
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis, FoldRecord
 from axis_stream.store.models import load_base
+from axis_stream.store.statelock import StateLock, lock_state
 
 log = logging.getLogger("axis_stream.service.daemon")
 
@@ -284,12 +285,15 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.jobs: Any = None
         self._servers: list[Any] = []
+        self._state_lock: StateLock | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Everything up to READY=1: folders, base model, basis, metrics, jobs, control socket, watcher."""
+        """Everything up to READY=1: the state-folder lock (first: a second daemon must change nothing),
+        folders, base model, basis, metrics, jobs, control socket, watcher."""
         p, w = self.config.paths, self.config.watch
+        self._state_lock = lock_state(p.state_dir, "serve", hint="stop it first, or give this one another state_dir")
         for folder in (p.state_dir, p.watch_dir, p.quarantine) + ((p.archive,) if w.discard == "archive" else ()):
             folder.mkdir(parents=True, exist_ok=True)
         if self.config.metrics.address:
@@ -381,9 +385,11 @@ class Daemon:
         return self.current is not None
 
     def close(self) -> None:
-        """Stop the watcher, the jobs and the servers (idempotent)."""
+        """Stop the watcher, the jobs and the servers, then release the state-folder lock (idempotent)."""
         self._stop.set()
         self.ready = False
+        if self._state_lock is None:     # never started (or already closed): nothing of ours to stop
+            return
         if self.watcher is not None:
             self.watcher.stop()
         if self.jobs is not None:
@@ -393,6 +399,8 @@ class Daemon:
             server.stop()
         self._servers.clear()
         log.info("stopped; %d file(s) left in the queue stay in %s", len(self.queue), self.config.paths.watch_dir)
+        self._state_lock.release()
+        self._state_lock = None
 
     # -- jobs metrics and the control API -------------------------------------------------------
 
