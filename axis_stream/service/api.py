@@ -116,6 +116,8 @@ class ControlServer:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _refusal(f"malformed request: not JSON ({exc})")
+        except RecursionError:
+            return _refusal("malformed request: nested too deeply")
         if not isinstance(request, dict):
             return _refusal("malformed request: expected a JSON object with 'op' and 'args'")
         op, args = request.get("op"), request.get("args", {})

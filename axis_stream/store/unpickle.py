@@ -99,8 +99,8 @@ def load_pickle(path: str | Path) -> Any:
         raise errors.NotACheckpoint(path, f"unreadable pickle ({first_line(exc)})") from None
     except EOFError:
         raise errors.TruncatedFile(path, "the pickle ends early") from None
-    except (RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
+    except Exception as exc:  # the unpickler on damaged bytes raises any type (KeyError, IndexError, ...)
+        raise errors.NotACheckpoint(path, f"unreadable torch file ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def state_dict_of(obj: Any) -> Any:
