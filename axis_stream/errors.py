@@ -72,6 +72,12 @@ class Duplicate(CheckpointError):
     reason = "duplicate"
 
 
+class Symlink(CheckpointError):
+    """A symbolic link in the watched folder: links are never followed (they can point anywhere)."""
+
+    reason = "symlink"
+
+
 def first_line(exc: BaseException, limit: int | None = 160) -> str:
     """An exception's first message line (cut at ``limit`` characters), for a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

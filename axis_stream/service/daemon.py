@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -125,8 +126,15 @@ class FoldWorker:
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
 
     def process(self, path: Path) -> Outcome:
-        """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file."""
-        if not path.is_file():
+        """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file.
+
+        A symlink is quarantined unread (the link moves, its target is untouched). A file replaced under
+        the same name while it was folded is not discarded: the new file is folded at the next rescan."""
+        if path.is_symlink():
+            return self._reject(path, errors.Symlink.reason, "a symbolic link, not followed: move or copy the "
+                                "checkpoint itself into the folder")
+        identity = file_identity(path)
+        if identity is None:
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
         t0 = time.monotonic()
         try:
@@ -148,13 +156,16 @@ class FoldWorker:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
-        self._discard(path)
+        replaced = file_identity(path) != identity
+        if not replaced:
+            self._discard(path)
         if self.metrics:
             self.metrics.fold_succeeded(seconds, float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
         return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s "
-                                    f"(energy kept {float(record.energy_kept):.1%})",
-                                    version=record.version, seconds=seconds))
+                                    f"(energy kept {float(record.energy_kept):.1%})"
+                                    + ("; it was replaced during the fold: the new file stays for the next "
+                                       "rescan" if replaced else ""), version=record.version, seconds=seconds))
 
     def basis_stats(self) -> tuple[int, int, int]:
         """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
@@ -232,6 +243,16 @@ def ledger(basis: Basis) -> list[dict[str, Any]]:
 def basis_nbytes(basis: Basis) -> int:
     """Bytes on disk of the current version's tensor files (as its manifest records them)."""
     return sum(int(f["size"]) for f in basis.manifest.get("files", {}).values())
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of a regular file, None when it is gone or not a regular file: a
+    different identity after a fold means the name now holds another file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def free_name(folder: Path, name: str) -> Path:
