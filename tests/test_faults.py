@@ -157,8 +157,8 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
 
 def test_kill_9_at_random_points_loses_nothing_folds_nothing_twice_and_jobs_stay_true(tiny_base, tmp_path):
     base_cfg, base = tiny_base
-    figures = kill_campaign(tmp_path, base_cfg, base, kills=3, seed=7)
-    assert figures["sources"] >= 3 and sum(figures["jobs"].values()) == 3
+    figures = kill_campaign(tmp_path, base_cfg, base, kills=2, seed=7)
+    assert figures["sources"] >= 3 and sum(figures["jobs"].values()) == 2
 
 
 # -- a full and a read-only state folder ------------------------------------------------------------

@@ -16,6 +16,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -237,6 +239,30 @@ def test_truncated_and_corrupted_torch_files_are_typed_errors(blob, trust, tmp_p
     path = tmp_path / "fuzz.pt"
     path.write_bytes(blob)
     count("torch", typed_checkpoint_outcome(path, trust_pickles=trust))
+
+
+MEMO_BOMB = r"""
+import resource, struct, sys
+from pathlib import Path
+from axis_stream import errors
+from axis_stream.store import unpickle
+# one pickle opcode, LONG_BINPUT 2**28: the C unpickler grows its memo array to 2**29 slots (4 GiB)
+path = Path(sys.argv[1])
+path.write_bytes(b"\x80\x02N" + b"r" + struct.pack("<I", 2**28) + b".")
+limit = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize() + (1 << 30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))     # 1 GiB more than now: a blow-up is a MemoryError
+try:
+    unpickle.load_pickle(path)
+except errors.CheckpointError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_damaged_memo_index_in_a_trusted_pickle_does_not_allocate_gigabytes(tmp_path):
+    out = subprocess.run([sys.executable, "-c", MEMO_BOMB, str(tmp_path / "bomb.pt")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("NotACheckpoint bomb.pt: unreadable torch file") and "MemoryError" not in out.stdout
 
 
 # -- TOML configs -----------------------------------------------------------------------------------

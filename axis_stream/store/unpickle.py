@@ -56,8 +56,12 @@ class Placeholder(nn.Module):
         super().__init__()
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves globals by the policy in the module docstring; records the placeholders it made."""
+class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Resolves globals by the policy in the module docstring; records the placeholders it made.
+
+    The pure-Python unpickler on purpose: its memo is a dict, where the C unpickler's is an array that
+    a damaged ``LONG_BINPUT`` index grows to gigabytes (zero-filled, so really resident) before failing.
+    """
 
     placeholders: list[str]
 
