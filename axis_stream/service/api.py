@@ -149,6 +149,7 @@ def _refusal(message: str) -> dict[str, Any]:
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128     # the default 5 refuses connects (EAGAIN) when 20 clients call at once
     control: ControlServer
 
 
