@@ -103,7 +103,7 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
 
     t0 = time.monotonic()
     for k in range(kills):
-        top_up(3)
+        top_up(5)                                # enough waiting files that a fold is caught in progress
         queue_job(cfg, rng)
         proc = start(cfg_path)
         try:
