@@ -89,8 +89,8 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
     staging.mkdir()
     cfg.paths.watch_dir.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
-    where = {"start-up": 0, "fold": 0, "idle": 0}
-    next_seed = 0
+    where = {"start-up": 0, "fold": 0, "after a fold": 0}
+    next_seed, fold_s = 0, 0.5
 
     def top_up(n: int) -> None:
         nonlocal next_seed
@@ -107,21 +107,25 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
         queue_job(cfg, rng)
         proc = start(cfg_path)
         try:
-            point = rng.choice(["start-up", "fold", "fold", "fold", "idle"])
+            point = rng.choice(["start-up", "fold", "fold", "fold", "after a fold"])
             if point == "start-up":
                 time.sleep(rng.uniform(0, 6.0))          # a random instant of start-up (or just after)
             else:
                 wait_ready(proc, cfg)
-                if point == "fold":
+                target = len(read_ledger(cfg)) + rng.randint(0, 2)       # let 0-2 folds finish first
+                wait_for(lambda: len(read_ledger(cfg)) >= target, 120, "folds before the kill", proc)
+                if point == "fold":                      # a random instant of the next fold
                     wait_for(lambda: api.request(cfg.paths.socket, "status")["queue"]["current"], 60,
                              "a fold in progress", proc)
-                time.sleep(rng.uniform(0, 0.3))
+                    time.sleep(rng.uniform(0, 1.5 * fold_s))
             proc.kill()
             proc.wait(30)
         finally:
             if proc.poll() is None:
                 proc.kill()
         where[point] += 1
+        last = [e for e in read_ledger(cfg) if e.get("seconds")]
+        fold_s = float(last[-1]["seconds"]) if last else fold_s
         ledger = check_sources(cfg, names)
         check_jobs_true(cfg, daemon_alive=False)
         log(f"kill {k + 1}/{kills} at {point}: {len(ledger)} folded, {len(files(cfg.paths.watch_dir))} waiting")
