@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))          # the campaign and its checks live with the tests
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout; the campaign and its checks live with the tests
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # and its daemons
 
 from test_faults import kill_campaign  # noqa: E402
 

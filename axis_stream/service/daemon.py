@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import sys
 import threading
 import time
@@ -133,9 +132,9 @@ class FoldWorker:
         if path.is_symlink():
             return self._reject(path, errors.Symlink.reason, "a symbolic link, not followed: move or copy the "
                                 "checkpoint itself into the folder")
-        identity = file_identity(path)
-        if identity is None:
+        if not path.is_file():
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
+        identity = file_identity(path)
         t0 = time.monotonic()
         try:
             record = self._fold(path)
@@ -156,7 +155,8 @@ class FoldWorker:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
-        replaced = file_identity(path) != identity
+        now = file_identity(path)
+        replaced = now is not None and now != identity
         if not replaced:
             self._discard(path)
         if self.metrics:
@@ -246,13 +246,13 @@ def basis_nbytes(basis: Basis) -> int:
 
 
 def file_identity(path: Path) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, mtime) of a regular file, None when it is gone or not a regular file: a
-    different identity after a fold means the name now holds another file."""
+    """(device, inode, size, mtime) of ``path``, None when it is gone: a different identity after a fold
+    means the name now holds another file."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def free_name(folder: Path, name: str) -> Path:
