@@ -39,7 +39,8 @@ def main() -> int:
     print("|---|---|---|---|")
     for kind, s in f["clients"].items():
         outcomes = ", ".join(f"{k} {int(v)}" for k, v in s.items() if k not in ("clients", "max_s"))
-        print(f"| {kind} | {s['clients']} | {outcomes} | {s.get('max_s', 0):.2f} s |")
+        slowest = f"{s['max_s']:.2f} s" if s.get("max_s") else "-"
+        print(f"| {kind} | {s['clients']} | {outcomes} | {slowest} |")
     return 0
 
 

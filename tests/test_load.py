@@ -50,10 +50,10 @@ def load_run(root: Path, base_cfg: config.BaseConfig, base: dict, checkpoints: i
     lock = threading.Lock()
     done = threading.Event()
 
-    def record(kind: str, outcome: str, seconds: float = 0.0) -> None:
+    def record(kind: str, outcome: str, seconds: float = 0.0, n: int = 1) -> None:
         with lock:
             s = stats.setdefault(kind, {"clients": 0})
-            s[outcome] = s.get(outcome, 0) + 1
+            s[outcome] = s.get(outcome, 0) + n
             s["max_s"] = max(s.get("max_s", 0.0), seconds)
 
     def status_client() -> None:
@@ -97,7 +97,7 @@ def load_run(root: Path, base_cfg: config.BaseConfig, base: dict, checkpoints: i
                 sent += conn.send(request)
             except BlockingIOError:
                 done.wait(0.05)
-        record("never-reads", "requests sent", sent // len(request))
+        record("never-reads", "requests sent", n=sent // len(request))
         conn.close()
 
     kinds = [("status", status_client), ("jobs", jobs_client), ("malformed", malformed_client),
