@@ -155,8 +155,11 @@ def _adapt_local(config_path: str | None, params: dict) -> None:
     """``adapt --local``: Stage 2 in this process against the current basis, then its result."""
     from axis_stream import config
     from axis_stream.service.jobs.kinds import run_local
+    from axis_stream.store.statelock import lock_state
 
-    result = run_local(params, config.load(config_path), _StageProgress())
+    cfg = config.load(config_path)
+    with lock_state(cfg.paths.state_dir, "adapt --local", hint="rerun without --local to queue it on the daemon"):
+        result = run_local(params, cfg, _StageProgress())
     click.echo("\n".join(render.adapt_summary_lines(result)))
 
 
@@ -319,6 +322,15 @@ def _open_basis(config_path: str | None, basis_dir: str | None):
     return Basis.open(basis_dir or config.load(config_path).paths.basis_dir)
 
 
+def _lock_basis_state(config_path: str | None, basis_dir: str | None, command: str, hint: str):
+    """The state-folder lock of the folder holding the basis (``<state_dir>``, or ``--basis``'s parent)."""
+    from axis_stream import config
+    from axis_stream.store.statelock import lock_state
+
+    state_dir = Path(basis_dir).resolve().parent if basis_dir else config.load(config_path).paths.state_dir
+    return lock_state(state_dir, command, hint)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_basis_options
@@ -330,17 +342,19 @@ def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None)
     from axis_stream.errors import CheckpointError
     from axis_stream.store import basis
 
-    target = basis.open_from_config(config.load(config_path), basis_dir, create=True)
-    total, rejected = len(target.manifest["matrices"]), 0
-    for path in paths:
-        try:
-            with click.progressbar(length=total, label=Path(path).name) as bar:
-                record = target.fold_checkpoint(path, progress=lambda done, _: bar.update(done - bar.pos))
-        except CheckpointError as exc:
-            rejected += 1
-            click.echo(f"rejected {exc} ({exc.reason})", err=True)
-            continue
-        click.echo(record.line())
+    with _lock_basis_state(config_path, basis_dir, "fold",
+                           hint="drop the files into the daemon's watched folder instead"):
+        target = basis.open_from_config(config.load(config_path), basis_dir, create=True)
+        total, rejected = len(target.manifest["matrices"]), 0
+        for path in paths:
+            try:
+                with click.progressbar(length=total, label=Path(path).name) as bar:
+                    record = target.fold_checkpoint(path, progress=lambda done, _: bar.update(done - bar.pos))
+            except CheckpointError as exc:
+                rejected += 1
+                click.echo(f"rejected {exc} ({exc.reason})", err=True)
+                continue
+            click.echo(record.line())
     if rejected:
         raise SystemExit(1)
 
@@ -386,8 +400,9 @@ def basis_history(config_path: str | None, basis_dir: str | None) -> None:
 def basis_rollback(version: int, config_path: str | None, basis_dir: str | None) -> None:
     """Make VERSION's basis current again (written as a new version)."""
 
-    target = _open_basis(config_path, basis_dir)
-    new = target.rollback(version)
+    with _lock_basis_state(config_path, basis_dir, "basis rollback", hint="stop the daemon first"):
+        target = _open_basis(config_path, basis_dir)
+        new = target.rollback(version)
     click.echo(f"version {new} now holds version {version}'s basis ({target.manifest['count']} sources)")
 
 

@@ -216,7 +216,7 @@ class MetricsConfig:
     def validate(self) -> None:
         if self.address:
             host, _, port = self.address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
                 raise ConfigError(f"metrics.address: expected host:port, got {self.address!r}")
 
 
@@ -275,8 +275,10 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
                 data = tomllib.load(fh)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     cfg = build_dataclass(Config, data, "")
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     env = os.environ if env is None else env
@@ -346,6 +348,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _range(key: str, value: float, low: float, high: float | None, low_open: bool = False) -> None:
+    if not math.isfinite(value):          # nan passes every comparison; inf would make a wait endless
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"{key}: must be {bound}, got {value!r}")

@@ -17,6 +17,10 @@ class BasisError(AxisError):
     """The basis directory is missing, corrupt or belongs to another base model."""
 
 
+class StateLocked(AxisError):
+    """The state folder's lock is held by another process (the message names its pid), or cannot be taken."""
+
+
 class CheckpointError(AxisError):
     """A checkpoint was rejected. ``reason`` is a short label (used in metrics and quarantine)."""
 
@@ -70,6 +74,12 @@ class ZeroDelta(CheckpointError):
 
 class Duplicate(CheckpointError):
     reason = "duplicate"
+
+
+class Symlink(CheckpointError):
+    """A symbolic link in the watched folder: links are never followed (they can point anywhere)."""
+
+    reason = "symlink"
 
 
 def first_line(exc: BaseException, limit: int | None = 160) -> str:

@@ -71,6 +71,9 @@ def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
                          f"known: {', '.join(sorted(set(hints) | _EXTRA))}")
     if not params.get("target"):
         raise AdaptError("adapt needs a target (a dataset name or imagefolder:PATH)")
+    for key in ("target", "data_root"):
+        if not isinstance(params.get(key) or "", str):
+            raise AdaptError(f"adapt parameter {key}: expected a string, got {params[key]!r:.80}")
     overrides = {k: _coerce(hints[k], v, k) for k, v in params.items() if k in hints and v is not None}
     if "n_fraction" in overrides:
         check_fraction(overrides["n_fraction"])
@@ -101,9 +104,9 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             return out
         if kind in (bool, str) and isinstance(value, kind):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):       # OverflowError: int(inf), float(10**400)
         pass
-    raise AdaptError(f"adapt parameter {key}: expected {kind.__name__}, got {value!r}")
+    raise AdaptError(f"adapt parameter {key}: expected {kind.__name__}, got {value!r:.80}")
 
 
 # --- the recipe ---

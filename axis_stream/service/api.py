@@ -116,6 +116,8 @@ class ControlServer:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _refusal(f"malformed request: not JSON ({exc})")
+        except RecursionError:
+            return _refusal("malformed request: nested too deeply")
         if not isinstance(request, dict):
             return _refusal("malformed request: expected a JSON object with 'op' and 'args'")
         op, args = request.get("op"), request.get("args", {})
@@ -147,6 +149,7 @@ def _refusal(message: str) -> dict[str, Any]:
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128     # the default 5 refuses connects (EAGAIN) when 20 clients call at once
     control: ControlServer
 
 

@@ -40,6 +40,7 @@ from axis_stream.store import ingest
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis, FoldRecord
 from axis_stream.store.models import load_base
+from axis_stream.store.statelock import StateLock, lock_state
 
 log = logging.getLogger("axis_stream.service.daemon")
 
@@ -124,9 +125,16 @@ class FoldWorker:
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
 
     def process(self, path: Path) -> Outcome:
-        """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file."""
+        """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file.
+
+        A symlink is quarantined unread (the link moves, its target is untouched). A file replaced under
+        the same name while it was folded is not discarded: the new file is folded at the next rescan."""
+        if path.is_symlink():
+            return self._reject(path, errors.Symlink.reason, "a symbolic link, not followed: move or copy the "
+                                "checkpoint itself into the folder")
         if not (path.is_file() or path.is_dir()):
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
+        identity = file_identity(path)
         t0 = time.monotonic()
         try:
             record = self._fold(path)
@@ -147,13 +155,17 @@ class FoldWorker:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
-        self._discard(path)
+        now = file_identity(path)
+        replaced = now is not None and now != identity
+        if not replaced:
+            self._discard(path)
         if self.metrics:
             self.metrics.fold_succeeded(seconds, float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
         return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s "
-                                    f"(energy kept {float(record.energy_kept):.1%})",
-                                    version=record.version, seconds=seconds))
+                                    f"(energy kept {float(record.energy_kept):.1%})"
+                                    + ("; it was replaced during the fold: the new file stays for the next "
+                                       "rescan" if replaced else ""), version=record.version, seconds=seconds))
 
     def basis_stats(self) -> tuple[int, int, int]:
         """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
@@ -232,6 +244,16 @@ def basis_nbytes(basis: Basis) -> int:
     return sum(int(f["size"]) for f in basis.manifest.get("files", {}).values())
 
 
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of ``path``, None when it is gone: a different identity after a fold
+    means the name now holds another file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def free_name(folder: Path, name: str) -> Path:
     """``folder/name``, or ``folder/<stem>-N<suffix>`` for the first N that is not taken."""
     dest = folder / name
@@ -306,12 +328,15 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.jobs: Any = None
         self._servers: list[Any] = []
+        self._state_lock: StateLock | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Everything up to READY=1: folders, base model, basis, metrics, jobs, control socket, watcher."""
+        """Everything up to READY=1: the state-folder lock (first: a second daemon must change nothing),
+        folders, base model, basis, metrics, jobs, control socket, watcher."""
         p, w = self.config.paths, self.config.watch
+        self._state_lock = lock_state(p.state_dir, "serve", hint="stop it first, or give this one another state_dir")
         for folder in (p.state_dir, p.watch_dir, p.quarantine) + ((p.archive,) if w.discard == "archive" else ()):
             folder.mkdir(parents=True, exist_ok=True)
         if self.config.metrics.address:
@@ -403,9 +428,11 @@ class Daemon:
         return self.current is not None
 
     def close(self) -> None:
-        """Stop the watcher, the jobs and the servers (idempotent)."""
+        """Stop the watcher, the jobs and the servers, then release the state-folder lock (idempotent)."""
         self._stop.set()
         self.ready = False
+        if self._state_lock is None:     # never started (or already closed): nothing of ours to stop
+            return
         if self.watcher is not None:
             self.watcher.stop()
         if self.jobs is not None:
@@ -415,6 +442,8 @@ class Daemon:
             server.stop()
         self._servers.clear()
         log.info("stopped; %d file(s) left in the queue stay in %s", len(self.queue), self.config.paths.watch_dir)
+        self._state_lock.release()
+        self._state_lock = None
 
     # -- jobs metrics and the control API -------------------------------------------------------
 

@@ -65,30 +65,44 @@ class SafetensorsFile:
         if 8 + n > size:
             raise errors.TruncatedFile(self.path, f"header needs {8 + n} bytes, the file has {size}")
         try:
-            header = json.loads(self._fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json.loads(self._fh.read(n), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise errors.NotACheckpoint(self.path, f"not a safetensors file ({exc})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not JSON)") from None
         if not isinstance(header, dict):
             raise errors.NotACheckpoint(self.path, "not a safetensors file (header is not a JSON object)")
         meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise errors.NotACheckpoint(self.path, "not a safetensors file (__metadata__ is not a JSON object)")
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
         self._data_start = 8 + n
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
         for name, e in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise errors.NotACheckpoint(self.path, f"tensor {name!r} has an unreadable header entry") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in SAFETENSORS_DTYPES
+                    and _offsets(e.get("shape")) and _offsets(e.get("data_offsets"), 2)):
+                raise errors.NotACheckpoint(self.path, f"tensor {name!r} has an unreadable header entry (needs a "
+                                                       "known dtype, and shape and data_offsets of integers >= 0)")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise errors.NotACheckpoint(self.path, f"tensor {name!r}: offsets disagree with its shape")
             self._entries[name] = (dtype, shape, begin, end)
-            end_max = max(end_max, end)
-        if self._data_start + end_max > size:
+        self._check_layout(size - self._data_start)
+
+    def _check_layout(self, data_size: int) -> None:
+        """The tensors' data ranges tile the data section exactly, as the format requires: no overlap, no gap."""
+        reached, previous = 0, None
+        for begin, end, name in sorted((b, e, name) for name, (_, _, b, e) in self._entries.items()):
+            if begin != reached:
+                where = "overlaps" if begin < reached else "leaves a gap after"
+                raise errors.NotACheckpoint(self.path, f"tensor {name!r}'s data {where} "
+                                                       f"{repr(previous) if previous else 'the header'}")
+            reached, previous = end, name
+        if reached > data_size:
             raise errors.TruncatedFile(
-                self.path, f"data ends at byte {self._data_start + end_max}, the file has {size}")
+                self.path, f"data ends at byte {self._data_start + reached}, the file has {self._data_start + data_size}")
+        if reached < data_size:
+            raise errors.NotACheckpoint(self.path, f"{data_size - reached} bytes after the last tensor's data")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -110,6 +124,25 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice (JSON parsers silently keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"{twice!r} appears twice in the header")
+    return out
+
+
+def _offsets(value: Any, length: int | None = None) -> bool:
+    """A list of JSON integers in [0, 2**63) (not bools, not floats), of ``length`` if given."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(type(v) is int and 0 <= v < 2**63 for v in value))
 
 
 class DictSource:
@@ -269,7 +302,11 @@ def torch_file_kind(path: Path) -> str:
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
+        try:
+            complete = zipfile.is_zipfile(path)
+        except zipfile.BadZipFile as exc:
+            raise errors.NotACheckpoint(path, f"damaged torch zip archive ({first_line(exc)})") from None
+        if not complete:
             raise errors.TruncatedFile(path, "torch zip archive is incomplete (no central directory)")
         return "zip"
     if magic.startswith(b"\x80"):
@@ -292,8 +329,8 @@ def open_torch(path: Path, trust_pickles: bool) -> DictSource:
         obj = unpickle.state_dict_of(unpickle.load_pickle(path))
     except EOFError:
         raise errors.TruncatedFile(path, "the pickle ends early") from None
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
+    except Exception as exc:  # torch's reader on damaged bytes raises any type (KeyError, IndexError, ...)
+        raise errors.NotACheckpoint(path, f"unreadable torch file ({type(exc).__name__}: {first_line(exc)})") from None
     return DictSource(unnest_state_dict(path, obj))
 
 

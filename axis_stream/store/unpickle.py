@@ -56,8 +56,12 @@ class Placeholder(nn.Module):
         super().__init__()
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves globals by the policy in the module docstring; records the placeholders it made."""
+class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Resolves globals by the policy in the module docstring; records the placeholders it made.
+
+    The pure-Python unpickler on purpose: its memo is a dict, where the C unpickler's is an array that
+    a damaged ``LONG_BINPUT`` index grows to gigabytes (zero-filled, so really resident) before failing.
+    """
 
     placeholders: list[str]
 
@@ -99,8 +103,8 @@ def load_pickle(path: str | Path) -> Any:
         raise errors.NotACheckpoint(path, f"unreadable pickle ({first_line(exc)})") from None
     except EOFError:
         raise errors.TruncatedFile(path, "the pickle ends early") from None
-    except (RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise errors.NotACheckpoint(path, f"unreadable torch file ({first_line(exc)})") from None
+    except Exception as exc:  # the unpickler on damaged bytes raises any type (KeyError, IndexError, ...)
+        raise errors.NotACheckpoint(path, f"unreadable torch file ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def state_dict_of(obj: Any) -> Any:

@@ -1,0 +1,340 @@
+"""Faults injected into a running daemon: kill -9 at random points of a stream and of a job, a full
+and a read-only state folder, the watched folder deleted and recreated, a checkpoint replaced while
+it is folded, and symlinks and hard links in the watched folder. ``benchmarks/faults.py`` runs the
+kill campaign at length (``kill_campaign`` here, with more kills)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+from test_basis import snapshot_equal
+from test_daemon import SERVE, drop, files, read_ledger, start, stop, wait_for, wait_ready, write_config
+from test_jobs import process_gone
+
+from axis_stream import config
+from axis_stream.service import api
+from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
+from axis_stream.service.jobs.records import FINAL_STATES, RESTART_ERROR, JobStore
+from axis_stream.service.jobs.runner import JobRunner
+from axis_stream.service.metrics import Metrics
+from axis_stream.store.basis import Basis
+from axis_stream.testing import finetuned_like
+
+IDENTITY = {"name": "axis-tiny", "pretrained": ""}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- kill -9 at random points of a stream and of a job ----------------------------------------------
+
+def queue_job(cfg: config.Config, rng: random.Random) -> str:
+    """Queue a selftest job for the next daemon start: long enough to be running at a kill, or short."""
+    runner = JobRunner(cfg, cfg.paths.basis_dir)
+    try:
+        return runner.submit("selftest", {"steps": rng.choice([5, 400]), "sleep_s": 0.01, "seed": rng.randrange(99)})
+    finally:
+        runner.shutdown()
+
+
+def check_jobs_true(cfg: config.Config, daemon_alive: bool) -> dict[str, int]:
+    """Every job's record says what happened: a succeeded job wrote its result, a failed one's process is
+    gone, and nothing is running or queued unless a daemon lives. Returns the states counted."""
+    store = JobStore(cfg.paths.state_dir / "jobs.sqlite")
+    try:
+        records = store.list()
+    finally:
+        store.close()
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.state] = counts.get(r.state, 0) + 1
+        if r.state == "succeeded":
+            assert (Path(r.log_path).parent / "selftest.json").is_file(), r
+        elif r.state == "failed":
+            assert r.error == RESTART_ERROR, r
+        elif r.state == "running" and not daemon_alive:
+            wait_for(lambda: r.pid is None or process_gone(r.pid), 30, f"job {r.id}'s process to die with the daemon")
+        assert r.state in FINAL_STATES or r.state in ("queued", "running"), r
+    return counts
+
+
+def check_sources(cfg: config.Config, names: set[str]) -> list[str]:
+    """Every source dropped so far is in the ledger exactly once or still in the folder; returns the ledger."""
+    ledger = [e["file"] for e in read_ledger(cfg)]
+    assert len(ledger) == len(set(ledger)), ledger
+    assert names == set(ledger) | set(files(cfg.paths.watch_dir)), (names, ledger, files(cfg.paths.watch_dir))
+    assert files(cfg.paths.quarantine) == []
+    return ledger
+
+
+def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: int, seed: int = 0,
+                  log=lambda line: None) -> dict[str, object]:
+    """Start the daemon, kill -9 it at a random point, check, restart... ``kills`` times while it folds a
+    stream and runs jobs; then fold the rest without kills and compare the basis with a kill-free fold of
+    the same files in the ledger's order, bit for bit. Returns the figures."""
+    rng = random.Random(seed)
+    cfg_path = write_config(root, base_cfg)
+    cfg = config.load(cfg_path, env={})
+    staging = root / "staging"
+    staging.mkdir()
+    cfg.paths.watch_dir.mkdir(parents=True, exist_ok=True)
+    names: set[str] = set()
+    where = {"start-up": 0, "fold": 0, "after a fold": 0}
+    next_seed, fold_s = 0, 0.5
+
+    def top_up(n: int) -> None:
+        nonlocal next_seed
+        while len(files(cfg.paths.watch_dir)) < n:
+            src = staging / f"ckpt-{next_seed:03d}.safetensors"
+            save_file(finetuned_like(base, next_seed), src)
+            drop(src, cfg.paths.watch_dir)
+            names.add(src.name)
+            next_seed += 1
+
+    t0 = time.monotonic()
+    for k in range(kills):
+        top_up(5)                                # enough waiting files that a fold is caught in progress
+        queue_job(cfg, rng)
+        proc = start(cfg_path)
+        try:
+            point = rng.choice(["start-up", "fold", "fold", "fold", "after a fold"])
+            if point == "start-up":
+                time.sleep(rng.uniform(0, 6.0))          # a random instant of start-up (or just after)
+            else:
+                wait_ready(proc, cfg)
+                target = len(read_ledger(cfg)) + rng.randint(0, 2)       # let 0-2 folds finish first
+                wait_for(lambda: len(read_ledger(cfg)) >= target, 120, "folds before the kill", proc)
+                if point == "fold":                      # a random instant of the next fold
+                    wait_for(lambda: api.request(cfg.paths.socket, "status")["queue"]["current"], 60,
+                             "a fold in progress", proc)
+                    time.sleep(rng.uniform(0, 1.5 * fold_s))
+            proc.kill()
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        where[point] += 1
+        last = [e for e in read_ledger(cfg) if e.get("seconds")]
+        fold_s = float(last[-1]["seconds"]) if last else fold_s
+        ledger = check_sources(cfg, names)
+        check_jobs_true(cfg, daemon_alive=False)
+        log(f"kill {k + 1}/{kills} at {point}: {len(ledger)} folded, {len(files(cfg.paths.watch_dir))} waiting")
+    proc = start(cfg_path)                       # the end: no kill, everything folds, jobs end
+    try:
+        wait_ready(proc, cfg)
+        wait_for(lambda: len(read_ledger(cfg)) == len(names) and not files(cfg.paths.watch_dir), 120,
+                 "every source folded", proc)
+        wait_for(lambda: all(j["state"] in FINAL_STATES for j in api.request(cfg.paths.socket, "jobs.list",
+                                                                             limit=10_000)["jobs"]),
+                 120, "every job ended", proc)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ledger = check_sources(cfg, names)
+    assert sorted(ledger) == sorted(names)
+    jobs = check_jobs_true(cfg, daemon_alive=False)
+    campaign_s = time.monotonic() - t0
+
+    # The kill-free run: the same files folded by `axis-stream fold` in the ledger's order, with the
+    # daemon's thread setting (OMP_NUM_THREADS=1), into a fresh state folder.
+    ref_dir = root / "reference" / "basis"
+    fold = [sys.executable, "-c", "from axis_stream.cli import main; main()", "fold",
+            *[str(staging / name) for name in ledger], "--config", str(cfg_path), "--basis", str(ref_dir)]
+    done = subprocess.run(fold, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    daemon_basis, reference = Basis.open(cfg.paths.basis_dir), Basis.open(ref_dir)
+    assert [e["sha256"] for e in daemon_basis.manifest["ledger"]] == [e["sha256"] for e in reference.manifest["ledger"]]
+    assert snapshot_equal(daemon_basis.load(), reference.load())          # bit for bit
+    return {"kills": kills, "where": where, "sources": len(names), "jobs": jobs, "seconds": campaign_s}
+
+
+def test_kill_9_at_random_points_loses_nothing_folds_nothing_twice_and_jobs_stay_true(tiny_base, tmp_path):
+    base_cfg, base = tiny_base
+    figures = kill_campaign(tmp_path, base_cfg, base, kills=2, seed=7)
+    assert figures["sources"] >= 3 and sum(figures["jobs"].values()) == 2
+
+
+# -- a full and a read-only state folder ------------------------------------------------------------
+
+@pytest.fixture
+def small_state(tmp_path):
+    """A 16 MiB tmpfs as the state folder (needs root and mount; skipped where it is not permitted)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the state folder (needs root): {mount.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its filesystem is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_then_read_only_state_folder_fails_the_fold_keeps_the_file_and_folds_it_later(
+        tiny_base, tmp_path, small_state):
+    base_cfg, base = tiny_base
+    cfg_path = write_config(tmp_path, base_cfg)
+    cfg = config.load(cfg_path, env={})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    sources = []
+    for seed in range(3):
+        sources.append(staging / f"ckpt-{seed}.safetensors")
+        save_file(finetuned_like(base, seed), sources[-1])
+    proc = start(cfg_path)
+    try:
+        wait_ready(proc, cfg)
+        drop(sources[0], cfg.paths.watch_dir)
+        wait_for(lambda: len(read_ledger(cfg)) == 1, 60, "the first fold", proc)
+        current = (cfg.paths.basis_dir / "CURRENT").read_text()
+
+        filler = fill(small_state)                       # disk full
+        drop(sources[1], cfg.paths.watch_dir)
+        wait_for(lambda: api.request(cfg.paths.socket, "status")["folds"]["error"] >= 1, 60, "the failed fold", proc)
+        assert files(cfg.paths.watch_dir) == [sources[1].name]                  # the file stays
+        assert (cfg.paths.basis_dir / "CURRENT").read_text() == current          # the old version
+        status = api.request(cfg.paths.socket, "status")
+        assert "No space left on device" in status["last_error"] and status["basis"]["version"] == 1
+        filler.unlink()                                   # space returns: the next rescan folds it
+        wait_for(lambda: len(read_ledger(cfg)) == 2 and not files(cfg.paths.watch_dir), 60, "the retried fold", proc)
+
+        # Read-only under the running daemon (a read-only bind mount over the basis: the kernel refuses
+        # to remount the whole folder read-only while the daemon has files open for writing).
+        basis = str(cfg.paths.basis_dir)
+        subprocess.run(["mount", "--bind", basis, basis], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", basis], check=True)
+            drop(sources[2], cfg.paths.watch_dir)
+            wait_for(lambda: api.request(cfg.paths.socket, "status")["folds"]["error"] >= 2, 60, "the refused fold",
+                     proc)
+            assert files(cfg.paths.watch_dir) == [sources[2].name] and len(read_ledger(cfg)) == 2
+            assert "Read-only file system" in api.request(cfg.paths.socket, "status")["last_error"]
+        finally:
+            subprocess.run(["umount", basis], check=True)
+        wait_for(lambda: len(read_ledger(cfg)) == 3 and not files(cfg.paths.watch_dir), 60, "the fold once writable",
+                 proc)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [e["file"] for e in read_ledger(cfg)] == [s.name for s in sources]
+    assert not [p for p in (cfg.paths.basis_dir / "versions").iterdir() if p.name.startswith(".")]
+
+    # Starting on a read-only state folder: one line, nothing changed.
+    subprocess.run(["mount", "-o", "remount,ro", str(small_state)], check=True)
+    try:
+        refused = subprocess.run(SERVE + [str(cfg_path)], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_state)], check=True)
+    assert refused.returncode == 1
+    assert refused.stderr.endswith("cannot open the state-folder lock: Read-only file system\n")
+    assert refused.stderr.count("\n") == 1
+
+
+# -- the watched folder: deleted and recreated, symlinks, hard links, a file replaced mid-fold ----------
+
+def test_the_watched_folder_deleted_and_recreated_while_running_keeps_folding(tiny_base, tmp_path):
+    base_cfg, base = tiny_base
+    cfg_path = write_config(tmp_path, base_cfg)
+    cfg = config.load(cfg_path, env={})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    proc = start(cfg_path)
+    try:
+        wait_ready(proc, cfg)
+        shutil.rmtree(cfg.paths.watch_dir)
+        wait_for(lambda: "cannot list" in Path(proc.log_path).read_text(), 30, "a rescan of the missing folder", proc)
+        cfg.paths.watch_dir.mkdir()
+        src = staging / "after.safetensors"
+        save_file(finetuned_like(base, 5), src)
+        drop(src, cfg.paths.watch_dir)
+        wait_for(lambda: [e["file"] for e in read_ledger(cfg)] == [src.name], 60, "the fold after the recreate", proc)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def worker(tiny_base, tmp_path):
+    """A FoldWorker on a temporary state folder (no daemon) and a function writing checkpoints."""
+    base_cfg, base = tiny_base
+    cfg = config.load(write_config(tmp_path, base_cfg), env={})
+    cfg.paths.watch_dir.mkdir()
+
+    def ckpt(folder: Path, seed: int, name: str) -> Path:
+        folder.mkdir(exist_ok=True)
+        save_file(finetuned_like(base, seed), folder / name)
+        return folder / name
+
+    return FoldWorker(cfg, base, IDENTITY, Metrics(REJECT_REASONS)), cfg, ckpt
+
+
+def test_symlinks_are_quarantined_unread_and_hard_links_fold_as_files(worker, tmp_path):
+    fw, cfg, ckpt = worker
+    inbox, outside = cfg.paths.watch_dir, tmp_path / "outside"
+    target = ckpt(outside, 1, "target.safetensors")
+    keep = target.read_bytes()
+    (inbox / "out.safetensors").symlink_to(target)                       # out of the folder
+    inner = ckpt(inbox, 2, ".inner.safetensors")
+    (inbox / "in.safetensors").symlink_to(inner)                         # inside it
+    for name in ("out.safetensors", "in.safetensors"):
+        out = fw.process(inbox / name)
+        assert (out.result, out.reason) == ("rejected", "symlink"), out
+        assert (cfg.paths.quarantine / name).is_symlink()                # the link moved, not its target
+        assert "symbolic link" in (cfg.paths.quarantine / f"{name}.reason").read_text()
+    assert target.read_bytes() == keep and inner.exists() and fw.basis is None     # nothing read or folded
+    os.link(target, inbox / "hard.safetensors")                         # a hard link is an ordinary file
+    assert fw.process(inbox / "hard.safetensors").result == "folded"
+    assert not (inbox / "hard.safetensors").exists() and target.read_bytes() == keep   # its other name stays
+    assert [e["sha256"] for e in fw.basis.manifest["ledger"]] == [hashlib.sha256(keep).hexdigest()]
+    assert fw.metrics.rejects.labels("symlink")._value.get() == 2
+
+
+def test_a_checkpoint_replaced_while_it_is_folded_is_kept_and_folded_next(worker, tmp_path, monkeypatch):
+    fw, cfg, ckpt = worker
+    inbox = cfg.paths.watch_dir
+    assert fw.process(ckpt(inbox, 1, "first.safetensors")).result == "folded"
+    path = ckpt(inbox, 2, "model.safetensors")
+    old = sha(path)
+    newer = ckpt(tmp_path / "staging", 3, "model.safetensors")
+    new = sha(newer)
+    real = fw.basis.fold_checkpoint
+
+    def fold_then_replace(p, progress=None):
+        record = real(p, progress=progress)          # the fold reads the file it opened...
+        os.replace(newer, path)                      # ...while the name is given to another file
+        return record
+
+    monkeypatch.setattr(fw.basis, "fold_checkpoint", fold_then_replace)
+    out = fw.process(path)
+    assert out.result == "folded" and "replaced during the fold" in out.message
+    assert path.exists() and sha(path) != old                          # the new file was not discarded
+    monkeypatch.undo()
+    assert fw.process(path).result == "folded" and not path.exists()   # and is folded next
+    assert [e["sha256"] for e in fw.basis.manifest["ledger"]][1:] == [old, new]
