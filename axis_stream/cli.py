@@ -341,11 +341,13 @@ def basis_show(version: int | None, config_path: str | None, basis_dir: str | No
 
 
 @basis_group.command(name="history")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Sources to show.")
+@click.option("--offset", type=click.IntRange(min=0), help="Sources to skip (default: show the newest).")
 @_basis_options
-def basis_history(config_path: str | None, basis_dir: str | None) -> None:
-    """The versions on disk and the ledger of the folded sources."""
+def basis_history(limit: int, offset: int | None, config_path: str | None, basis_dir: str | None) -> None:
+    """The versions on disk and a page of the ledger of the folded sources, in folding order."""
 
-    click.echo("\n".join(render.history_lines(_open_basis(config_path, basis_dir))))
+    click.echo("\n".join(render.history_lines(_open_basis(config_path, basis_dir), offset, limit)))
 
 
 @basis_group.command(name="rollback")

@@ -159,7 +159,7 @@ class FoldWorker:
         """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
         if self.basis is None:
             return 0, 0, 0
-        return self.basis.version, len(ledger(self.basis)), basis_nbytes(self.basis)
+        return self.basis.version, self.basis.count, self.basis.nbytes()
 
     def _fold(self, path: Path) -> FoldRecord:
         if self.basis is None:
@@ -168,8 +168,8 @@ class FoldWorker:
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
-        sha = ingest.file_sha256(path)
-        return any(e.get("sha256") == sha and e.get("file") == path.name for e in ledger(self.basis))
+        record = self.basis.has_source(ingest.file_sha256(path))
+        return record is not None and record.file == path.name
 
     def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:
         try:
@@ -221,16 +221,6 @@ class FoldWorker:
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
         log.log(level, verb, outcome.file, outcome.message)
         return outcome
-
-
-def ledger(basis: Basis) -> list[dict[str, Any]]:
-    """The ordered ledger of folded sources of the current version."""
-    return list(basis.manifest["ledger"])
-
-
-def basis_nbytes(basis: Basis) -> int:
-    """Bytes on disk of the current version's tensor files (as its manifest records them)."""
-    return sum(int(f["size"]) for f in basis.manifest.get("files", {}).values())
 
 
 def free_name(folder: Path, name: str) -> Path:
@@ -433,7 +423,10 @@ class Daemon:
         """The daemon's own control-API ops, merged with the job runner's."""
         def basis_history(args: dict[str, Any]) -> dict[str, Any]:
             basis = self.worker.basis if self.worker else None
-            return {"version": basis.version if basis else 0, "ledger": ledger(basis) if basis else []}
+            if basis is None:
+                return {"version": 0, "count": 0, "ledger": []}
+            records = basis.ledger(offset=int(args.get("offset", 0)), limit=args.get("limit"))
+            return {"version": basis.version, "count": basis.count, "ledger": [r.to_json() for r in records]}
 
         return {"status": lambda args: self.status(), "basis.history": basis_history}
 
