@@ -328,6 +328,10 @@ def test_cli_fold_show_history_rollback(tiny_base, make_checkpoint, tmp_path):
     assert "ckpt-81" in res.output and "ckpt-82" in res.output
     res = runner.invoke(main, ["basis", "history", "--basis", str(basis_dir)])
     assert res.exit_code == 0 and "ckpt-81.safetensors" in res.output and "ckpt-82.safetensors" in res.output
+    res = runner.invoke(main, ["basis", "history", "--limit", "1", "--basis", str(basis_dir)])
+    assert res.exit_code == 0 and "sources 2-2 of 2" in res.output and "ckpt-81" not in res.output
+    res = runner.invoke(main, ["basis", "history", "--limit", "1", "--offset", "0", "--basis", str(basis_dir)])
+    assert "sources 1-1 of 2" in res.output and "ckpt-81.safetensors" in res.output and "ckpt-82" not in res.output
     res = runner.invoke(main, ["basis", "rollback", "1", "--basis", str(basis_dir)])
     assert res.exit_code == 0 and "version 3" in res.output
     assert Basis.open(basis_dir).load().count == 1
