@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
 
 if TYPE_CHECKING:
+    from axis_stream.service.daemon import Outcome
     from axis_stream.store.basis import Basis
 
 
@@ -170,3 +171,20 @@ def history_lines(basis: Basis, offset: int | None = None, limit: int = 50) -> l
                      f"{r.size / 2**20:.1f} MiB  new components {r.new_kept_total}, energy kept "
                      f"{r.energy_kept:.1%}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
     return lines
+
+
+# --- backfill ---
+
+def outcome_line(outcome: Outcome) -> str:
+    """One file of ``axis-stream backfill``: what happened to it."""
+    reason = f" [{outcome.reason}]" if outcome.reason else ""
+    return f"{outcome.result.replace('_', ' ')} {outcome.file}: {outcome.message}{reason}"
+
+
+def backfill_summary(counts: Mapping[str, int], seconds: float) -> str:
+    """The last line of ``axis-stream backfill``."""
+    total = sum(counts.values())
+    extra = "".join(f", {counts[k]} {k}" for k in ("error", "vanished") if counts.get(k))
+    return (f"backfill: {total} files in {seconds:.1f} s ({total / max(seconds, 1e-9) * 60:.1f} files/min): "
+            f"{counts.get('folded', 0)} folded, {counts.get('rejected', 0)} rejected, "
+            f"{counts.get('already_folded', 0)} already folded{extra}")

@@ -14,10 +14,12 @@ from another version).
 "Format 1" is the basis of commit dce0990 (``git show dce0990:axis_stream/store/basis.py``, imported
 from a temporary file; it needs git and this checkout's history): the ledger and the share lists
 inside every manifest, rewritten at every fold. Each format runs in a fresh subprocess, one after
-the other; a run that passes ``--budget`` seconds stops after its next milestone.
+the other; a run that passes ``--budget`` seconds stops there, with a row for its last fold.
 
     nice -n 19 python benchmarks/fold_scale.py                       # both formats (about 45 minutes)
     python benchmarks/fold_scale.py --folds 100 --old-folds 100      # a quick look
+    python benchmarks/fold_scale.py --old-folds 0 --json a.json      # one format (run two at once) ...
+    python benchmarks/fold_scale.py --show a.json b.json             # ... and their table
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from axis_stream.config import BasisConfig
 from axis_stream.store import models
 from axis_stream.testing import finetuned_like
 
-MILESTONES = [1, 10, 100, 1000, 10_000]
+MILESTONES = [1, 10, 100, 1000, 2000, 5000, 10_000]
 OLD_COMMIT = "dce0990"
 MiB = 2**20
 
@@ -109,12 +111,14 @@ def run(fmt: int, folds: int, milestones: list[int], window: int, budget: float,
         ckpt.unlink()
         if i in watched:
             times[i] = (wall, cpu, memory_bytes("VmHWM"))
-        if i in marks:
-            span = [times[j] for j in range(max(1, i - window + 1), i + 1)]
+        over = time.monotonic() - start > budget
+        if i in marks or over:
+            span = [times[j] for j in range(max(1, i - window + 1), i + 1) if j in times] or [(wall, cpu, 0)]
             print(json.dumps({"format": fmt, "fold": i, "seconds": statistics.median(t[0] for t in span),
                               "cpu": statistics.median(t[1] for t in span), "peak": max(t[2] for t in span),
-                              "elapsed": time.monotonic() - start, **sizes(basis, fmt)}), flush=True)
-            if time.monotonic() - start > budget:
+                              "elapsed": time.monotonic() - start, "stopped": over, **sizes(basis, fmt)}),
+                  flush=True)
+            if over:
                 break
 
 
@@ -126,14 +130,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="folds per milestone (the median is shown)")
     parser.add_argument("--budget", type=float, default=3600, help="seconds per format before it stops")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the rows here (after each row)")
+    parser.add_argument("--show", type=Path, nargs="+", default=[], help="only print the table of these --json files")
     parser.add_argument("--run", type=int, choices=[1, 2], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run(args.run, args.folds, args.milestones, args.window, args.budget, args.threads)
         return
-    rows = []
-    for fmt, folds in ((2, args.folds), (1, args.old_folds)):
+    rows = [r for path in args.show for r in json.loads(path.read_text())]
+    for fmt, folds in ((2, args.folds), (1, args.old_folds)) if not args.show else ():
         if not folds:
             continue
         cmd = [sys.executable, __file__, "--run", str(fmt), "--folds", str(folds), "--window", str(args.window),
@@ -142,18 +147,18 @@ def main() -> None:
         for line in proc.stdout:
             rows.append(json.loads(line))
             print(f"  format {fmt}: fold {rows[-1]['fold']} done after {rows[-1]['elapsed']:.0f} s", file=sys.stderr)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1) + "\n")
         if proc.wait():
             raise SystemExit(f"{' '.join(cmd)} failed")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"tiny CLIP (8 matrices), svd exact, {args.threads} torch thread(s), median of {args.window} folds "
-          f"per row (fold 1: itself)")
+          f"per row (fold 1: itself); * = stopped there by --budget")
     header = (f"{'format':>6} {'fold':>6} | {'wall s':>7} {'cpu s':>6} {'peak MiB':>8} | {'manifest KiB':>12} "
               f"{'ledger KiB':>10} {'WAL KiB':>8} {'version MiB':>11} {'own MiB':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['format']:>6} {r['fold']:>6} | {r['seconds']:>7.3f} {r['cpu']:>6.3f} {r['peak'] / MiB:>8.0f} | "
+        print(f"{r['format']:>6} {r['fold']:>6}{'*' if r.get('stopped') else ' '}| {r['seconds']:>7.3f} {r['cpu']:>6.3f} {r['peak'] / MiB:>8.0f} | "
               f"{r['manifest'] / 1024:>12.1f} {r['ledger'] / 1024:>10.1f} {r['wal'] / 1024:>8.0f} {r['version'] / MiB:>11.3f} "
               f"{r['own'] / MiB:>8.3f}")
 

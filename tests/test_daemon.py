@@ -450,7 +450,7 @@ def test_worker_quarantines_internal_errors_and_keeps_files_on_environment_error
     version = worker.basis.version
 
     def boom(exc):
-        def fold_checkpoint(path, progress=None):
+        def fold_checkpoint(path, **options):
             raise exc
         return fold_checkpoint
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import signal
@@ -109,10 +110,16 @@ class FoldWorker:
     """Folds one file into the basis, then discards it (folded) or quarantines it (rejected).
 
     The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
+    ``fold_workers`` matrices fold at once within ``memory_budget`` bytes (the same basis); ``keep``
+    leaves folded files in place and ``quarantine=False`` rejected ones (``axis-stream backfill``).
     """
 
     def __init__(self, config: Config, base_state: Mapping[str, torch.Tensor], identity: Mapping[str, str],
-                 metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None):
+                 metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None, *,
+                 fold_workers: int = 1, memory_budget: float = math.inf, keep: bool = False,
+                 quarantine: bool = True):
+        self.fold_workers, self.memory_budget = fold_workers, memory_budget
+        self.keep, self.quarantine = keep, quarantine
         self.config = config
         self.paths = config.paths
         self.base_state = base_state
@@ -133,8 +140,9 @@ class FoldWorker:
         except errors.Duplicate as exc:
             if self._folded_before_restart(path):
                 self._discard(path)
-                return self._report(Outcome(path.name, "already_folded", "its fold was durable before a "
-                                            "restart, only the discard was missing; discarded now"))
+                return self._report(Outcome(path.name, "already_folded", "in the ledger under this name already"
+                                            if self.keep else "its fold was durable before a restart, only "
+                                            "the discard was missing; discarded now"))
             return self._reject(path, exc.reason, exc.message)
         except errors.CheckpointError as exc:
             return self._reject(path, exc.reason, exc.message)
@@ -164,7 +172,8 @@ class FoldWorker:
     def _fold(self, path: Path) -> FoldRecord:
         if self.basis is None:
             self.basis = Basis.create(self.paths.basis_dir, self.base_state, self.config.basis, self.identity)
-        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress())
+        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(),
+                                          workers=self.fold_workers, memory_budget=self.memory_budget)
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
@@ -185,7 +194,10 @@ class FoldWorker:
         return self._report(Outcome(path.name, "error" if internal else "rejected", message, reason=reason))
 
     def _quarantine(self, path: Path, reason: str, message: str) -> Path | None:
-        """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first)."""
+        """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first); with
+        ``quarantine`` off, leave it. None when it is gone."""
+        if not self.quarantine:
+            return path if path.exists() else None
         folder = self.paths.quarantine
         folder.mkdir(parents=True, exist_ok=True)
         dest = free_name(folder, path.name)
@@ -202,6 +214,8 @@ class FoldWorker:
     def _discard(self, path: Path) -> None:
         """After the new version is durable: delete, or move into the archive. A failure leaves the
         file for the next rescan, which finds it in the ledger and discards it then."""
+        if self.keep:
+            return
         try:
             if self.config.watch.discard == "archive":
                 move_into(path, free_name(self.paths.archive, path.name))

@@ -63,6 +63,7 @@ from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout, stage1
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import atomic, ingest, ledger, models, versions
+from axis_stream.store.threads import bounded_map
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
 FORMAT_VERSION = 2
@@ -70,6 +71,7 @@ STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fractio
 """Settings fixed when a basis is created. The others (svd, svd_tol, keep_versions, trust_pickles)
 come from the settings given to ``Basis.open``, or from the manifest when none are given."""
 _MEAN_CHUNK = 1 << 20  # elements per float64 running-mean step: bounds the temporaries
+_FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
 Progress = Callable[[int, int], None]
 
 
@@ -268,12 +270,7 @@ class Basis:
 
     def disk_use(self) -> dict[int, tuple[int, int]]:
         """Per version on disk: (bytes of its files, bytes only it holds: not hard-linked elsewhere)."""
-        out = {}
-        for v in self.versions():
-            sizes = [(st.st_size, st.st_nlink) for p in self._vdir(v).iterdir() if p.is_file()
-                     for st in [p.stat()]]
-            out[v] = (sum(s for s, _ in sizes), sum(s for s, links in sizes if links == 1))
-        return out
+        return {v: versions.disk_use(self._vdir(v)) for v in self.versions()}
 
     def ledger_nbytes(self) -> int:
         """Bytes of the ledger file on disk."""
@@ -334,12 +331,14 @@ class Basis:
 
     # --- changing ---
 
-    def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None) -> FoldRecord:
+    def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None, workers: int = 1,
+                        memory_budget: float = math.inf) -> FoldRecord:
         """Read, validate and fold one checkpoint, write the new version, move the pointer.
 
         Raises an ``errors.CheckpointError`` subclass, with nothing changed, on bad input. Reads the
         checkpoint one tensor at a time; once this returns, the checkpoint is no longer needed.
-        ``progress(done, total)`` is called after each matrix.
+        ``progress(done, total)`` is called after each matrix. ``workers`` matrices fold at once (in
+        threads, the same result) while their estimated working memory fits in ``memory_budget`` bytes.
         """
         base = self._need_base("fold")
         start = time.perf_counter()
@@ -354,7 +353,8 @@ class Basis:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")
                 version = snap.version + 1
-                matrices, stats, shares, changed = self._fold_matrices(ckpt, snap, version, progress)
+                matrices, stats, shares, changed = self._fold_matrices(ckpt, snap, version, progress, workers,
+                                                                        memory_budget)
                 self._fold_means(ckpt, snap)
                 ckpt.finish()
             folded = [s for s in stats.values() if s["svd_method"] != "unchanged"]
@@ -418,52 +418,55 @@ class Basis:
     # --- folding, per parameter ---
 
     def _fold_matrices(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot, version: int,
-                       progress: Progress | None
+                       progress: Progress | None, workers: int, memory_budget: float
                        ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str]]:
-        """Fold every matrix of ``ckpt`` into ``snap.factors`` in place (``version``: the one being
-        written): new manifest entries, stats, the source's entry shares, the matrices it changed."""
-        matrices, stats, shares, changed = {}, {}, [], set()
-        total = len(snap.manifest["matrices"])
-        for i, (name, info) in enumerate(snap.manifest["matrices"].items()):
-            current = snap.factors[name]
-            d = ckpt.delta(name)
-            if d is None:
-                st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged",
-                      "svd_error": 0.0}
-                e_cur, e_new, delta_energy = 1.0, 0.0, 0.0
-            else:
-                delta = layout.as_matrix(d)
-                del d
-                k = self._fold_k(tuple(delta.shape), current, delta)
-                new = stage1.fold(current if current.rank else None, delta, k, svd=self.settings.svd,
-                                  tol=self.settings.svd_tol, seed=0)
-                fs = new.stats
-                delta_energy = float(torch.linalg.matrix_norm(delta)) ** 2
-                kept_current = min(current.rank, k - fs.new_kept)
-                e_cur = float(current.s[:kept_current].double().square().sum())
-                e_new = fs.energy_kept * delta_energy
-                st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
-                      "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
-                if new.U is not current.U:  # stage1.fold hands back the current factors when none entered
-                    changed.add(name)
-                snap.factors[name] = current = Factors(new.U, new.s, new.V)
-                del delta, new
-            total_e = e_cur + e_new
-            log_scale, reset = info["log_scale"], info["reset"]
-            if total_e and e_cur:
-                log_scale += math.log(e_cur / total_e)
-            elif total_e:  # every earlier source's share drops to 0
-                log_scale, reset = 0.0, version
-            shares.append([e_new / total_e if total_e else 0.0, log_scale])
-            st["rank"] = current.rank
-            stats[name] = st
-            matrices[name] = dict(info, k=st["k"], rank=current.rank,
-                                  energy=float(current.s.double().square().sum()),
-                                  source_energy=info["source_energy"] + delta_energy,
-                                  log_scale=log_scale, reset=reset)
-            if progress is not None:
-                progress(i + 1, total)
-        return matrices, stats, shares, changed
+        """Fold ``ckpt``'s matrices into ``snap.factors``, ``workers`` at a time: new manifest entries,
+        stats, the source's entry shares, the matrices it changed (``version``: the one being written)."""
+        infos = snap.manifest["matrices"]
+
+        def prepare(name: str) -> Callable[[], tuple]:
+            d = ckpt.delta(name)  # read here, in order; the fold may run in another thread
+            return lambda: self._fold_matrix(infos[name], snap.factors[name], d, version)
+
+        done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
+                           workers=workers, budget=memory_budget, done=progress)
+        changed = {name for name, r in done.items() if r[3] is not snap.factors[name]}
+        snap.factors.update({name: r[3] for name, r in done.items()})
+        return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
+                [r[2] for r in done.values()], changed)
+
+    def _fold_matrix(self, info: dict[str, Any], current: Factors, d: Tensor | None, version: int
+                     ) -> tuple[dict[str, Any], dict[str, Any], list[float], Factors]:
+        """One matrix's fold: manifest entry, stats, entry share, factors (``current`` if none entered)."""
+        if d is None:
+            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
+            e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
+        else:
+            delta = layout.as_matrix(d)
+            del d
+            k = self._fold_k(tuple(delta.shape), current, delta)
+            new = stage1.fold(current if current.rank else None, delta, k, svd=self.settings.svd,
+                              tol=self.settings.svd_tol, seed=0)
+            fs = new.stats
+            delta_energy = float(torch.linalg.matrix_norm(delta)) ** 2
+            kept_current = min(current.rank, k - fs.new_kept)
+            e_cur = float(current.s[:kept_current].double().square().sum())
+            e_new = fs.energy_kept * delta_energy
+            st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
+                  "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
+            # stage1.fold hands back the current tensors when no new component entered
+            factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
+            del delta, new
+        total_e = e_cur + e_new
+        log_scale, reset = info["log_scale"], info["reset"]
+        if total_e and e_cur:
+            log_scale += math.log(e_cur / total_e)
+        elif total_e:  # every earlier source's share drops to 0
+            log_scale, reset = 0.0, version
+        st["rank"] = factors.rank
+        entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
+                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
+        return entry, st, [e_new / total_e if total_e else 0.0, log_scale], factors
 
     def _fold_means(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot) -> None:
         """Update the running mean delta of every non-matrix parameter in ``snap.means`` in place."""
@@ -559,8 +562,7 @@ class Basis:
                 self._manifests.pop(v, None)
 
     def _clean_leftovers(self, current: int) -> None:
-        """What a killed writer left (``versions.clean_leftovers``) and the ledger records of versions
-        that never became current."""
+        """What a killed writer left, the ledger records of versions never made current among it."""
         versions.clean_leftovers(self.directory, current)
         if self._ledger.path.exists():
             self._ledger.drop_after(current)

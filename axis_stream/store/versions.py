@@ -128,6 +128,12 @@ def write_version(directory: Path, manifest: dict[str, Any], write_files: Callab
     atomic.atomic_write_bytes(directory / CURRENT, f"{name}\n".encode())
 
 
+def disk_use(folder: Path) -> tuple[int, int]:
+    """(bytes of a version folder's files, bytes of those no other folder links to)."""
+    stats = [p.stat() for p in folder.iterdir() if p.is_file()]
+    return sum(st.st_size for st in stats), sum(st.st_size for st in stats if st.st_nlink == 1)
+
+
 def remove_version(directory: Path, version: int) -> None:
     """Delete a version's folder: renamed away first, so a half-deleted one is never taken for a version."""
     trash = directory / VERSIONS / f".trash-v{version:06d}-{secrets.token_hex(4)}"
