@@ -158,7 +158,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['format']:>6} {r['fold']:>6}{'*' if r.get('stopped') else ' '}| {r['seconds']:>7.3f} {r['cpu']:>6.3f} {r['peak'] / MiB:>8.0f} | "
+        peak = f"{r['peak'] / MiB:>8.0f}" if r["peak"] else f"{'-':>8}"  # a --budget stop outside a window
+        print(f"{r['format']:>6} {r['fold']:>6}{'*' if r.get('stopped') else ' '}| {r['seconds']:>7.3f} {r['cpu']:>6.3f} {peak} | "
               f"{r['manifest'] / 1024:>12.1f} {r['ledger'] / 1024:>10.1f} {r['wal'] / 1024:>8.0f} {r['version'] / MiB:>11.3f} "
               f"{r['own'] / MiB:>8.3f}")
 
