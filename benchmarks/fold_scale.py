@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,14 @@ def run(fmt: int, folds: int, milestones: list[int], window: int, budget: float,
     """Subprocess side: fold ``folds`` checkpoints, print one JSON line per milestone."""
     torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix=f"fold-scale-{fmt}-"))
+    try:
+        fold_all(tmp, fmt, folds, milestones, window, budget)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fold_all(tmp: Path, fmt: int, folds: int, milestones: list[int], window: int, budget: float) -> None:
+    """Fold checkpoint after checkpoint in ``tmp``, printing the milestones' rows."""
     base = tiny_base(tmp)
     module = old_basis_module(tmp) if fmt == 1 else importlib.import_module("axis_stream.store.basis")
     basis = module.Basis.create(tmp / "basis", base, BasisConfig(svd="exact"), {"name": "axis-tiny"})
