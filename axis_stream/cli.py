@@ -387,11 +387,13 @@ def basis_show(version: int | None, config_path: str | None, basis_dir: str | No
 
 
 @basis_group.command(name="history")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Sources to show.")
+@click.option("--offset", type=click.IntRange(min=0), help="Sources to skip (default: show the newest).")
 @_basis_options
-def basis_history(config_path: str | None, basis_dir: str | None) -> None:
-    """The versions on disk and the ledger of the folded sources."""
+def basis_history(limit: int, offset: int | None, config_path: str | None, basis_dir: str | None) -> None:
+    """The versions on disk and a page of the ledger of the folded sources, in folding order."""
 
-    click.echo("\n".join(render.history_lines(_open_basis(config_path, basis_dir))))
+    click.echo("\n".join(render.history_lines(_open_basis(config_path, basis_dir), offset, limit)))
 
 
 @basis_group.command(name="rollback")
@@ -404,6 +406,41 @@ def basis_rollback(version: int, config_path: str | None, basis_dir: str | None)
         target = _open_basis(config_path, basis_dir)
         new = target.rollback(version)
     click.echo(f"version {new} now holds version {version}'s basis ({target.manifest['count']} sources)")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--workers", type=click.IntRange(min=1), help="Matrices folded at once (default: the cores).")
+@click.option("--memory-budget", "memory_mib", type=click.IntRange(min=1),
+              help="MiB the matrices folding at once may use (default: half the available memory).")
+@click.option("--quarantine", is_flag=True, help="Move rejected files into the quarantine, as the daemon does.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config TOML (defaults apply without one).")
+def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None, quarantine: bool,
+             config_path: str | None) -> None:
+    """Fold existing checkpoints (a folder: its checkpoints by name) as the daemon would; run again to resume."""
+    import logging
+    import sys
+    import time
+
+    from axis_stream import config
+    from axis_stream.service import backfill as bf
+
+    files = bf.checkpoint_files(paths)
+    log = logging.getLogger("axis_stream")  # the lines come from here, not from the log
+    log.propagate = False
+    log.addHandler(logging.NullHandler())
+    start = time.monotonic()
+    with click.progressbar(length=len(files), label="backfill", file=sys.stderr, show_eta=True,
+                           item_show_func=lambda rate: rate) as bar:
+        def done(outcome) -> None:
+            click.echo(render.outcome_line(outcome))
+            bar.update(1, f"{(bar.pos + 1) / max(time.monotonic() - start, 1e-9) * 60:.1f} files/min")
+
+        counts = bf.backfill(config.load(config_path), files, done, workers=workers, quarantine=quarantine,
+                             memory_budget=memory_mib * 2**20 if memory_mib else None)
+    click.echo(render.backfill_summary(counts, time.monotonic() - start))
+    if counts["rejected"] or counts["error"]:
+        raise SystemExit(1)
 
 
 @main.command()

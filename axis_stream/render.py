@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
 
 if TYPE_CHECKING:
+    from axis_stream.service.daemon import Outcome
     from axis_stream.store.basis import Basis
 
 
@@ -116,40 +117,74 @@ def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
 
 # --- the basis ---
 
-def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: int = 3) -> list[str]:
-    """``axis-stream basis show``: per matrix its rank, K, energy kept and the sources' shares."""
-    man = basis._manifest(basis._pick(version))
-    ident, ledger = man["identity"], man["ledger"]
-    labels = [Path(e["file"]).stem for e in ledger]
+def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: int = 3,
+                        top_totals: int = 20) -> list[str]:
+    """``axis-stream basis show``: per matrix its rank, K, energy kept and the sources' shares; the
+    sources with the largest shares overall; disk use per version on disk."""
+    man = basis.manifest_of(version)
+    ident = man["identity"]
+    records, shares = basis.shares(man["version"])
+    labels = [Path(r.file).stem for r in records]
     lines = [f"basis {basis.directory} version {man['version']} (on disk: "
-             f"{', '.join(map(str, basis.versions()))}), {man['count']} sources",
+             f"{', '.join(map(str, basis.versions()))}; keep_versions {basis.settings.keep_versions}), "
+             f"{man['count']} sources",
              f"base {ident['name']}/{ident['pretrained']} sha256 {ident['sha256'][:16]}; k: "
              + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count"))]
     width = max(len(n) for n in man["matrices"])
     lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'energy':>7}  top sources")
-    totals = [0.0] * len(ledger)
+    totals = [0.0] * len(records)
     for name, info in man["matrices"].items():
+        share = shares[name]
         kept = info["energy"] / info["source_energy"] if info["source_energy"] else 0.0
-        order = sorted(range(len(info["share"])), key=lambda i: -info["share"][i])[:top_sources]
-        for i, x in enumerate(info["share"]):
+        order = sorted(range(len(share)), key=lambda i: -share[i])[:top_sources]
+        for i, x in enumerate(share):
             totals[i] += x / len(man["matrices"])
         shape = "x".join(map(str, info["shape"]))
         lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {info['rank']:>4}  {kept:>7.1%}  "
-                     + ", ".join(f"{labels[i]} {info['share'][i]:.0%}" for i in order))
-    if ledger:
-        lines.append("share of the kept energy by source (mean over matrices):")
-        lines += [f"  {labels[i]:<30} {totals[i]:>6.1%}" for i in range(len(ledger))]
+                     + ", ".join(f"{labels[i]} {share[i]:.0%}" for i in order))
+    if records:
+        best = sorted(range(len(records)), key=lambda i: -totals[i])[:top_totals]
+        more = f", the top {len(best)} of {len(records)}" if len(best) < len(records) else ""
+        lines.append(f"share of the kept energy by source (mean over matrices{more}):")
+        lines += [f"  {labels[i]:<30} {totals[i]:>6.1%}" for i in best]
+    lines.append(f"disk per version (own bytes are in no other version; ledger {basis.ledger_nbytes() / 2**20:.2f} MiB):")
+    for v, (total, own) in basis.disk_use().items():
+        lines.append(f"  v{v:<6} {total / 2**20:>9.2f} MiB, own {own / 2**20:>9.2f} MiB, "
+                     f"shared {(total - own) / 2**20:>9.2f} MiB")
     return lines
 
 
-def history_lines(basis: Basis) -> list[str]:
-    """``axis-stream basis history``: the ledger of the current version, one source per line."""
+def history_lines(basis: Basis, offset: int | None = None, limit: int = 50) -> list[str]:
+    """``axis-stream basis history``: a page of the current version's ledger, one source per line
+    (``offset`` None: the last page)."""
+    count = basis.count
+    offset = max(0, count - limit) if offset is None else offset
     lines = [f"versions on disk: {', '.join(map(str, basis.versions()))} (current {basis.version})"]
     restored = basis.manifest.get("restored_from")
     if restored is not None:
         lines.append(f"version {basis.version} restores version {restored}")
-    for r in basis.history():
+    records = basis.ledger(offset=offset, limit=limit)
+    if len(records) < count:
+        lines.append(f"sources {offset + 1}-{offset + len(records)} of {count} (--offset, --limit for others)")
+    for r in records:
         lines.append(f"v{r.version:<5} {r.folded_at}  {r.file}  sha256 {r.sha256[:12]}  "
                      f"{r.size / 2**20:.1f} MiB  new components {r.new_kept_total}, energy kept "
                      f"{r.energy_kept:.1%}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
     return lines
+
+
+# --- backfill ---
+
+def outcome_line(outcome: Outcome) -> str:
+    """One file of ``axis-stream backfill``: what happened to it."""
+    reason = f" [{outcome.reason}]" if outcome.reason else ""
+    return f"{outcome.result.replace('_', ' ')} {outcome.file}: {outcome.message}{reason}"
+
+
+def backfill_summary(counts: Mapping[str, int], seconds: float) -> str:
+    """The last line of ``axis-stream backfill``."""
+    total = sum(counts.values())
+    extra = "".join(f", {counts[k]} {k}" for k in ("error", "vanished") if counts.get(k))
+    return (f"backfill: {total} files in {seconds:.1f} s ({total / max(seconds, 1e-9) * 60:.1f} files/min): "
+            f"{counts.get('folded', 0)} folded, {counts.get('rejected', 0)} rejected, "
+            f"{counts.get('already_folded', 0)} already folded{extra}")

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from axis_stream.config import BasisConfig
 from axis_stream.core import stage1, svd
 from axis_stream.store import ingest
-from axis_stream.store.basis import FACTORS, MEANS, VERSIONS, Basis
+from axis_stream.store.basis import Basis
 from axis_stream.store.export import write_hf_weights
 
 MiB = 2**20
@@ -149,13 +149,12 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float,
     record = basis.fold_checkpoint(ckpt)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     svd.top_svd = top_svd
-    vdir = basis_dir / VERSIONS / f"v{record.version:06d}"
     return {
         "version": record.version, "seconds": seconds, "cpu_seconds": cpu, "svd_cpu_seconds": svd_cpu[0],
         "peak": peak_rss_bytes(),
         "baseline": baseline,
         "base": sum(t.nbytes for t in base.values()),
-        "basis": sum((vdir / f).stat().st_size for f in (FACTORS, MEANS)),
+        "basis": basis.nbytes(record.version),
         "largest": max(t.nbytes for t in base.values()),
         "checkpoint": ingest.checkpoint_size(ckpt), "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,

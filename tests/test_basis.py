@@ -6,9 +6,12 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from axis_stream.cli import main
 from axis_stream.config import BasisConfig
 from axis_stream.core import layout, stage1
 from axis_stream.render import basis_summary_lines
+from axis_stream.store import atomic, ingest, ledger
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
 
@@ -80,7 +84,7 @@ def test_folding_equals_chained_stage1_and_means_equal_the_batch_mean(tiny_base,
                 k = max(cur.rank if cur else 0, stage1.gavish_donoho_rank(torch.linalg.svdvals(delta), delta.shape))
             chained[n] = stage1.fold(cur, delta, k, svd="exact")
     snap = basis.load()
-    assert snap.count == 4 and len(basis.history()) == 4
+    assert snap.count == 4 and len(basis.ledger()) == 4
     for n in names:
         got, want = snap.factors[n], chained[n]
         assert torch.equal(got.U, want.U) and torch.equal(got.s, want.s) and torch.equal(got.V, want.V), n
@@ -130,13 +134,15 @@ def test_the_ledger_and_provenance(tiny_base, make_checkpoint, new_basis):
         basis.fold_checkpoint(p, progress=lambda done, total: calls.append((done, total)))
     n_matrices = len(basis.manifest["matrices"])
     assert calls[-n_matrices:] == [(i + 1, n_matrices) for i in range(n_matrices)]
-    ledger = basis.history()
+    ledger = basis.ledger()
     assert [r.file for r in ledger] == [p.name for p in paths] and [r.version for r in ledger] == [1, 2, 3]
     first = ledger[0]
     assert first.new_kept_total == sum(info["k"] for info in basis.manifest["matrices"].values())
     assert all(s["new_kept"] == s["k"] and s["svd_method"] == "exact" for s in first.matrices.values())
-    for info in basis.manifest["matrices"].values():
-        assert len(info["share"]) == 3 and abs(sum(info["share"]) - 1) < 1e-4
+    records, shares = basis.shares()
+    assert [r.version for r in records] == [1, 2, 3]
+    for name, info in basis.manifest["matrices"].items():
+        assert len(shares[name]) == 3 and abs(sum(shares[name]) - 1) < 1e-6
         assert 0 < info["energy"] <= info["source_energy"]
     text = "\n".join(basis_summary_lines(basis))
     assert "ckpt-31" in text and "version 3" in text
@@ -157,7 +163,7 @@ def test_versions_keep_and_rollback(tiny_base, make_checkpoint, new_basis):
     assert basis.version == 5 and basis.versions() == [3, 4, 5]
     restored = basis.load()
     assert restored.count == 2 and snapshot_equal(restored, snaps[2])
-    assert basis.manifest["restored_from"] == 2 and [r.file for r in basis.history()] == [p.name for p in paths[:2]]
+    assert basis.manifest["restored_from"] == 2 and [r.file for r in basis.ledger()] == [p.name for p in paths[:2]]
     basis.fold_checkpoint(paths[2])  # rolled away, so no longer a duplicate
     assert basis.version == 6 and snapshot_equal(basis.load(), snaps[3])
     Basis.open(basis.directory, base).verify()
@@ -176,7 +182,7 @@ def test_open_checks_the_base_settings_and_files(tiny_base, make_checkpoint, new
     assert reader.load().count == 1
     with pytest.raises(errors.BasisError, match="needs the base model"):
         reader.fold_checkpoint(make_checkpoint(52))
-    factors = basis.directory / "versions" / "v000001" / "factors.safetensors"
+    factors = basis.directory / "versions" / "v000001" / "factors-0000.safetensors"
     data = bytearray(factors.read_bytes())
     data[-3] ^= 0xFF
     factors.write_bytes(bytes(data))
@@ -205,52 +211,69 @@ class Crash(BaseException):
     """Stands for the process dying: nothing catches it and no cleanup runs in the basis code."""
 
 
-def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
-                                                                            new_basis, monkeypatch):
-    """The deterministic complement of the SIGKILL test: die right before each file-system step."""
+@contextmanager
+def _dying_at_step(monkeypatch, n: int) -> Iterator[None]:
+    """Raise ``Crash`` right before the ``n``-th file-system or ledger step of the basis code."""
     import axis_stream.store.basis as basis_module
 
+    steps = [(basis_module, "save_file"), (atomic, "fsync_file"), (atomic, "fsync_dir"), (os, "rename"),
+             (os, "replace"), (os, "link"), (shutil, "rmtree"), (ledger.Ledger, "add"),
+             (ledger.Ledger, "import_records")]
+    calls = [0]
+    with monkeypatch.context() as m:
+        for owner, name in steps:
+            real = getattr(owner, name)
+
+            def step(*args, _real=real, **kw):
+                calls[0] += 1
+                if calls[0] == n:
+                    raise Crash
+                return _real(*args, **kw)
+
+            m.setattr(owner, name, step)
+        yield
+
+
+def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
+                                                                            new_basis, monkeypatch):
+    """The deterministic complement of the SIGKILL test: die right before each file-system step
+    (the ledger's commit among them); the ledger agrees with the version that is current."""
     _, base = tiny_base
     seed = new_basis("seed", keep_versions=1)
-    seed.fold_checkpoint(make_checkpoint(95))
+    seed.fold_checkpoint(make_checkpoint(95, prefix=""))  # text and image matrices: the next fold links some
     new = make_checkpoint(96)
     seed_state = _basis_state(seed.directory)
-    steps = [(basis_module, "save_file"), (basis_module.atomic, "fsync_file"), (basis_module.atomic, "fsync_dir"),
-             (basis_module.os, "rename"), (basis_module.os, "replace"), (basis_module.shutil, "rmtree")]
     outcomes, n = [], 0
     while True:
         n += 1
         target = seed.directory.parent / f"crash-{n}"
         shutil.copytree(seed.directory, target)
-        calls = [0]
-        with monkeypatch.context() as m:
-            for owner, name in steps:
-                real = getattr(owner, name)
-
-                def step(*args, _real=real, **kw):
-                    calls[0] += 1
-                    if calls[0] == n:
-                        raise Crash
-                    return _real(*args, **kw)
-
-                m.setattr(owner, name, step)
-            try:
+        try:
+            with _dying_at_step(monkeypatch, n):
                 Basis.open(target, base).fold_checkpoint(new)
-                crashed = False
-            except Crash:
-                crashed = True
+            crashed = False
+        except Crash:
+            crashed = True
         reopened = Basis.open(target, base)
         reopened.verify()
         outcomes.append(reopened.version)
+        assert [r.version for r in reopened.ledger()] == list(range(1, reopened.version + 1))
         if reopened.version == 1:
             assert _basis_state(target) == seed_state
         if not crashed:
             break
-    assert outcomes[-1] == 2 and outcomes.count(1) >= 5 and outcomes.count(2) >= 2, outcomes
+    assert outcomes[-1] == 2 and outcomes.count(1) >= 6 and outcomes.count(2) >= 2, outcomes
 
 
-def _basis_state(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+def _basis_state(directory: Path) -> dict[str, object]:
+    """Every file's bytes, the ledger by its rows (SQLite's own files change when it is only read)."""
+    state: dict[str, object] = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+                                if p.is_file() and not p.name.startswith(ledger.FILE)}
+    if (directory / ledger.FILE).exists():
+        with closing(sqlite3.connect(directory / ledger.FILE)) as db:
+            state[ledger.FILE] = [db.execute(f"SELECT * FROM {t} ORDER BY version").fetchall()
+                                  for t in ("sources", "shares")]
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +328,10 @@ def test_cli_fold_show_history_rollback(tiny_base, make_checkpoint, tmp_path):
     assert "ckpt-81" in res.output and "ckpt-82" in res.output
     res = runner.invoke(main, ["basis", "history", "--basis", str(basis_dir)])
     assert res.exit_code == 0 and "ckpt-81.safetensors" in res.output and "ckpt-82.safetensors" in res.output
+    res = runner.invoke(main, ["basis", "history", "--limit", "1", "--basis", str(basis_dir)])
+    assert res.exit_code == 0 and "sources 2-2 of 2" in res.output and "ckpt-81" not in res.output
+    res = runner.invoke(main, ["basis", "history", "--limit", "1", "--offset", "0", "--basis", str(basis_dir)])
+    assert "sources 1-1 of 2" in res.output and "ckpt-81.safetensors" in res.output and "ckpt-82" not in res.output
     res = runner.invoke(main, ["basis", "rollback", "1", "--basis", str(basis_dir)])
     assert res.exit_code == 0 and "version 3" in res.output
     assert Basis.open(basis_dir).load().count == 1
@@ -319,6 +346,7 @@ import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)   # no thread pool before fork
 from axis_stream.store import ingest
+from axis_stream.store import atomic, ingest, ledger
 from axis_stream.store.basis import Basis
 f = ingest.SafetensorsFile(sys.argv[1])
 base = {k: f.read(k) for k in f.keys()}
@@ -397,3 +425,122 @@ def test_sigkill_at_random_instants_leaves_the_old_or_the_new_version(tiny_base,
     finally:
         helper.stdin.close()
         helper.wait(timeout=60)
+
+
+# --- the ledger store: format-1 bases migrated on open, unchanged matrices shared between versions ---
+
+def _downgrade_to_format_1(basis: Basis) -> None:
+    """Rewrite every version on disk as format 1 wrote it (ledger and share lists in the manifest, one
+    factors file) and remove the ledger: a basis as the previous axis-stream left it."""
+    for v in basis.versions():
+        man, (records, shares), snap = basis.manifest_of(v), basis.shares(v), basis.load(v)
+        vdir = basis.directory / "versions" / f"v{v:06d}"
+        for p in vdir.glob("factors-*.safetensors"):
+            p.unlink()
+        save_file({f"{n}::{part}": getattr(f, part).contiguous() for n, f in snap.factors.items() if f.rank
+                   for part in "UsV"}, vdir / "factors.safetensors")
+        old = {k: man[k] for k in ("version", "parent", "restored_from", "created_at", "identity", "settings",
+                                   "count", "means")}
+        old.update(format_version=1, ledger=[r.to_json() for r in records], files={
+            "factors.safetensors": {"sha256": ingest.file_sha256(vdir / "factors.safetensors"),
+                                    "size": (vdir / "factors.safetensors").stat().st_size},
+            "means.safetensors": man["files"]["means.safetensors"]})
+        old["matrices"] = {n: {**{k: info[k] for k in ("shape", "param_shape", "k", "rank", "energy",
+                                                        "source_energy")},
+                               "share": [round(x, 6) for x in shares[n]]} for n, info in man["matrices"].items()}
+        (vdir / "manifest.json").write_text(json.dumps(old, indent=1) + "\n")
+    basis._ledger.close()
+    for p in basis.directory.glob(ledger.FILE + "*"):
+        p.unlink()
+
+
+def _lineage_state(basis: Basis) -> dict[int, tuple]:
+    return {v: (basis.ledger(v), basis.shares(v)[1], basis.load(v)) for v in basis.versions()}
+
+
+def _same_lineage(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and snapshot_equal(a[2], b[2]) and a[1].keys() == b[1].keys()
+            and all(x == pytest.approx(y, abs=2e-6) for n in a[1] for x, y in zip(a[1][n], b[1][n])))
+
+
+def test_a_format_1_basis_is_migrated_on_open_with_every_version_readable(tiny_base, make_checkpoint,
+                                                                         new_basis):
+    _, base = tiny_base
+    basis = new_basis(keep_versions=10)
+    paths = [make_checkpoint(s) for s in (101, 102, 103)]
+    for p in paths:
+        basis.fold_checkpoint(p)
+    basis.rollback(1)
+    basis.fold_checkpoint(paths[2])  # version 5: ledger = versions 1 and 5 (two ranges of the lineage)
+    before = _lineage_state(basis)
+    _downgrade_to_format_1(basis)
+    assert "ledger" in json.loads((basis.directory / "versions" / "v000005" / "manifest.json").read_text())
+
+    migrated = Basis.open(basis.directory, base)
+    migrated.verify()
+    assert migrated.version == 6 and migrated.manifest["restored_from"] == 5 and migrated.count == 2
+    assert migrated.manifest["format_version"] == 2 and "ledger" not in migrated.manifest
+    assert migrated.manifest["lineage"] == [[1, 1], [5, 5]]
+    after = _lineage_state(migrated)
+    assert sorted(after) == [*before, 6]
+    assert all(_same_lineage(after[v], before[v]) for v in before) and _same_lineage(after[6], before[5])
+    with pytest.raises(errors.Duplicate, match="already folded at version 5"):
+        migrated.fold_checkpoint(paths[2])
+    assert migrated.rollback(3) == 7  # to a format-1 version: its sources are back, the others gone
+    assert _same_lineage(_lineage_state(migrated)[7], before[3])
+    assert migrated.fold_checkpoint(make_checkpoint(104)).version == 8
+    assert [r.version for r in migrated.ledger()] == [1, 2, 3, 8]
+    Basis.open(basis.directory, base).verify()
+
+
+def test_a_crash_at_every_step_of_the_migration_loses_nothing(tiny_base, make_checkpoint, new_basis, monkeypatch):
+    _, base = tiny_base
+    seed = new_basis("seed")
+    for s in (111, 112):
+        seed.fold_checkpoint(make_checkpoint(s))
+    before = _lineage_state(seed)
+    _downgrade_to_format_1(seed)
+    n = 0
+    while True:
+        n += 1
+        target = seed.directory.parent / f"migrate-{n}"
+        shutil.copytree(seed.directory, target)
+        try:
+            with _dying_at_step(monkeypatch, n):
+                Basis.open(target)
+            crashed = False
+        except Crash:
+            crashed = True
+        reopened = Basis.open(target, base)  # migrates if the killed one did not get that far
+        reopened.verify()
+        after = _lineage_state(reopened)
+        assert reopened.version == 3 and all(_same_lineage(after[v], before[v]) for v in before)
+        assert _same_lineage(after[3], before[2])
+        if not crashed:
+            break
+    assert n > 8
+
+
+def test_a_fold_shares_the_files_of_the_matrices_it_leaves_untouched(tiny_base, make_checkpoint, new_basis):
+    basis = new_basis(k_mode="count", k_count=2)
+    basis.fold_checkpoint(make_checkpoint(121, prefix=""))       # every matrix
+    basis.fold_checkpoint(make_checkpoint(122))                  # image tower only
+    basis.fold_checkpoint(make_checkpoint(123, scale=1e-5))      # too weak: no component enters
+    v1, v2, v3 = (basis.manifest_of(v) for v in (1, 2, 3))
+    vdir = basis.directory / "versions"
+    stats = basis.ledger()[1].matrices
+    for name, info in v2["matrices"].items():
+        first, second = (vdir / f"v00000{v}" / info["file"] for v in (1, 2))
+        assert (first.stat().st_ino == second.stat().st_ino) == (stats[name]["new_kept"] == 0), name
+    assert all(stats[n]["svd_method"] == "unchanged" for n in v2["matrices"] if not n.startswith("visual."))
+    assert any(stats[n]["new_kept"] for n in v2["matrices"])
+    assert all(s["new_kept"] == 0 for s in basis.ledger()[2].matrices.values())
+    assert all(info["file"] == v2["matrices"][n]["file"] for n, info in v3["matrices"].items())
+    assert all((vdir / "v000003" / info["file"]).stat().st_ino == (vdir / "v000002" / info["file"]).stat().st_ino
+               for info in v3["matrices"].values())
+    use = basis.disk_use()
+    own_factors = sum(p.stat().st_size for p in (vdir / "v000003").glob("factors-*"))
+    assert use[3][0] - use[3][1] >= own_factors > 0  # all of v3's factors are v2's
+    basis.verify(3)
+    text = "\n".join(basis_summary_lines(basis))
+    assert "keep_versions 5" in text and "shared" in text

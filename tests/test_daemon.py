@@ -21,7 +21,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
-from axis_stream import config
+from axis_stream import config, errors
 from axis_stream.service import api
 from axis_stream.service.daemon import REJECT_REASONS, FoldQueue, FoldWorker, free_name, move_into
 from axis_stream.service.metrics import Metrics
@@ -120,13 +120,11 @@ def read_ledger(cfg: config.Config) -> list[dict]:
     """The current version's ledger, read as a plain reader (retrying if a version is pruned meanwhile)."""
     basis_dir = cfg.paths.basis_dir
     for _ in range(50):
+        if not (basis_dir / "CURRENT").exists():
+            return []
         try:
-            name = (basis_dir / "CURRENT").read_text().strip()
-            return json.loads((basis_dir / "versions" / name / "manifest.json").read_text())["ledger"]
-        except FileNotFoundError:
-            if not (basis_dir / "CURRENT").exists():
-                return []
-        except json.JSONDecodeError:
+            return [r.to_json() for r in Basis.open(basis_dir).ledger()]
+        except errors.BasisError:
             pass
     raise AssertionError("could not read the ledger")
 
@@ -440,7 +438,7 @@ def test_worker_archives_and_sorts_out_duplicates_by_the_ledger(worker_setup):
     out = worker.process(inbox / "copy-of-a.safetensors")
     assert (out.result, out.reason) == ("rejected", "duplicate")
     assert (cfg.paths.quarantine / "copy-of-a.safetensors.reason").read_text().startswith("already folded")
-    assert len(worker.basis.manifest["ledger"]) == 1
+    assert worker.basis.count == 1 and len(worker.basis.ledger()) == 1
     assert worker.process(inbox / "gone.safetensors").result == "vanished"
 
 
@@ -452,7 +450,7 @@ def test_worker_quarantines_internal_errors_and_keeps_files_on_environment_error
     version = worker.basis.version
 
     def boom(exc):
-        def fold_checkpoint(path, progress=None):
+        def fold_checkpoint(path, **options):
             raise exc
         return fold_checkpoint
 

@@ -154,7 +154,7 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
     done = subprocess.run(fold, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     daemon_basis, reference = Basis.open(cfg.paths.basis_dir), Basis.open(ref_dir)
-    assert [e["sha256"] for e in daemon_basis.manifest["ledger"]] == [e["sha256"] for e in reference.manifest["ledger"]]
+    assert [r.sha256 for r in daemon_basis.ledger()] == [r.sha256 for r in reference.ledger()]
     assert snapshot_equal(daemon_basis.load(), reference.load())          # bit for bit
     return {"kills": kills, "where": where, "sources": len(names), "jobs": jobs, "seconds": campaign_s}
 
@@ -312,7 +312,7 @@ def test_symlinks_are_quarantined_unread_and_hard_links_fold_as_files(worker, tm
     os.link(target, inbox / "hard.safetensors")                         # a hard link is an ordinary file
     assert fw.process(inbox / "hard.safetensors").result == "folded"
     assert not (inbox / "hard.safetensors").exists() and target.read_bytes() == keep   # its other name stays
-    assert [e["sha256"] for e in fw.basis.manifest["ledger"]] == [hashlib.sha256(keep).hexdigest()]
+    assert [r.sha256 for r in fw.basis.ledger()] == [hashlib.sha256(keep).hexdigest()]
     assert fw.metrics.rejects.labels("symlink")._value.get() == 2
 
 
@@ -337,4 +337,4 @@ def test_a_checkpoint_replaced_while_it_is_folded_is_kept_and_folded_next(worker
     assert path.exists() and sha(path) != old                          # the new file was not discarded
     monkeypatch.undo()
     assert fw.process(path).result == "folded" and not path.exists()   # and is folded next
-    assert [e["sha256"] for e in fw.basis.manifest["ledger"]][1:] == [old, new]
+    assert [r.sha256 for r in fw.basis.ledger()][1:] == [old, new]

@@ -568,7 +568,7 @@ def test_worker_deletes_archives_and_moves_folders_whole(hf_bases, tmp_path, mon
     names = sorted(p.name for p in b.iterdir())
     assert worker.process(b).result == "folded" and not b.exists()
     assert sorted(p.name for p in (cfg.paths.archive / "b").iterdir()) == names
-    assert [e["file"] for e in worker.basis.manifest["ledger"]] == ["a", "b"]
+    assert [r.file for r in worker.basis.ledger()] == ["a", "b"]
 
     real_replace, crossed = os.replace, []
 

@@ -161,6 +161,7 @@ def test_fold_statistics():
     f3 = stage1.fold(f2, d1 / 100, k)  # a quiet one takes none
     assert f3.stats.new_kept == 0 and f3.stats.energy_kept == 0.0
     assert f3.stats.svd_method == "exact"
+    assert f3.U is f2.U and f3.s is f2.s and f3.V is f2.V  # untouched: the current factors themselves
 
 
 def test_deterministic_bit_identical():

@@ -195,7 +195,7 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
     it beats the current basis's ``(k + 1 - j)``-th singular value, so only those are computed. The
     re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. With nothing to
     beat (no ``current``), ``svd`` gives way to ``FIRST_FOLD_SVD``. The returned ``Factors`` carries
-    the fold's ``FoldStats``.
+    the fold's ``FoldStats``; when no component of ``delta`` enters, it holds ``current``'s own tensors.
     """
     _check_k(k)
     _check_matrix(delta, "new task matrix", current.shape if current is not None else None)
@@ -220,6 +220,10 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
         svd_method=report.method,
         svd_error=report.max_rel_residual,
     )
+    if current is not None and stats.new_kept == 0 and chosen.s.numel() == current.rank:
+        # the union's top k is the current basis itself (already orthonormal): returned as it is,
+        # so the store can tell an untouched matrix and share its files between versions
+        return Factors(current.U, current.s, current.V, stats=stats)
     return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k), stats=stats)
 
 

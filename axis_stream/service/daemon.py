@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import signal
@@ -110,10 +111,16 @@ class FoldWorker:
     """Folds one file into the basis, then discards it (folded) or quarantines it (rejected).
 
     The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
+    ``fold_workers`` matrices fold at once within ``memory_budget`` bytes (the same basis); ``keep``
+    leaves folded files in place and ``quarantine=False`` rejected ones (``axis-stream backfill``).
     """
 
     def __init__(self, config: Config, base_state: Mapping[str, torch.Tensor], identity: Mapping[str, str],
-                 metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None):
+                 metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None, *,
+                 fold_workers: int = 1, memory_budget: float = math.inf, keep: bool = False,
+                 quarantine: bool = True):
+        self.fold_workers, self.memory_budget = fold_workers, memory_budget
+        self.keep, self.quarantine = keep, quarantine
         self.config = config
         self.paths = config.paths
         self.base_state = base_state
@@ -141,8 +148,9 @@ class FoldWorker:
         except errors.Duplicate as exc:
             if self._folded_before_restart(path):
                 self._discard(path)
-                return self._report(Outcome(path.name, "already_folded", "its fold was durable before a "
-                                            "restart, only the discard was missing; discarded now"))
+                return self._report(Outcome(path.name, "already_folded", "in the ledger under this name already"
+                                            if self.keep else "its fold was durable before a restart, only "
+                                            "the discard was missing; discarded now"))
             return self._reject(path, exc.reason, exc.message)
         except errors.CheckpointError as exc:
             return self._reject(path, exc.reason, exc.message)
@@ -171,17 +179,18 @@ class FoldWorker:
         """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
         if self.basis is None:
             return 0, 0, 0
-        return self.basis.version, len(ledger(self.basis)), basis_nbytes(self.basis)
+        return self.basis.version, self.basis.count, self.basis.nbytes()
 
     def _fold(self, path: Path) -> FoldRecord:
         if self.basis is None:
             self.basis = Basis.create(self.paths.basis_dir, self.base_state, self.config.basis, self.identity)
-        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress())
+        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(),
+                                          workers=self.fold_workers, memory_budget=self.memory_budget)
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
-        sha = ingest.checkpoint_sha256(path)
-        return any(e.get("sha256") == sha and e.get("file") == path.name for e in ledger(self.basis))
+        record = self.basis.has_source(ingest.checkpoint_sha256(path))
+        return record is not None and record.file == path.name
 
     def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:
         try:
@@ -197,7 +206,10 @@ class FoldWorker:
         return self._report(Outcome(path.name, "error" if internal else "rejected", message, reason=reason))
 
     def _quarantine(self, path: Path, reason: str, message: str) -> Path | None:
-        """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first)."""
+        """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first); with
+        ``quarantine`` off, leave it. None when it is gone."""
+        if not self.quarantine:
+            return path if path.exists() else None
         folder = self.paths.quarantine
         folder.mkdir(parents=True, exist_ok=True)
         dest = free_name(folder, path.name)
@@ -214,6 +226,8 @@ class FoldWorker:
     def _discard(self, path: Path) -> None:
         """After the new version is durable: delete, or move into the archive. A failure leaves the
         file for the next rescan, which finds it in the ledger and discards it then."""
+        if self.keep:
+            return
         try:
             if self.config.watch.discard == "archive":
                 move_into(path, free_name(self.paths.archive, path.name))
@@ -232,16 +246,6 @@ class FoldWorker:
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
         log.log(level, verb, outcome.file, outcome.message)
         return outcome
-
-
-def ledger(basis: Basis) -> list[dict[str, Any]]:
-    """The ordered ledger of folded sources of the current version."""
-    return list(basis.manifest["ledger"])
-
-
-def basis_nbytes(basis: Basis) -> int:
-    """Bytes on disk of the current version's tensor files (as its manifest records them)."""
-    return sum(int(f["size"]) for f in basis.manifest.get("files", {}).values())
 
 
 def file_identity(path: Path) -> tuple[int, int, int, int] | None:
@@ -484,7 +488,10 @@ class Daemon:
         """The daemon's own control-API ops, merged with the job runner's."""
         def basis_history(args: dict[str, Any]) -> dict[str, Any]:
             basis = self.worker.basis if self.worker else None
-            return {"version": basis.version if basis else 0, "ledger": ledger(basis) if basis else []}
+            if basis is None:
+                return {"version": 0, "count": 0, "ledger": []}
+            records = basis.ledger(offset=int(args.get("offset", 0)), limit=args.get("limit"))
+            return {"version": basis.version, "count": basis.count, "ledger": [r.to_json() for r in records]}
 
         return {"status": lambda args: self.status(), "basis.history": basis_history}
 

@@ -4,47 +4,55 @@ A basis directory::
 
     CURRENT                        the current version's directory name ("v000004"), replaced atomically
     LOCK                           flock'ed by the one process changing the basis (fold, rollback)
+    ledger.sqlite                  the ledger: one record per folded source (store/ledger.py)
     versions/v000004/
-        factors.safetensors        "<param>::U", "<param>::s", "<param>::V" of every matrix parameter
+        factors-0007.safetensors   "<param>::U", "<param>::s", "<param>::V" of the 8th matrix parameter
+                                   (none for a matrix of rank 0); hard-linked from the previous version
+                                   when the fold left the matrix untouched (no new component entered)
         means.safetensors          running means of the other parameters' task deltas (float32);
                                    a parameter not stored has an all-zero mean delta
-        manifest.json              format, base identity, settings, per-matrix state, the ledger of
-                                   folded sources, and the sha256 of each file above
+        manifest.json              format, base identity, settings, per-matrix state, the count, the
+                                   lineage (which ledger records make this version's ledger), and the
+                                   sha256 of each file above: its size does not grow with the sources
     versions/.tmp-*, .trash-*      a version being written or pruned (removed on the next open)
 
-Versions are immutable. A fold or a rollback writes a whole new version under a temporary name,
-fsyncs every file and the directory, renames it, then replaces ``CURRENT``; a process killed at
-any instant leaves the old or the new version current. Version numbers only grow: a rollback
-writes a new version holding an older version's content (its files hard-linked). The newest
-``keep_versions`` versions are kept.
+Versions are immutable. A fold or a rollback writes a whole new version under a temporary name (new
+files under new names, unchanged ones hard-linked), fsyncs every new file and the directory, renames
+it, commits the fold's ledger record, then replaces ``CURRENT``; a process killed at any instant
+leaves the old or the new version current. The version is the source of truth: a ledger record of a
+version newer than ``CURRENT`` (the pointer never moved) is dropped by the next writer, and a
+version's ledger is the records its manifest's lineage names, so a rollback (a new version holding an
+older version's content, its files hard-linked) takes the later sources out of the ledger by writing
+the older lineage. Version numbers only grow. The newest ``keep_versions`` versions are kept.
 
 Provenance ("each source's share"): per matrix, the basis's energy ``sum(s**2)`` is attributed to
-the sources. A fold keeps the top ``k - new_kept`` components of the previous basis (carrying the
-previous shares) and ``new_kept`` components of the new source (energy ``energy_kept *
-||delta||^2``); the new shares are the two parts' energy fractions. "Energy kept" of a matrix is
-its basis energy over the sum of its folded task matrices' energies.
+the sources. A fold keeps the top ``k - new_kept`` components of the previous basis and ``new_kept``
+components of the new source (energy ``energy_kept * ||delta||^2``): every earlier share is scaled
+by ``c = e_cur / (e_cur + e_new)`` and the new source enters with ``a = e_new / (e_cur + e_new)``.
+So that a fold writes O(1), the ledger keeps each source's ``a`` with the matrix's ``log_scale``
+(the sum of ``log c``) after its fold, and the manifest the matrix's current ``log_scale``: a share is
+``a * exp(log_scale_now - log_scale_then)``, or 0 for a source older than the matrix's ``reset``
+(a fold with ``c = 0``). "Energy kept" of a matrix is its basis energy over the sum of its folded
+task matrices' energies.
 
 With ``k_mode = "gavish-donoho"``, each fold sets a matrix's K to the larger of its current rank
 and the Gavish-Donoho rank of the new task matrix's full spectrum (an extra ``svdvals`` per fold).
 
-A fold's cost does not depend on how many sources were folded before, except for the manifest,
-which carries the ledger and the shares: about 13 KB of JSON per source for ViT-B-32's 48 matrices.
+A fold's cost does not depend on how many sources were folded before. A basis of format 1 (the
+ledger and the share lists inside every manifest, one factors file) is migrated when a writer opens
+it: its records go into the ledger and a new version in format 2 holds the current content; older
+format-1 versions stay readable and can be rolled back to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
-import secrets
-import shutil
+import math
 import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -54,20 +62,16 @@ from axis_stream import errors
 from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout, stage1
 from axis_stream.core.stage1 import Factors
-from axis_stream.store import atomic, ingest, models
+from axis_stream.store import atomic, ingest, ledger, models, versions
+from axis_stream.store.threads import bounded_map
+from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
-FORMAT_VERSION = 1
-CURRENT = "CURRENT"
-LOCK = "LOCK"
-VERSIONS = "versions"
-FACTORS = "factors.safetensors"
-MEANS = "means.safetensors"
-MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
 STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fraction", "k_count")
 """Settings fixed when a basis is created. The others (svd, svd_tol, keep_versions, trust_pickles)
 come from the settings given to ``Basis.open``, or from the manifest when none are given."""
-_VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _MEAN_CHUNK = 1 << 20  # elements per float64 running-mean step: bounds the temporaries
+_FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
 Progress = Callable[[int, int], None]
 
 
@@ -120,6 +124,7 @@ class Basis:
         self.settings = settings
         self._base = base
         self._manifests: dict[int, dict[str, Any]] = {}
+        self._ledger = ledger.Ledger(directory)
 
     # --- construction ---
 
@@ -152,34 +157,32 @@ class Basis:
             shape = tuple(layout.as_matrix(base_state_dict[name]).shape)
             matrices[name] = {"shape": list(shape), "param_shape": list(base_state_dict[name].shape),
                               "k": self._static_k(shape), "rank": 0, "energy": 0.0,
-                              "source_energy": 0.0, "share": []}
+                              "source_energy": 0.0, "log_scale": 0.0, "reset": 0, "file": None}
         manifest = {
             "format_version": FORMAT_VERSION, "version": 0, "parent": None, "restored_from": None,
             "created_at": _now(),
             "identity": {"name": identity.get("name", ""), "pretrained": identity.get("pretrained", ""),
                          "sha256": sha},
             "settings": dataclasses.asdict(settings),
-            "count": 0, "matrices": matrices, "means": [], "ledger": [],
+            "count": 0, "lineage": [], "share_base": 0, "matrices": matrices, "means": [],
         }
         with self._locked():
             self._clean_leftovers(current=-1)  # an interrupted create's version 0 holds no sources
-            self._commit(manifest, lambda tmp: self._write_tensors(tmp, {}, {}))
+            self._commit(manifest, lambda tmp: self._write_files(tmp, None, manifest["matrices"], {}, {}, set()))
         return self
 
     @classmethod
     def open(cls, directory: str | Path, base_state_dict: Mapping[str, Tensor] | None = None, *,
              settings: BasisConfig | None = None) -> "Basis":
-        """Open an existing basis, cleaning up after a killed writer. With the base state dict
-        (needed to fold and for ``materialize(with_base=True)``) its sha256 must match."""
+        """Open an existing basis, cleaning up after a killed writer and migrating a format-1 basis.
+        With the base state dict (needed to fold and for ``materialize(with_base=True)``) its sha256
+        must match."""
         directory = Path(directory)
         self = cls(directory, BasisConfig(), base_state_dict)
-        with self._locked(blocking=False) as got:
-            if got:
-                self._clean_leftovers(self.version)
         manifest = self.manifest
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in (1, FORMAT_VERSION):
             raise errors.BasisError(f"{directory}: format version {manifest.get('format_version')}, "
-                                    f"this axis-stream reads {FORMAT_VERSION}")
+                                    f"this axis-stream reads {FORMAT_VERSION} (and migrates 1)")
         stored = manifest["settings"]
         known = {f.name for f in dataclasses.fields(BasisConfig)}
         given = settings or BasisConfig(**{k: v for k, v in stored.items() if k in known})
@@ -193,6 +196,14 @@ class Basis:
             if sha != ident["sha256"]:
                 raise errors.BasisError(f"{directory}: was built for base {ident['name']}/{ident['pretrained']} "
                                         f"(sha256 {ident['sha256'][:12]}), not for these weights ({sha[:12]})")
+        with self._locked(blocking=False) as got:
+            if got:
+                self._clean_leftovers(self.version)
+                if self.manifest["format_version"] == 1:
+                    self._migrate()
+        if self.manifest["format_version"] == 1:
+            raise errors.BasisError(f"{directory}: a basis of format 1, migrated by the first writer to open it; "
+                                    f"open it once with write access (another process holds its lock)")
         return self
 
     # --- reading ---
@@ -204,7 +215,7 @@ class Basis:
             name = (self.directory / CURRENT).read_text().strip()
         except FileNotFoundError:
             raise errors.BasisError(f"{self.directory}: not a basis (no {CURRENT} file)") from None
-        m = _VERSION_DIR.match(name)
+        m = versions.VERSION_DIR.match(name)
         if not m:
             raise errors.BasisError(f"{self.directory / CURRENT}: names {name!r}, not a version")
         return int(m.group(1))
@@ -214,32 +225,78 @@ class Basis:
         """The current version's manifest."""
         return self._manifest(self.version)
 
+    def manifest_of(self, version: int | None = None) -> dict[str, Any]:
+        """A version's manifest (default the current)."""
+        return self._manifest(self._pick(version))
+
+    @property
+    def count(self) -> int:
+        """How many sources the current version holds."""
+        return int(self.manifest["count"])
+
     def versions(self) -> list[int]:
         """The versions on disk that can be loaded or rolled back to, oldest first."""
         current = self.version
         return sorted(v for v in self._version_dirs() if v <= current)
 
-    def history(self, version: int | None = None) -> list[FoldRecord]:
-        """The ledger: the sources folded into ``version``, in folding order."""
-        return [FoldRecord.from_json(e) for e in self._manifest(self._pick(version))["ledger"]]
+    def ledger(self, version: int | None = None, offset: int = 0, limit: int | None = None) -> list[FoldRecord]:
+        """The sources folded into ``version`` (default the current), in folding order: ``limit`` of
+        them from the ``offset``-th (all by default)."""
+        lineage = self._manifest(self._pick(version))["lineage"]
+        return [FoldRecord.from_json(e) for e in self._ledger.page(lineage, offset, limit)]
+
+    def has_source(self, sha256: str) -> FoldRecord | None:
+        """The current version's record of the source with these bytes (the duplicate check)."""
+        found = self._ledger.find(sha256, self.manifest["lineage"])
+        return FoldRecord.from_json(found) if found else None
+
+    def shares(self, version: int | None = None) -> tuple[list[FoldRecord], dict[str, list[float]]]:
+        """A version's sources and, per matrix, each source's share of the kept energy (in their order)."""
+        manifest = self._manifest(self._pick(version))
+        records = self.ledger(manifest["version"])
+        rows = self._ledger.shares(manifest["share_base"], manifest["lineage"])
+        if len(rows) != len(records):
+            raise errors.BasisError(f"{self._ledger.path}: {len(rows)} share records for the "
+                                    f"{len(records)} sources of version {manifest['version']}")
+        out = {}
+        for j, (name, info) in enumerate(manifest["matrices"].items()):
+            out[name] = [0.0 if r.version < info["reset"] else row[j][0] * math.exp(info["log_scale"] - row[j][1])
+                         for r, row in zip(records, rows)]
+        return records, out
+
+    def nbytes(self, version: int | None = None) -> int:
+        """Bytes of a version's tensor files (as its manifest records them)."""
+        return sum(int(f["size"]) for f in self._manifest(self._pick(version))["files"].values())
+
+    def disk_use(self) -> dict[int, tuple[int, int]]:
+        """Per version on disk: (bytes of its files, bytes only it holds: not hard-linked elsewhere)."""
+        return {v: versions.disk_use(self._vdir(v)) for v in self.versions()}
+
+    def ledger_nbytes(self) -> int:
+        """Bytes of the ledger file on disk."""
+        return self._ledger.nbytes()
 
     def load(self, version: int | None = None) -> BasisSnapshot:
         """A version's tensors in memory (files checked against their sha256 first)."""
         version = self._pick(version)
         manifest = self._manifest(version)
         vdir = self._vdir(version)
-        factors, means = self._read_verified(vdir / FACTORS, manifest), self._read_verified(vdir / MEANS, manifest)
+        files = {f: versions.read_verified(vdir / f, manifest)
+                 for f in dict.fromkeys(info["file"] for info in manifest["matrices"].values() if info["file"])}
         out = {}
         for name, info in manifest["matrices"].items():
             m, n = info["shape"]
             if info["rank"] == 0:
                 out[name] = Factors(torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0))
             else:
-                out[name] = Factors(factors[f"{name}::U"], factors[f"{name}::s"], factors[f"{name}::V"])
+                tensors = files[info["file"]]
+                out[name] = Factors(tensors[f"{name}::U"], tensors[f"{name}::s"], tensors[f"{name}::V"])
+        means = versions.read_verified(vdir / MEANS, manifest)
         return BasisSnapshot(version, out, means, manifest["count"], manifest)
 
     def verify(self, version: int | None = None) -> None:
-        """Check every file of a version against its manifest: sha256, names, shapes, finiteness."""
+        """Check every file of a version against its manifest (sha256, names, shapes, finiteness) and
+        that the ledger holds its sources."""
         snap = self.load(version)
         where = self._vdir(snap.version)
         for name, info in snap.manifest["matrices"].items():
@@ -250,9 +307,13 @@ class Basis:
                 raise errors.BasisError(f"{where}: factors of {name} hold NaN or Inf")
         if sorted(snap.means) != sorted(snap.manifest["means"]):
             raise errors.BasisError(f"{where}: {MEANS} does not hold the means its manifest lists")
-        if len(snap.manifest["ledger"]) != snap.count:
-            raise errors.BasisError(f"{where}: the ledger has {len(snap.manifest['ledger'])} sources, "
+        lineage = snap.manifest["lineage"]
+        if ledger.size(lineage) != snap.count:
+            raise errors.BasisError(f"{where}: the lineage names {ledger.size(lineage)} sources, "
                                     f"the count says {snap.count}")
+        if (held := self._ledger.count(lineage)) != snap.count:
+            raise errors.BasisError(f"{self._ledger.path}: holds {held} of the {snap.count} sources of version "
+                                    f"{snap.version}: the ledger lost records")
 
     def materialize(self, version: int | None = None, *, with_base: bool = False) -> dict[str, Tensor]:
         """The dense merged task vector (float32, each tensor in its parameter's shape): every matrix
@@ -270,12 +331,14 @@ class Basis:
 
     # --- changing ---
 
-    def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None) -> FoldRecord:
+    def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None, workers: int = 1,
+                        memory_budget: float = math.inf) -> FoldRecord:
         """Read, validate and fold one checkpoint, write the new version, move the pointer.
 
         Raises an ``errors.CheckpointError`` subclass, with nothing changed, on bad input. Reads the
         checkpoint one tensor at a time; once this returns, the checkpoint is no longer needed.
-        ``progress(done, total)`` is called after each matrix.
+        ``progress(done, total)`` is called after each matrix. ``workers`` matrices fold at once (in
+        threads, the same result) while their estimated working memory fits in ``memory_budget`` bytes.
         """
         base = self._need_base("fold")
         start = time.perf_counter()
@@ -286,25 +349,28 @@ class Basis:
             with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles,
                                         required=manifest["matrices"],
                                         base_sha256=manifest["identity"]["sha256"]) as ckpt:
-                for entry in manifest["ledger"]:
-                    if entry["sha256"] == ckpt.sha256:
-                        raise errors.Duplicate(ckpt.path, f"already folded at version {entry['version']} "
-                                                          f"(as {entry['file']})")
-                matrices, stats = self._fold_matrices(ckpt, snap, progress)
+                if (entry := self.has_source(ckpt.sha256)) is not None:
+                    raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
+                                                      f"(as {entry.file})")
+                version = snap.version + 1
+                matrices, stats, shares, changed = self._fold_matrices(ckpt, snap, version, progress, workers,
+                                                                        memory_budget)
                 self._fold_means(ckpt, snap)
                 ckpt.finish()
-            changed = [s for s in stats.values() if s["svd_method"] != "unchanged"]
+            folded = [s for s in stats.values() if s["svd_method"] != "unchanged"]
             record = FoldRecord(
-                version=snap.version + 1, file=ckpt.path.name, sha256=ckpt.sha256, size=ckpt.size,
+                version=version, file=ckpt.path.name, sha256=ckpt.sha256, size=ckpt.size,
                 folded_at=_now(), seconds=round(time.perf_counter() - start, 4), matrices=stats,
                 new_kept_total=sum(s["new_kept"] for s in stats.values()),
-                energy_kept=round(sum(s["energy_kept"] for s in changed) / len(changed), 6) if changed else 0.0,
+                energy_kept=round(sum(s["energy_kept"] for s in folded) / len(folded), 6) if folded else 0.0,
                 relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping))
-            new = dict(manifest, version=record.version, parent=snap.version, restored_from=None,
-                       created_at=record.folded_at, count=snap.count + 1, matrices=matrices,
+            new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
+                       restored_from=None, created_at=record.folded_at, count=snap.count + 1,
+                       lineage=ledger.extend(manifest["lineage"], version), matrices=matrices,
                        means=sorted(snap.means))
-            new["ledger"] = manifest["ledger"] + [record.to_json()]
-            self._commit(new, lambda tmp: self._write_tensors(tmp, snap.factors, snap.means))
+            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.factors, snap.means,
+                                                            changed),
+                         before_pointer=lambda: self._ledger.add(record.to_json(), new["share_base"], shares))
         return record
 
     def rollback(self, version: int) -> int:
@@ -322,61 +388,85 @@ class Basis:
                 return current
             old = self._manifest(version)
             src = self._vdir(version)
-            self._read_verified(src / FACTORS, old, load=False)
-            self._read_verified(src / MEANS, old, load=False)
-            new = dict(old, version=current + 1, parent=current, restored_from=version, created_at=_now())
-
-            def link(tmp: Path) -> None:
-                for name in (FACTORS, MEANS):
-                    try:
-                        os.link(src / name, tmp / name)
-                    except OSError:
-                        shutil.copyfile(src / name, tmp / name)
-
-            self._commit(new, link)
+            for name in old["files"]:
+                versions.read_verified(src / name, old, load=False)
+            self._commit(dict(old, format_version=FORMAT_VERSION, version=current + 1, parent=current,
+                              restored_from=version, created_at=_now()),
+                         lambda tmp: versions.link_all(src, tmp, old))
             return current + 1
+
+    def _migrate(self) -> None:
+        """Format 1 to 2 (under the lock): every on-disk version's records into the ledger, then a new
+        version holding the current content in format 2 (one factors file per matrix)."""
+        current = self.version
+        for v in self.versions():
+            raw = versions.read_manifest(self.directory, v, as_stored=True)
+            if raw.get("format_version") != 1:
+                continue
+            names = list(raw["matrices"])
+            self._ledger.import_records(
+                raw["ledger"], base=v,
+                shares=[(e["version"], [[raw["matrices"][n]["share"][i], 0.0] for n in names])
+                        for i, e in enumerate(raw["ledger"])])
+        snap = self.load(current)
+        matrices = {name: dict(info) for name, info in snap.manifest["matrices"].items()}
+        new = dict(snap.manifest, format_version=FORMAT_VERSION, version=current + 1, parent=current,
+                   restored_from=current, created_at=_now(), matrices=matrices)
+        self._commit(new, lambda tmp: self._write_files(tmp, None, matrices, snap.factors, snap.means,
+                                                        set(matrices)))
 
     # --- folding, per parameter ---
 
-    def _fold_matrices(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot, progress: Progress | None
-                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """Fold every matrix of ``ckpt`` into ``snap.factors`` in place; new manifest entries and stats."""
-        matrices, stats = {}, {}
-        total = len(snap.manifest["matrices"])
-        for i, (name, info) in enumerate(snap.manifest["matrices"].items()):
-            current = snap.factors[name]
-            d = ckpt.delta(name)
-            if d is None:
-                st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged",
-                      "svd_error": 0.0}
-                e_cur, e_new, delta_energy = 1.0, 0.0, 0.0
-            else:
-                delta = layout.as_matrix(d)
-                del d
-                k = self._fold_k(tuple(delta.shape), current, delta)
-                new = stage1.fold(current if current.rank else None, delta, k, svd=self.settings.svd,
-                                  tol=self.settings.svd_tol, seed=0)
-                fs = new.stats
-                delta_energy = float(torch.linalg.matrix_norm(delta)) ** 2
-                kept_current = min(current.rank, k - fs.new_kept)
-                e_cur = float(current.s[:kept_current].double().square().sum())
-                e_new = fs.energy_kept * delta_energy
-                st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
-                      "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
-                snap.factors[name] = current = Factors(new.U, new.s, new.V)
-                del delta, new
-            total_e = e_cur + e_new
-            share = [x * e_cur / total_e if total_e else x for x in info["share"]]
-            share.append(e_new / total_e if total_e else 0.0)
-            st["rank"] = current.rank
-            stats[name] = st
-            matrices[name] = dict(info, k=st["k"], rank=current.rank,
-                                  energy=float(current.s.double().square().sum()),
-                                  source_energy=info["source_energy"] + delta_energy,
-                                  share=[round(x, 6) for x in share])
-            if progress is not None:
-                progress(i + 1, total)
-        return matrices, stats
+    def _fold_matrices(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot, version: int,
+                       progress: Progress | None, workers: int, memory_budget: float
+                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str]]:
+        """Fold ``ckpt``'s matrices into ``snap.factors``, ``workers`` at a time: new manifest entries,
+        stats, the source's entry shares, the matrices it changed (``version``: the one being written)."""
+        infos = snap.manifest["matrices"]
+
+        def prepare(name: str) -> Callable[[], tuple]:
+            d = ckpt.delta(name)  # read here, in order; the fold may run in another thread
+            return lambda: self._fold_matrix(infos[name], snap.factors[name], d, version)
+
+        done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
+                           workers=workers, budget=memory_budget, done=progress)
+        changed = {name for name, r in done.items() if r[3] is not snap.factors[name]}
+        snap.factors.update({name: r[3] for name, r in done.items()})
+        return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
+                [r[2] for r in done.values()], changed)
+
+    def _fold_matrix(self, info: dict[str, Any], current: Factors, d: Tensor | None, version: int
+                     ) -> tuple[dict[str, Any], dict[str, Any], list[float], Factors]:
+        """One matrix's fold: manifest entry, stats, entry share, factors (``current`` if none entered)."""
+        if d is None:
+            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
+            e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
+        else:
+            delta = layout.as_matrix(d)
+            del d
+            k = self._fold_k(tuple(delta.shape), current, delta)
+            new = stage1.fold(current if current.rank else None, delta, k, svd=self.settings.svd,
+                              tol=self.settings.svd_tol, seed=0)
+            fs = new.stats
+            delta_energy = float(torch.linalg.matrix_norm(delta)) ** 2
+            kept_current = min(current.rank, k - fs.new_kept)
+            e_cur = float(current.s[:kept_current].double().square().sum())
+            e_new = fs.energy_kept * delta_energy
+            st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
+                  "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
+            # stage1.fold hands back the current tensors when no new component entered
+            factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
+            del delta, new
+        total_e = e_cur + e_new
+        log_scale, reset = info["log_scale"], info["reset"]
+        if total_e and e_cur:
+            log_scale += math.log(e_cur / total_e)
+        elif total_e:  # every earlier source's share drops to 0
+            log_scale, reset = 0.0, version
+        st["rank"] = factors.rank
+        entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
+                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
+        return entry, st, [e_new / total_e if total_e else 0.0, log_scale], factors
 
     def _fold_means(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot) -> None:
         """Update the running mean delta of every non-matrix parameter in ``snap.means`` in place."""
@@ -426,108 +516,59 @@ class Basis:
         return version
 
     def _vdir(self, version: int) -> Path:
-        return self.directory / VERSIONS / f"v{version:06d}"
+        return versions.vdir(self.directory, version)
 
     def _version_dirs(self) -> list[int]:
-        root = self.directory / VERSIONS
-        return [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_DIR.match(p.name))] \
-            if root.is_dir() else []
+        return versions.version_dirs(self.directory)
 
     def _manifest(self, version: int) -> dict[str, Any]:
         if version not in self._manifests:
-            path = self._vdir(version) / MANIFEST
-            try:
-                self._manifests[version] = json.loads(path.read_text())
-            except FileNotFoundError:
-                have = ", ".join(map(str, sorted(self._version_dirs()))) or "none"
-                raise errors.BasisError(f"{self.directory}: no version {version} (have {have})") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise errors.BasisError(f"{path}: corrupt manifest ({exc})") from None
+            self._manifests[version] = versions.read_manifest(self.directory, version)
         return self._manifests[version]
 
-    def _read_verified(self, path: Path, manifest: Mapping[str, Any], *, load: bool = True
-                       ) -> dict[str, Tensor]:
-        """A version's safetensors file, after checking it against the sha256 in its manifest."""
-        expected = manifest["files"].get(path.name, {}).get("sha256")
-        try:
-            actual = ingest.file_sha256(path)
-        except OSError as exc:
-            raise errors.BasisError(f"{path}: cannot read ({exc.strerror})") from None
-        if actual != expected:
-            raise errors.BasisError(f"{path}: sha256 {actual[:12]} does not match the manifest's "
-                                    f"{str(expected)[:12]}: the basis is corrupt; roll back to an older version")
-        if not load:
-            return {}
-        try:
-            f = ingest.SafetensorsFile(path)
-        except errors.CheckpointError as exc:
-            raise errors.BasisError(f"{path}: {exc.message}") from None
-        try:
-            return {k: f.read(k) for k in f.keys()}
-        finally:
-            f.close()
-
-    @staticmethod
-    def _write_tensors(tmp: Path, factors: Mapping[str, Factors], means: Mapping[str, Tensor]) -> None:
-        flat = {f"{name}::{part}": getattr(f, part).contiguous()
-                for name, f in factors.items() if f.rank for part in ("U", "s", "V")}
-        save_file(flat, tmp / FACTORS)
+    def _write_files(self, tmp: Path, parent: Mapping[str, Any] | None, matrices: dict[str, dict[str, Any]],
+                     factors: Mapping[str, Factors], means: Mapping[str, Tensor], changed: set[str]
+                     ) -> dict[str, dict[str, Any]]:
+        """A new version's tensor files in ``tmp``: each matrix's own factors file, hard-linked from
+        ``parent`` when not ``changed``; sets ``matrices[name]["file"]``. Returns the linked files' entries."""
+        linked = {}
+        for i, (name, info) in enumerate(matrices.items()):
+            f, old = factors.get(name), parent["matrices"][name]["file"] if parent else None
+            if f is None or not f.rank:
+                info["file"] = None
+            elif name not in changed and old not in (None, FACTORS):
+                info["file"] = old
+                versions.link(self._vdir(parent["version"]) / old, tmp / old)
+                linked[old] = parent["files"][old]
+            else:
+                info["file"] = f"factors-{i:04d}.safetensors"
+                save_file({f"{name}::{part}": getattr(f, part).contiguous() for part in ("U", "s", "V")},
+                          tmp / info["file"])
         save_file({k: v.contiguous() for k, v in means.items()}, tmp / MEANS)
+        return linked
 
-    def _commit(self, manifest: dict[str, Any], write_files: Callable[[Path], None]) -> None:
-        """Write a version under a temporary name, fsync it, rename it, move ``CURRENT``, prune."""
-        root = self.directory / VERSIONS
-        name = f"v{manifest['version']:06d}"
-        tmp = root / f".tmp-{name}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        write_files(tmp)
-        manifest["files"] = {}
-        for f in (FACTORS, MEANS):
-            atomic.fsync_file(tmp / f)
-            manifest["files"][f] = {"sha256": ingest.file_sha256(tmp / f), "size": (tmp / f).stat().st_size}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        atomic.fsync_file(tmp / MANIFEST)
-        atomic.fsync_dir(tmp)
-        os.rename(tmp, root / name)
-        atomic.fsync_dir(root)
-        atomic.atomic_write_bytes(self.directory / CURRENT, f"{name}\n".encode())
+    def _commit(self, manifest: dict[str, Any], write_files: Callable[[Path], versions.Written],
+                before_pointer: Callable[[], None] | None = None) -> None:
+        """Write the new version (``versions.write_version``), then prune."""
+        versions.write_version(self.directory, manifest, write_files, before_pointer)
         self._manifests[manifest["version"]] = manifest
         self._prune(manifest["version"])
 
     def _prune(self, current: int) -> None:
-        """Keep the newest ``keep_versions`` versions; a pruned one is renamed away before deletion."""
-        root = self.directory / VERSIONS
+        """Keep the newest ``keep_versions`` versions."""
         for v in sorted(self._version_dirs())[:-self.settings.keep_versions]:
             if v < current:
-                trash = root / f".trash-v{v:06d}-{secrets.token_hex(4)}"
-                os.rename(self._vdir(v), trash)
-                shutil.rmtree(trash)
+                versions.remove_version(self.directory, v)
                 self._manifests.pop(v, None)
 
     def _clean_leftovers(self, current: int) -> None:
-        """Remove what a killed writer left: temporary and half-pruned directories, versions newer
-        than ``current`` (written but never made current), a temporary pointer file."""
-        root = self.directory / VERSIONS
-        for p in root.iterdir() if root.is_dir() else ():
-            m = _VERSION_DIR.match(p.name)
-            if p.name.startswith((".tmp-", ".trash-")) or (m and int(m.group(1)) > current):
-                shutil.rmtree(p)
-        for p in self.directory.glob(f".{CURRENT}.*.tmp"):
-            p.unlink()
+        """What a killed writer left, the ledger records of versions never made current among it."""
+        versions.clean_leftovers(self.directory, current)
+        if self._ledger.path.exists():
+            self._ledger.drop_after(current)
 
-    @contextmanager
-    def _locked(self, blocking: bool = True) -> Iterator[bool]:
-        """The writers' lock (released by the kernel if the process dies); yields whether it was got."""
-        if not self.directory.is_dir():
-            raise errors.BasisError(f"{self.directory}: no such basis directory")
-        with ExitStack() as stack:
-            try:
-                got = stack.enter_context(atomic.file_lock(self.directory / LOCK, blocking))
-            except OSError as exc:
-                if blocking:
-                    raise errors.BasisError(f"{self.directory}: cannot lock for writing ({exc.strerror})") from None
-                got = False  # a reader without write access: nothing to clean up
-            yield got
+    def _locked(self, blocking: bool = True) -> ContextManager[bool]:
+        return versions.writer_lock(self.directory, blocking)
 
 
 def _update_mean_inplace(mean: Tensor, count: int, x: Tensor | None) -> None:

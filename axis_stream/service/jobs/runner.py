@@ -48,8 +48,8 @@ def current_basis_version(basis_dir: Path) -> int | None:
 
     if not (basis_dir / CURRENT).exists():
         return None
-    manifest = Basis.open(basis_dir).manifest
-    return manifest["version"] if manifest["count"] > 0 else None
+    basis = Basis.open(basis_dir)
+    return basis.version if basis.count > 0 else None
 
 
 @dataclass
