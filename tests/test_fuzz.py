@@ -2,7 +2,8 @@
 
 Generated with hypothesis: safetensors headers wrong at every level (JSON types, negative,
 fractional and overflowing shapes and offsets, overlapping or gapped data ranges, duplicate keys,
-deep nesting, huge headers), torch files truncated or with corrupted members, TOML configs with
+deep nesting, huge headers), torch files truncated or with corrupted members, Hugging Face model folders (config, index and
+shards wrong), TOML configs with
 wrong keys, types and values, and control-socket request lines. ``AXIS_FUZZ_EXAMPLES`` scales the
 examples per test (CI: the default); ``AXIS_FUZZ_TALLY=FILE`` writes the outcomes counted per reader
 as JSON (``benchmarks/fuzz.py`` runs both and prints the table).
@@ -145,6 +146,55 @@ def test_malformed_safetensors_are_typed_errors(blob, tmp_path):
     path = tmp_path / "fuzz.safetensors"
     path.write_bytes(blob)
     count("safetensors", typed_checkpoint_outcome(path))
+
+
+# -- Hugging Face model folders ------------------------------------------------------------------
+
+@st.composite
+def model_folders(draw) -> dict[str, bytes]:
+    """A sharded model folder (config.json, index, shards) with something wrong in its files."""
+    names = sorted(GOOD)
+    split = draw(st.integers(1, len(names) - 1))
+    shards = {"model-00001-of-00002.safetensors": {n: GOOD[n] for n in names[:split]},
+              "model-00002-of-00002.safetensors": {n: GOOD[n] for n in names[split:]}}
+    files = {name: save(tensors) for name, tensors in shards.items()}
+    weight_map: object = {n: shard for shard, tensors in shards.items() for n in tensors}
+    index: object = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    config: object = {"model_type": "clip"}
+    how = draw(st.sampled_from(["config", "index", "weight_map", "shard_name", "missing_shard", "shard_bytes",
+                                "nesting", "absent_key"]))
+    if how == "config":
+        config = draw(JSON)
+    elif how == "index":
+        index = draw(JSON)
+    elif how == "weight_map":
+        index["weight_map"] = draw(JSON)
+    elif how == "shard_name":       # a shard outside the folder, a subfolder, an absent name
+        weight_map[names[0]] = draw(st.sampled_from(["../escape.safetensors", "sub/x.safetensors", "/etc/passwd",
+                                                     "", ".", "nothere.safetensors"]) | JSON)
+    elif how == "missing_shard":
+        files.pop(draw(st.sampled_from(sorted(files))))
+    elif how == "shard_bytes":
+        name = draw(st.sampled_from(sorted(files)))
+        files[name] = files[name][:draw(st.integers(0, len(files[name])))] + draw(st.binary(max_size=8))
+    elif how == "absent_key":       # the index names a tensor no shard holds
+        weight_map["visual.nothere"] = draw(st.sampled_from(sorted(files)))
+    out = {"config.json": json.dumps(config).encode(), "model.safetensors.index.json": json.dumps(index).encode(),
+           **files}
+    if how == "nesting":
+        depth = draw(st.sampled_from([5000, 200_000]))
+        out[draw(st.sampled_from(["config.json", "model.safetensors.index.json"]))] = b"[" * depth + b"]" * depth
+    return out
+
+
+@FUZZ
+@given(folder=model_folders())
+def test_malformed_model_folders_are_typed_errors(folder, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "model"
+    path.mkdir()
+    for name, data in folder.items():
+        (path / name).write_bytes(data)
+    count("model folder", typed_checkpoint_outcome(path))
 
 
 def test_a_well_formed_file_is_accepted_and_forbidden_layouts_are_named(tmp_path):

@@ -191,7 +191,7 @@ class HFFolder:
         self.metadata: dict[str, str] = {}
         try:
             for name, expected in self.files.items():
-                shard = self._shards[name] = open_source(self.path / name, trust_pickles)
+                shard = self._shards[name] = self._open_shard(name, trust_pickles)
                 for key in shard.keys():
                     if key in self._where:
                         raise errors.NotACheckpoint(self.path, f"{key!r} is in both {self._where[key]} and {name}")
@@ -204,6 +204,13 @@ class HFFolder:
         except BaseException:
             self.close()
             raise
+
+    def _open_shard(self, name: str, trust_pickles: bool) -> Any:
+        """One shard, its errors naming the folder (what is quarantined) and the shard."""
+        try:
+            return open_source(self.path / name, trust_pickles)
+        except errors.CheckpointError as exc:
+            raise type(exc)(self.path, f"{name}: {exc.message}") from None
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -228,7 +235,7 @@ def hf_config(folder: Path) -> dict[str, Any]:
         config = json.loads((folder / HF_CONFIG).read_text())
     except FileNotFoundError:
         raise errors.NotACheckpoint(folder, f"a folder without {HF_CONFIG}, not a Hugging Face model") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise errors.NotACheckpoint(folder, f"unreadable {HF_CONFIG} ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise errors.NotACheckpoint(folder, f"{HF_CONFIG} is not a JSON object")
@@ -249,13 +256,22 @@ def hf_weight_files(folder: Path) -> dict[str, list[str]]:
         files: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             files.setdefault(str(shard), []).append(str(key))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+            AttributeError) as exc:
         raise errors.NotACheckpoint(folder, f"unreadable {name} ({first_line(exc)})") from None
     for shard in files:
-        if Path(shard).name != shard or not (folder / shard).is_file():
-            raise errors.MissingShard(folder, f"{name} names shard {shard!r}, which is not in the folder "
+        if Path(shard).name != shard or not _is_file(folder / shard):
+            raise errors.MissingShard(folder, f"{name} names shard {shard[:80]!r}, which is not in the folder "
                                               f"({len(files)} shards named)")
     return files
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False also for a name the file system refuses (too long, bad bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def hf_folder_complete(folder: Path) -> bool:
