@@ -426,18 +426,23 @@ def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None
     from axis_stream.service import backfill as bf
 
     files = bf.checkpoint_files(paths)
-    log = logging.getLogger("axis_stream")  # the lines come from here, not from the log
-    log.propagate = False
-    log.addHandler(logging.NullHandler())
+    log, quiet = logging.getLogger("axis_stream"), logging.NullHandler()
+    saved = log.propagate
+    log.propagate = False                    # the lines come from here, not from the log (restored after:
+    log.addHandler(quiet)                    # CliRunner and the tests run commands in one process)
     start = time.monotonic()
-    with click.progressbar(length=len(files), label="backfill", file=sys.stderr, show_eta=True,
-                           item_show_func=lambda rate: rate) as bar:
-        def done(outcome) -> None:
-            click.echo(render.outcome_line(outcome))
-            bar.update(1, f"{(bar.pos + 1) / max(time.monotonic() - start, 1e-9) * 60:.1f} files/min")
+    try:
+        with click.progressbar(length=len(files), label="backfill", file=sys.stderr, show_eta=True,
+                               item_show_func=lambda rate: rate) as bar:
+            def done(outcome) -> None:
+                click.echo(render.outcome_line(outcome))
+                bar.update(1, f"{(bar.pos + 1) / max(time.monotonic() - start, 1e-9) * 60:.1f} files/min")
 
-        counts = bf.backfill(config.load(config_path), files, done, workers=workers, quarantine=quarantine,
-                             memory_budget=memory_mib * 2**20 if memory_mib else None)
+            counts = bf.backfill(config.load(config_path), files, done, workers=workers, quarantine=quarantine,
+                                 memory_budget=memory_mib * 2**20 if memory_mib else None)
+    finally:
+        log.propagate = saved
+        log.removeHandler(quiet)
     click.echo(render.backfill_summary(counts, time.monotonic() - start))
     if counts["rejected"] or counts["error"]:
         raise SystemExit(1)

@@ -3,6 +3,7 @@ files reported one line each while the run goes on, resumable after kill -9."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -60,6 +61,7 @@ def test_backfill_builds_the_daemons_basis_and_reports_bad_files(tiny_base, zoo,
 
     cfg_path = write_config(tmp_path, base_cfg, "backfill")
     res = CliRunner().invoke(main, ["backfill", str(folder), "--workers", "2", "--config", str(cfg_path)])
+    assert logging.getLogger("axis_stream").propagate     # the command leaves the process's logging as it was
     assert res.exit_code == 1, res.output
     lines = res.stdout.splitlines()
     assert lines[0].startswith("folded 00-ckpt.safetensors: into v1")

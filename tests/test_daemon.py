@@ -123,9 +123,15 @@ def read_ledger(cfg: config.Config) -> list[dict]:
         if not (basis_dir / "CURRENT").exists():
             return []
         try:
-            return [r.to_json() for r in Basis.open(basis_dir).ledger()]
+            basis = Basis.open(basis_dir)
+        except errors.BasisError:
+            continue
+        try:
+            return [r.to_json() for r in basis.ledger()]
         except errors.BasisError:
             pass
+        finally:
+            basis.close()
     raise AssertionError("could not read the ledger")
 
 

@@ -326,8 +326,8 @@ def test_a_checkpoint_replaced_while_it_is_folded_is_kept_and_folded_next(worker
     new = sha(newer)
     real = fw.basis.fold_checkpoint
 
-    def fold_then_replace(p, progress=None):
-        record = real(p, progress=progress)          # the fold reads the file it opened...
+    def fold_then_replace(p, **kwargs):
+        record = real(p, **kwargs)                   # the fold reads the file it opened...
         os.replace(newer, path)                      # ...while the name is given to another file
         return record
 

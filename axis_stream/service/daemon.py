@@ -345,8 +345,10 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         if self.config.metrics.address:
             self._servers.append(MetricsServer(self.config.metrics.address, self.metrics, lambda: self.ready).start())
+        weights = "transformers" if self.config.base.kind == "transformers" else (self.config.base.pretrained
+                                                                                   or "random init")
         log.info("axis-stream %s starting: base %s (%s), watching %s", __version__, self.config.base.model,
-                 self.config.base.pretrained or "random init", p.watch_dir)
+                 weights, p.watch_dir)
         try:
             base, identity = load_base(self.config)
         except (OSError, RuntimeError, ValueError) as exc:

@@ -206,6 +206,11 @@ class Basis:
                                     f"open it once with write access (another process holds its lock)")
         return self
 
+    def close(self) -> None:
+        """Close the ledger's database connection (the next use reopens it): a short-lived reader
+        holds no file in the basis folder open afterwards."""
+        self._ledger.close()
+
     # --- reading ---
 
     @property
