@@ -27,7 +27,7 @@ from axis_stream.experiments.evaluate.runner import run_experiment
 from axis_stream.experiments.suites.harness import SuiteHarness, make_suite
 from axis_stream.experiments.suites.prepare import prepare
 from axis_stream.experiments.suites.report import read_rows
-from axis_stream.store.atomic import atomic_write_bytes
+from axis_stream.store.atomic import atomic_write_bytes, atomic_write_json
 
 NOISE_SCALES = (0.1, 0.01)
 """One noisy source's per-entry noise std, as a fraction of each task matrix's Frobenius norm: on
@@ -37,7 +37,8 @@ source's own change in Frobenius norm."""
 LABELS = {"zeroshot": "base + frozen head (zero-shot)", "axis": "AXIS, streaming (Basis fold)",
           "axis-global": "AXIS, global Stage 1", "ta": "task arithmetic + Stage 2", "average": "average + Stage 2",
           "ties": "TIES + Stage 2", "dare": "DARE + Stage 2", "tsvm": "TSV-M + Stage 2",
-          "atlas": "aTLAS, matched budget"}
+          "atlas": "aTLAS, matched budget", "axis-start0.05": "AXIS, streaming, Stage 2 from Lambda = s / 20",
+          "axis-start0": "AXIS, streaming, Stage 2 from Lambda = 0"}
 
 
 def noise_variants(exp: Experiment, scales: Sequence[float] = NOISE_SCALES) -> list[Experiment]:
@@ -86,8 +87,8 @@ def grid(rows: Sequence[Mapping[str, str]], column: str, values: Sequence[str], 
     targets, ± the spread over seeds where there are several); ``costs``: the ``column`` value whose
     peak memory and step time are added."""
     methods = methods or list(dict.fromkeys(r["method"] for r in rows))
-    head = f"| method | {' | '.join(values)} |" + (" peak MiB | step s |" if costs else "")
-    out = [f"| ({column}) {head[2:]}", "|---|" + "---:|" * (len(values) + (2 if costs else 0))]
+    head = f"| method \\ {column.replace('_', ' ')} | {' | '.join(values)} |" + (" peak MiB | step s |" if costs else "")
+    out = [head, "|---|" + "---:|" * (len(values) + (2 if costs else 0))]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         if not mine:
@@ -129,14 +130,18 @@ def global_selection(harness: SuiteHarness, names: Sequence[str], k_fraction: fl
 
 
 def run_sweep(sweep_config: Path, robust_config: Path | None, out: Path, tables_only: bool = False,
-              noise_scales: Sequence[float] = NOISE_SCALES, selection: bool = True) -> str:
+              noise_scales: Sequence[float] = NOISE_SCALES, selection: bool = True,
+              more: Sequence[Path] = ()) -> str:
     """Run the sweep, the robustness file and its noise variants (resumable), then write the tables;
-    ``selection``: add what AXIS global's top-K keeps of each source at the largest pool."""
+    ``more``: experiment files on the same pool (other methods or starts at some levels) whose rows
+    join the sweep's tables; ``selection``: add what AXIS global's top-K keeps of each source at the
+    largest pool."""
     sweep = load_experiment(sweep_config)
+    extra = [load_experiment(p) for p in more]
     robust = load_experiment(robust_config) if robust_config else None
     noisy = noise_variants(robust, noise_scales) if robust else []
     suite = make_suite(sweep.suite, sweep.data_root)
-    exps = [sweep] + ([robust] if robust else []) + noisy
+    exps = [sweep] + extra + ([robust] if robust else []) + noisy
     if not tables_only:
         if not suite.data_dir.exists():
             prepare(sweep.suite, suite.data_dir)
@@ -144,7 +149,7 @@ def run_sweep(sweep_config: Path, robust_config: Path | None, out: Path, tables_
             run_experiment(exp, print)
     targets = [t.name for t in sweep.targets]
     levels = [str(n) for n in sweep.levels]
-    rows = read_rows(sweep.output_dir / RESULTS)
+    rows = read_rows(sweep.output_dir / RESULTS) + [r for e in extra for r in read_rows(e.output_dir / RESULTS)]
     clean = [r for r in rows if r["patch_dropout"] == "0"]
     zero = [dict(r, sources=v) for r in clean if r["method"] == "zeroshot" for v in levels]
     seeds = sorted({r["seed"] for r in clean if r["method"] != "zeroshot"})
@@ -152,7 +157,7 @@ def run_sweep(sweep_config: Path, robust_config: Path | None, out: Path, tables_
             f"{', '.join(targets)}; seeds {', '.join(seeds)}; cost columns at {levels[-1]} sources)", ""]
     text += grid(zero + [r for r in clean if r["method"] != "zeroshot"], "sources", levels, targets,
                  costs=levels[-1])
-    start = starts(sweep)
+    start = {k: v for e in [sweep] + extra for k, v in starts(e).items()}
 
     def before(r: Mapping[str, str]) -> float | None:
         return start.get((r["method"], r["target"], r["sources"], r["prune_ratio"], r["seed"]))
@@ -181,12 +186,15 @@ def run_sweep(sweep_config: Path, robust_config: Path | None, out: Path, tables_
         text += grid(noise_rows, "corrupt", ["clean"] + [f"{s:g}" for s in noise_scales], targets)
     text += ["", *kept_lines(sweep)]
     if selection:
-        harness = SuiteHarness(sweep, lambda line: None)
         names = [s.name for s in sweep.sources][:int(levels[-1])]
-        sel = global_selection(harness, names)
+        cache = sweep.output_dir / "selection.json"
+        sel = json.loads(cache.read_text()) if cache.exists() else {}
+        if list(sel.get("components", {})) != names:
+            sel = global_selection(SuiteHarness(sweep, lambda line: None), names)
+            atomic_write_json(cache, sel)
         counts = sel["components"]
         text += [f"### AXIS global at {len(names)} sources: components of each source among the top-K of all "
-                 f"{len(harness.matrices)} matrices ({sum(counts.values())} kept; "
+                 f"matrices ({sum(counts.values())} kept; "
                  f"{100 * sel['energy_kept']:.1f} % of the sources' energy)", "",
                  "| " + " | ".join(counts) + " |", "|" + "---:|" * len(counts),
                  "| " + " | ".join(str(c) for c in counts.values()) + " |"]
