@@ -5,9 +5,16 @@ config/suite-text-noisy.toml, config/suite-text-ablations.toml and config/suite-
 Stage 2) with ``axis-stream evaluate``'s engine, then writes the tables to benchmarks/results/suite-text/tables.md. Resumable: finished runs
 are skipped; the source fine-tunes are cached under ~/.cache/axis-stream/suites/text.
 
+``--sources-sweep`` runs the many-sources study instead: config/suite-text-sweep.toml (1, 2, 5, 10
+and 20 sources, token dropout), config/suite-text-sweep-start.toml (AXIS at 20 sources from scaled
+starts), config/suite-text-robust.toml (20 pruned sources) and its noisy-source variants, then
+writes benchmarks/results/suite-text/sweep-tables.md.
+
     apt-get install wordnet-base && pip install -e ".[suites]"
     nohup python benchmarks/suite_text.py > suite_text.log 2>&1 &
     python benchmarks/suite_text.py --tables-only      # the tables from what has finished
+    nohup python benchmarks/suite_text.py --sources-sweep > sweep.log 2>&1 &
+    python benchmarks/suite_text.py --sources-sweep --tables-only
 """
 
 from __future__ import annotations
@@ -16,10 +23,17 @@ import sys
 from pathlib import Path
 
 from axis_stream.experiments.suites.report import run_benchmark
+from axis_stream.experiments.suites.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "config" / f"suite-text{part}.toml" for part in ("", "-noisy", "-ablations", "-long")]
+RESULTS = ROOT / "benchmarks" / "results" / "suite-text"
 
 if __name__ == "__main__":
-    print(run_benchmark("text", CONFIGS, ROOT / "benchmarks" / "results" / "suite-text" / "tables.md",
-                        tables_only="--tables-only" in sys.argv[1:]))
+    tables_only = "--tables-only" in sys.argv[1:]
+    if "--sources-sweep" in sys.argv[1:]:
+        print(run_sweep(ROOT / "config" / "suite-text-sweep.toml", ROOT / "config" / "suite-text-robust.toml",
+                        RESULTS / "sweep-tables.md", tables_only=tables_only,
+                        more=[ROOT / "config" / "suite-text-sweep-start.toml"]))
+    else:
+        print(run_benchmark("text", CONFIGS, RESULTS / "tables.md", tables_only=tables_only))

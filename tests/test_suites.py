@@ -8,6 +8,7 @@ merged-then-adapted model beats the unadapted base on two held-out targets.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,110 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def _synthetic_vision_ci(data: Path) -> None:
+    """Tiny stand-ins for the ``vision-ci`` task files: each class a noisy copy of its own random pattern."""
+    from axis_stream.experiments.suites.vision import SUITE_TASKS
+
+    spec = SUITE_TASKS["vision-ci"]
+    for t, name in enumerate([spec["pretrain"]] + spec["tasks"]):
+        g = torch.Generator().manual_seed(t)
+        patterns = torch.rand(3, 28, 28, generator=g) * 255
+
+        def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.arange(n) % 3
+            x = patterns[y] * 0.7 + torch.rand(n, 28, 28, generator=g) * 255 * 0.3
+            return x.to(torch.uint8), y
+
+        (trx, try_), (tex, tey) = images(48), images(24)
+        save_task(Task(name, ["a", "b", "c"], ["a", "b", "c"], trx, try_, tex, tey), data)
+
+
+def test_ci_sized_sources_sweep_folds_through_the_real_basis(tmp_path, monkeypatch):
+    """The sweep's code path at CI size: levels of one pool, AXIS streaming folded by ``Basis``
+    (each source once, shared by the levels, equal to the in-memory fold), the cost plots, the
+    before-Stage-2 record, pruned sources through the basis, the noise variants and the tables."""
+    from axis_stream.core import merges
+    from axis_stream.core.registry import Registry
+    from axis_stream.experiments.evaluate.experiment import load_experiment
+    from axis_stream.experiments.evaluate.plan import plan
+    from axis_stream.experiments.suites import harness as suite_harness
+    from axis_stream.experiments.suites import sweep
+    from axis_stream.experiments.suites.zoo import vision_suite
+
+    builders = Registry("suite")
+    builders.add("vision-ci", lambda root: vision_suite(root, "vision-ci", pretrain_steps=10, steps=4))
+    monkeypatch.setattr(suite_harness, "SUITE_BUILDERS", builders)
+    root = tmp_path / "suite"
+    _synthetic_vision_ci(root / "data")
+    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in ("textures", "faces", "mnist-inv"))
+    common = f"""suite = "vision-ci"
+data_root = "{root}"
+budgets = [0.4]
+seeds = [0]
+max_train_samples = 32
+[adapt]
+epochs = 1
+batch_size = 32
+device = "cpu"
+{sources}[[targets]]
+name = "digits"
+dataset = "digits"
+[[methods]]
+name = "axis"
+[[methods]]
+name = "average"
+"""
+    (tmp_path / "sweep.toml").write_text(f'output_dir = "sweep"\nlevels = [1, 3]\n{common}'
+                                         '[[methods]]\nname = "zeroshot"\n[[methods]]\nname = "atlas"\n')
+    (tmp_path / "robust.toml").write_text(f'output_dir = "robust"\nlevels = [3]\n{common}'
+                                          '[robustness]\nprune_ratios = [0.0, 0.9]\n')
+    out = tmp_path / "tables.md"
+    text = sweep.run_sweep(tmp_path / "sweep.toml", tmp_path / "robust.toml", out, noise_scales=(0.05,),
+                           selection=False)
+    assert out.read_text().strip() == text.strip()
+    assert "| AXIS, streaming (Basis fold) |" in text and "| aTLAS, matched budget |" in text
+    exp = load_experiment(tmp_path / "sweep.toml")
+    rows = _rows(exp.output_dir / "results.csv")
+    assert {(r["method"], r["sources"]) for r in rows} == {("zeroshot", "0")} | {
+        (m, n) for m in ("axis", "average", "atlas") for n in ("1", "3")}
+    for name in ("accuracy_vs_sources.png", "memory_vs_sources.png", "step_time_vs_sources.png"):
+        assert (exp.output_dir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    # one basis for both levels, each source folded once, in the pool's order
+    homes = sorted((exp.output_dir / "bases").iterdir())
+    assert len(homes) == 1
+    folds = json.loads((homes[0] / "folds.json").read_text())
+    assert [f["source"] for f in folds] == ["textures", "faces", "mnist-inv"]
+    assert len(sweep.starts(exp)) == len(rows)
+    # the Basis fold is the streaming Stage 1 of the in-memory merge (float64 reference: exact SVD)
+    harness = suite_harness.SuiteHarness(exp, lambda line: None)
+    run = next(r for r in plan(exp) if r.method.name == "axis" and len(r.sources) == 3)
+    snap = harness.daemon_basis(run)
+    assert snap.count == 3 and len(json.loads((homes[0] / "folds.json").read_text())) == 3  # nothing refolded
+    ref, means = merges.build_basis("axis", [{k: v.double() for k, v in harness.task_vectors[s.name].items()}
+                                             for s in run.sources], harness.matrices, k_fraction=run.k_fraction)
+    for name, f in ref.items():
+        got = snap.factors[name].to_dense().double()
+        assert torch.allclose(got, f.to_dense(), atol=1e-4 * float(f.s[0])), name
+    for name, m in means.items():
+        assert torch.allclose(snap.means[name].double(), m, atol=1e-6), name
+    # pruned sources went through the basis as treated checkpoints, removed once folded
+    robust = load_experiment(tmp_path / "robust.toml")
+    assert len(list((robust.output_dir / "bases").glob("*/basis"))) == 2
+    assert not list((robust.output_dir / "bases").glob("*/incoming/*"))
+    assert {r["prune_ratio"] for r in _rows(robust.output_dir / "results.csv")} == {"0", "0.9"}
+    assert {r["corrupt"] for r in _rows(robust.output_dir.parent / "noise-0.05" / "results.csv")} == {"yes"}
+
+
+def test_token_dropout_keeps_cls_and_sep_and_is_seeded():
+    m = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    all_dropped = text_suite.drop_tokens(m, 1.0, torch.Generator().manual_seed(0))
+    assert all_dropped.tolist() == [[1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]
+    assert torch.equal(text_suite.drop_tokens(m, 0.0, torch.Generator()), m)
+    a, b = (text_suite.drop_tokens(torch.ones(50, 40, dtype=torch.long), 0.5, torch.Generator().manual_seed(3))
+            for _ in range(2))
+    assert torch.equal(a, b) and 0.4 < 1 - a[:, 1:-1].float().mean() < 0.6
+    with pytest.raises(ValueError, match="MiniLM"):
+        with text_suite.token_dropout(torch.nn.Linear(2, 2), 0.5):
+            pass

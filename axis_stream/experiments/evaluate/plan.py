@@ -73,7 +73,8 @@ class Run:
 
 
 def plan(exp: Experiment) -> list[Run]:
-    """Every run of the experiment, grouped so that runs sharing a merged basis are adjacent."""
+    """Every run of the experiment, grouped so that runs sharing a merged basis are adjacent (also
+    across targets whose pools are the same), so each basis is built once."""
     runs = []
     rb = exp.robustness
     for target in exp.targets:
@@ -92,7 +93,10 @@ def plan(exp: Experiment) -> list[Run]:
                                                    else [0.0]):
                                         runs.append(Run(method, target, pool[:level], budget, seed, k,
                                                         corrupt, prune, frac))
-    return runs
+    first: dict[tuple, int] = {}
+    for r in runs:
+        first.setdefault(r.basis_key(), len(first))
+    return sorted(runs, key=lambda r: first[r.basis_key()])
 
 
 def run_dir(exp: Experiment, run: Run) -> Path:

@@ -22,6 +22,10 @@ from axis_stream.store.atomic import atomic_write
 
 DEFAULTS = {"corrupt": "no", "prune_ratio": "0", "train_fraction": "1", "patch_dropout": "0"}
 SWEEPS = ("k_fraction", "corrupt", "prune_ratio", "train_fraction", "patch_dropout")
+VS_SOURCES = (("test_accuracy", "mean test accuracy", "accuracy_vs_sources.png"),
+              ("peak_memory_mb", "peak memory of one Stage 2 step (MiB)", "memory_vs_sources.png"),
+              ("step_seconds", "median Stage 2 step (s)", "step_time_vs_sources.png"))
+"""What is drawn against the number of sources (paper Figures 1 and 21): accuracy and the two costs."""
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -60,7 +64,8 @@ def summary(rows: Sequence[Mapping[str, str]]) -> list[str]:
 
 
 def plot(rows: Sequence[Mapping[str, str]], out_dir: Path) -> list[Path]:
-    """PNG plots: accuracy vs number of sources and vs trainable parameters, and one per swept setting."""
+    """PNG plots: accuracy, peak memory and step time vs number of sources, accuracy vs trainable
+    parameters, and accuracy along each swept setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,21 +85,29 @@ def plot(rows: Sequence[Mapping[str, str]], out_dir: Path) -> list[Path]:
         return written
     groups = _group(base, ("method", "budget"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, ((method, budget), grp) in enumerate(groups.items()):
-        label = method + (f" N={budget}" if float(budget) > 0 else "")
-        by_level = _group(grp, ("sources",))
-        xs = sorted(int(k[0]) for k in by_level)
-        ys = [_mean([float(r["test_accuracy"]) for r in by_level[(str(x),)]]) for x in xs]
-        if xs == [0]:  # a reference that uses no sources: a level line
-            ax.axhline(ys[0], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
-        else:
-            ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
-    ax.set_xlabel("number of source models")
-    ax.set_ylabel("mean test accuracy")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save(fig, "accuracy_vs_sources.png")
+    for column, ylabel, name in VS_SOURCES:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn = False
+        for i, ((method, budget), grp) in enumerate(groups.items()):
+            label = method + (f" N={budget}" if float(budget) > 0 else "")
+            by_level = _group([r for r in grp if r.get(column, "") != ""], ("sources",))
+            xs = sorted(int(k[0]) for k in by_level)
+            ys = [_mean([float(r[column]) for r in by_level[(str(x),)]]) for x in xs]
+            if not xs:
+                continue
+            drawn = True
+            if xs == [0]:  # a reference that uses no sources: a level line
+                ax.axhline(ys[0], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
+            else:
+                ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("number of source models")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, name)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method,), grp in _group(base, ("method",)).items():

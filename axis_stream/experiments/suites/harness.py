@@ -5,13 +5,17 @@ An experiment file with ``suite = "text"`` (or ``"vision"``, ``"vision-ci"``) is
 by ``axis_stream.experiments.evaluate.run`` exactly as a CLIP experiment is; only the execution of one run differs,
 because the base is not an open_clip CLIP with a text tower: :class:`SuiteHarness` builds each
 method's model with the same classes (``SVDAdapted``, ``ATLAS``, ``LoRA``, ``Frozen``, the linear
-probe) from the suite's cached source checkpoints, and trains it with Stage 2's recipe (AdamW, cosine
+probe) from the suite's cached source checkpoints (AXIS streaming folds them into a real
+``store.basis.Basis``, as the daemon does), and trains it with Stage 2's recipe (AdamW, cosine
 schedule over all steps, gradient clipping, the best epoch on a seeded 10 % validation split, epoch
 0 being the untrained model) on the suite's task files, with the suite's frozen head.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -19,20 +23,23 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from axis_stream.adapt.data import validation_split
 from axis_stream.adapt.model import SVDAdapted
-from axis_stream.config import AdaptConfig, ConfigError
+from axis_stream.config import AdaptConfig, BasisConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
 from axis_stream.core.registry import Registry
+from axis_stream.errors import BasisError
 from axis_stream.experiments.baselines import atlas, references
 from axis_stream.experiments.baselines.memory import step_peak_bytes
 from axis_stream.experiments.evaluate.harness import treated
 from axis_stream.experiments.suites import Task, take
 from axis_stream.experiments.suites.prepare import default_root, task_names
 from axis_stream.experiments.suites.zoo import Suite, text_suite, vision_suite
+from axis_stream.store.atomic import atomic_write, atomic_write_json
+from axis_stream.store.basis import Basis
 
 SUITE_BUILDERS: Registry[Callable[[Path], Suite]] = Registry("suite")
 SUITE_BUILDERS.add("text", text_suite)
@@ -68,8 +75,8 @@ class SuiteHarness:
             if name not in known:
                 raise ConfigError(f"{spec.name}: {name!r} is not a task of the {exp.suite} suite "
                                   f"({', '.join(sorted(known))})")
-        paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
-        self.task_vectors = {name: self._delta(load_file(p)) for name, p in paths.items()}
+        self.paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
+        self.task_vectors = {name: self._delta(load_file(p)) for name, p in self.paths.items()}
         self._basis: tuple[tuple, tuple[dict, dict]] | None = None
 
     def _delta(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -95,12 +102,79 @@ class SuiteHarness:
                                 self.matrices)
 
     def basis(self, run: Any) -> tuple[dict, dict]:
+        """The run's merged basis ``(factors, means)``: AXIS streaming from a real ``Basis`` on disk
+        (:meth:`daemon_basis`), every other merge in memory (``merges.build_basis``)."""
         key = run.basis_key()
         if self._basis is None or self._basis[0] != key:
-            built = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
-                                       k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
+            if run.method.name == "axis":
+                snap = self.daemon_basis(run)
+                built = (snap.factors, snap.means)
+            else:
+                built = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
+                                           k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
             self._basis = (key, built)
         return self._basis[1]
+
+    def daemon_basis(self, run: Any) -> Any:
+        """AXIS streaming as the product runs it: the run's sources folded one checkpoint at a time,
+        in order, by ``Basis.fold_checkpoint`` into a basis under ``<output_dir>/bases/``.
+
+        The basis of the first n sources of a pool is its version n, so every level of a sweep (and
+        a re-run) shares one basis: each source is folded once. Clean sources are folded from their
+        cached checkpoint files; a pruned or corrupted one from a checkpoint of ``base + treated
+        task vector`` written next to the basis and deleted once folded. Each fold's record (what
+        it kept, the energy kept) is appended to ``folds.json`` beside the basis. Uses only
+        ``Basis.create/open/load/fold_checkpoint``.
+        """
+        names = [s.name for s in run.sources]
+        pool = [s.name for s in self.exp.sources if s.name != run.target.name]
+        if pool[:len(names)] != names:
+            pool = names
+        rb = self.exp.robustness
+        corrupted = min(rb.corrupt_index, len(names) - 1) if run.corrupt else None
+        settings = BasisConfig(matrix_patterns=list(self.exp.stage1.matrix_patterns),
+                               conv_as_matrix=self.exp.stage1.conv_as_matrix, k_mode="fraction",
+                               k_fraction=run.k_fraction, svd=run.method.params["svd"],
+                               keep_versions=len(pool) + 1)
+        ident = {"pool": pool, "suite": self.exp.suite, "recipe": dataclasses.asdict(self.suite.source_recipe),
+                 "basis": dataclasses.asdict(settings), "prune": run.prune_ratio,
+                 "corrupt": [corrupted, rb.corrupt_scale if run.corrupt else None]}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        home = self.exp.output_dir / "bases" / f"axis-{len(pool)}-{digest}"
+        try:
+            basis = Basis.open(home / "basis", self.base_sd)
+        except BasisError:
+            home.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(home / "settings.json", ident)
+            basis = Basis.create(home / "basis", self.base_sd, settings, {"name": self.exp.suite})
+        folded = basis.load().count
+        if folded > len(pool):
+            raise BasisError(f"{home}: holds {folded} sources, the pool has {len(pool)}")
+        log_path = home / "folds.json"
+        log = json.loads(log_path.read_text()) if log_path.exists() else []
+        for i in range(folded, len(names)):
+            name = names[i]
+            path = self.paths[name]
+            if run.prune_ratio > 0 or corrupted == i:
+                tv = treated(dataclasses.replace(run, corrupt=corrupted == i), [self.task_vectors[name]],
+                             dataclasses.replace(rb, corrupt_index=0), self.matrices)[0]
+                state = {k: (v + tv[k] if k in tv else v) for k, v in self.base_sd.items()}
+                path = home / "incoming" / f"{i:03d}-{name}.safetensors"
+                path.parent.mkdir(exist_ok=True)
+                atomic_write(path, lambda p, state=state: save_file(state, p))
+            record = basis.fold_checkpoint(path)
+            if path.parent == home / "incoming":
+                path.unlink()
+            log.append({"source": name, "index": i, **record.to_json()})
+            atomic_write_json(log_path, log)
+            self.echo(f"    folded {name} into {home.name}: version {record.version}, "
+                      f"{record.new_kept_total} components kept, energy kept {record.energy_kept:.1%}")
+        snap = basis.load()
+        if snap.count != len(names):
+            snap = basis.load(len(names))  # an earlier level of a pool folded further already
+        if snap.count != len(names):
+            raise BasisError(f"{home}: version {snap.version} holds {snap.count} sources, expected {len(names)}")
+        return snap
 
     def budget_count(self, n_fraction: float) -> int:
         return sum(stage1.k_for(shape, n_fraction) for shape in self.shapes)
@@ -143,9 +217,16 @@ class SuiteHarness:
         return references.Frozen(base)
 
     def execute(self, run: Any, out_dir: Path) -> list[dict[str, Any]]:
-        """Train and evaluate one run; returns its rows (test-time patch dropout is CLIP-only)."""
-        if any(p for p in self.exp.robustness.patch_dropout):
-            raise ValueError("robustness.patch_dropout applies to ViT image patches of CLIP experiments only")
+        """Train and evaluate one run; returns its rows, one per test-time input dropout level.
+
+        On the text suite ``robustness.patch_dropout`` drops tokens (``text.token_dropout``); the
+        vision suites' encoder has no patch dropout, so they refuse it. ``out_dir/run.json`` records
+        the test accuracy of the run's model before Stage 2 (the merged model, for a merge).
+        """
+        dropouts = [p for p in self.exp.robustness.patch_dropout if p]
+        if dropouts and not self.suite.is_text:
+            raise ValueError("robustness.patch_dropout applies to ViT image patches of CLIP experiments and "
+                             "to tokens on the text suite, not to the vision suites")
         started = time.monotonic()
         torch.set_num_threads(self.suite.threads)
         hp = run.settings(self.exp.adapt)
@@ -154,6 +235,7 @@ class SuiteHarness:
         train, val, test = self.splits(run, hp)
         head = self.suite.head(base, train) * self.suite.source_recipe.scale  # scaled, as CLIP's head
         model = self.build(run, hp, base)
+        start_acc = _accuracy(model, head, test, hp)
         if run.method.name == "linear-probe":
             feats = {k: _features(model, d, hp.batch_size) for k, d in (("train", train), ("val", val), ("test", test))}
             tic = time.perf_counter()
@@ -164,13 +246,22 @@ class SuiteHarness:
             steps = hp.epochs * math.ceil(len(train.train_y) / hp.batch_size)
             trainable, step_s = head.numel(), (time.perf_counter() - tic) / max(steps, 1)
         elif run.method.name == "zeroshot":
-            val_acc, test_acc = _accuracy(model, head, val, hp), _accuracy(model, head, test, hp)
+            val_acc, test_acc = _accuracy(model, head, val, hp), start_acc
             trainable, step_s = 0, None
         else:
             val_acc, test_acc, step_s = train_stage2(model, head, train, val, test, hp, self.echo)
             trainable = model.trainable_count()
+        dropped = {0.0: test_acc}
+        for p in dropouts:
+            from axis_stream.experiments.suites.text import token_dropout
+
+            with token_dropout(model.base, p, seed=0):
+                dropped[p] = _accuracy(model, head, test, hp)
         peak = _peak(model, head, train, hp.batch_size)
-        return [dict(row, trainable_params=trainable, val_accuracy=val_acc, test_accuracy=test_acc,
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "run.json", {"start_test_accuracy": start_acc, "test_accuracy": test_acc,
+                                                 "val_accuracy": val_acc, "dropout_test_accuracy": dropped})
+        return [dict(row, trainable_params=trainable, val_accuracy=val_acc, test_accuracy=dropped[row["patch_dropout"]],
                      peak_memory_mb=peak / 2**20, step_seconds=step_s, seconds=time.monotonic() - started)
                 for row in run.rows(self.exp.robustness.patch_dropout)]
 

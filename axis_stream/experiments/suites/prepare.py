@@ -16,9 +16,9 @@ def default_root() -> Path:
 def task_names(suite: str) -> list[str]:
     """The source/target tasks of ``suite`` (the vision suites' pretraining task not included)."""
     if suite == "text":
-        from axis_stream.experiments.suites.text import TASKS
+        from axis_stream.experiments.suites.text import POOL_TASKS, TASKS
 
-        return list(TASKS)
+        return list(TASKS) + list(POOL_TASKS)
     from axis_stream.experiments.suites.vision import SUITE_TASKS
 
     return list(SUITE_TASKS[suite]["tasks"])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,42 @@ TASKS = {
 }
 """The text suite's tasks: each classifies a definition into one of a group of categories."""
 
+POOL_TARGETS = ("living", "verbs-mental", "happenings")
+"""The targets of the many-sources pool (``config/suite-text-sweep.toml``): 22 of the 45 categories."""
+
+POOL_TASKS = {
+    "pool-00": ["adj.all", "adj.pert", "noun.cognition", "verb.change"],
+    "pool-01": ["adj.all", "adj.pert", "noun.attribute", "noun.communication"],
+    "pool-02": ["adj.ppl", "noun.artifact", "noun.quantity", "verb.weather"],
+    "pool-03": ["noun.Tops", "noun.communication", "noun.object", "noun.substance"],
+    "pool-04": ["adj.ppl", "noun.feeling", "noun.quantity", "noun.shape"],
+    "pool-05": ["noun.cognition", "noun.communication", "noun.feeling", "noun.quantity"],
+    "pool-06": ["noun.communication", "noun.location", "noun.object", "noun.quantity"],
+    "pool-07": ["noun.communication", "noun.state", "verb.change", "verb.contact"],
+    "pool-08": ["adv.all", "noun.state", "noun.substance", "verb.body"],
+    "pool-09": ["noun.object", "noun.quantity", "noun.substance", "verb.contact"],
+    "pool-10": ["adj.ppl", "noun.shape", "noun.substance", "verb.motion"],
+    "pool-11": ["adj.all", "adv.all", "noun.cognition", "verb.body"],
+    "pool-12": ["noun.artifact", "noun.attribute", "verb.consumption", "verb.creation"],
+    "pool-13": ["adj.all", "adj.ppl", "noun.location", "verb.change"],
+    "pool-14": ["noun.Tops", "noun.artifact", "noun.shape", "verb.body"],
+    "pool-15": ["adj.pert", "adv.all", "noun.substance", "verb.consumption"],
+    "pool-16": ["noun.communication", "noun.location", "noun.shape", "verb.change"],
+    "pool-17": ["noun.attribute", "noun.quantity", "verb.change", "verb.consumption"],
+    "pool-18": ["adv.all", "noun.attribute", "noun.communication", "noun.location"],
+    "pool-19": ["noun.object", "noun.shape", "verb.body", "verb.motion"],
+    "pool-20": ["adv.all", "noun.feeling", "noun.object", "noun.substance"],
+    "pool-21": ["noun.Tops", "noun.artifact", "verb.body", "verb.weather"],
+    "pool-22": ["adj.all", "noun.feeling", "noun.shape", "verb.body"],
+    "pool-23": ["adj.pert", "adv.all", "noun.location", "noun.substance"],
+}
+"""The many-sources pool: 24 source tasks of 4 categories each, drawn (``random.Random(15).sample``,
+distinct sets) from the 23 categories that no task of :data:`POOL_TARGETS` uses: the adjectives and
+adverbs, ``noun.Tops``, the physical and abstract nouns of ``physical``/``abstract`` and the verbs of
+``verbs-physical``. So no source has seen a target's category; the sources share categories with
+each other (each category is in 1 to 7 of them), as fine-tunes collected in the wild do. Their
+order is the sweep's fixed seeded order: a pool of n sources is the first n."""
+
 MATRIX_PATTERNS = [
     "bert.encoder.layer.*.attention.self.query.weight", "bert.encoder.layer.*.attention.self.key.weight",
     "bert.encoder.layer.*.attention.self.value.weight", "bert.encoder.layer.*.attention.output.dense.weight",
@@ -111,11 +148,12 @@ def read_wordnet(directory: Path = WORDNET_DIR) -> list[tuple[int, str]]:
 
 def build_tasks(directory: Path = WORDNET_DIR, cap_train: int = 300, cap_test: int = 100,
                 seed: int = 0) -> list[Task]:
-    """The tasks of :data:`TASKS` from WordNet, split per class (25 % test), capped per class."""
+    """The tasks of :data:`TASKS` and :data:`POOL_TASKS` from WordNet, split per class (25 % test), capped
+    per class."""
     synsets = read_wordnet(directory)
     number = {name: n for n, (name, _) in LEXNAMES.items()}
     tasks = []
-    for task_name, cats in TASKS.items():
+    for task_name, cats in {**TASKS, **POOL_TASKS}.items():
         label_of = {number[c]: i for i, c in enumerate(cats)}
         xs = [d for lex, d in synsets if lex in label_of]
         ys = torch.tensor([label_of[lex] for lex, _ in synsets if lex in label_of], dtype=torch.long)
@@ -156,6 +194,7 @@ class MiniLM(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.bert = AutoModel.from_pretrained(path)
         self.max_length = max_length
+        self.dropout_tokens: tuple[float, torch.Generator] | None = None   # set by token_dropout
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -165,10 +204,37 @@ class MiniLM(nn.Module):
         batch = self.tokenize(texts) if not isinstance(texts, dict) else texts
         device = next(self.bert.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
+        if self.dropout_tokens is not None:
+            batch["attention_mask"] = drop_tokens(batch["attention_mask"], *self.dropout_tokens)
         hidden = self.bert(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return nn.functional.normalize(pooled, dim=-1)
+
+
+def drop_tokens(mask: Tensor, prob: float, generator: torch.Generator) -> Tensor:
+    """``mask`` (``[B, L]``, 1 = real token) with each real token but the first ([CLS]) and the last
+    ([SEP]) masked out with probability ``prob``: a dropped token is neither attended to nor pooled."""
+    real = mask.bool()
+    last = real.long().cumsum(1) == real.long().sum(1, keepdim=True)
+    inner = real & ~last
+    inner[:, 0] = False
+    drop = inner & (torch.rand(mask.shape, generator=generator) < prob).to(mask.device)
+    return mask.masked_fill(drop, 0)
+
+
+@contextmanager
+def token_dropout(encoder: nn.Module, prob: float, seed: int = 0) -> Iterator[None]:
+    """Within the block, ``encoder`` (a :class:`MiniLM`) drops ``prob`` of each input's inner tokens
+    (paper Figure 4's partial inputs, for text); seeded, so every method sees the same drops when it
+    evaluates the same inputs in the same batches."""
+    if not isinstance(encoder, MiniLM):
+        raise ValueError("test-time token dropout needs the text suite's MiniLM encoder")
+    encoder.dropout_tokens = (prob, torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        encoder.dropout_tokens = None
 
 
 @torch.no_grad()
