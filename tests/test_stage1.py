@@ -224,3 +224,16 @@ def test_running_mean_equals_batch_mean():
     batch = torch.stack([x.double() for x in xs]).mean(0)
     assert mean.dtype == torch.float32
     assert torch.allclose(mean.double(), batch, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (2, 3, 4)])
+def test_chunked_in_place_running_mean_equals_batch_mean(shape, monkeypatch):
+    monkeypatch.setattr(stage1, "MEAN_CHUNK", 4)          # several chunks, the last one short
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(5)]
+    mean = xs[0].clone()
+    for i, x in enumerate(xs[1:], 1):
+        stage1.update_mean_inplace(mean, i, x)
+    assert torch.allclose(mean, torch.stack(xs).mean(0), atol=1e-12)
+    stage1.update_mean_inplace(mean, 5, None)              # an all-zero delta
+    assert torch.allclose(mean, torch.stack(xs).sum(0) / 6, atol=1e-12)

@@ -258,3 +258,16 @@ def update_mean(mean: Tensor | None, count: int, x: Tensor) -> Tensor:
         raise ValueError(f"running mean has shape {tuple(mean.shape)}, new value {tuple(x.shape)}")
     m64 = mean.double()
     return (m64 + (x.double() - m64) / (count + 1)).to(x.dtype)
+
+
+MEAN_CHUNK = 1 << 20  # elements per float64 running-mean step: bounds the temporaries
+
+
+def update_mean_inplace(mean: Tensor, count: int, x: Tensor | None) -> None:
+    """``update_mean`` over chunks, written into ``mean`` (memory: one chunk); ``x = None`` is an all-zero delta."""
+    flat_m = mean.view(-1)
+    flat_x = None if x is None else x.reshape(-1)
+    for i in range(0, flat_m.numel(), MEAN_CHUNK):
+        m = flat_m[i:i + MEAN_CHUNK]
+        xi = torch.zeros_like(m) if flat_x is None else flat_x[i:i + MEAN_CHUNK]
+        m.copy_(update_mean(m, count, xi))

@@ -70,7 +70,6 @@ FORMAT_VERSION = 2
 STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fraction", "k_count")
 """Settings fixed when a basis is created. The others (svd, svd_tol, keep_versions, trust_pickles)
 come from the settings given to ``Basis.open``, or from the manifest when none are given."""
-_MEAN_CHUNK = 1 << 20  # elements per float64 running-mean step: bounds the temporaries
 _FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
 Progress = Callable[[int, int], None]
 
@@ -207,8 +206,7 @@ class Basis:
         return self
 
     def close(self) -> None:
-        """Close the ledger's database connection (the next use reopens it): a short-lived reader
-        holds no file in the basis folder open afterwards."""
+        """Close the ledger's connection (the next use reopens it): a reader then holds no file open."""
         self._ledger.close()
 
     # --- reading ---
@@ -486,7 +484,7 @@ class Basis:
                 continue
             if mean is None:
                 mean = torch.zeros(b.shape, dtype=torch.float32)
-            _update_mean_inplace(mean, snap.count, d)
+            stage1.update_mean_inplace(mean, snap.count, d)
             if bool(mean.any()):
                 snap.means[name] = mean
             else:
@@ -574,16 +572,6 @@ class Basis:
 
     def _locked(self, blocking: bool = True) -> ContextManager[bool]:
         return versions.writer_lock(self.directory, blocking)
-
-
-def _update_mean_inplace(mean: Tensor, count: int, x: Tensor | None) -> None:
-    """``stage1.update_mean`` over chunks, written into ``mean``; ``x = None`` is an all-zero delta."""
-    flat_m = mean.view(-1)
-    flat_x = None if x is None else x.reshape(-1)
-    for i in range(0, flat_m.numel(), _MEAN_CHUNK):
-        m = flat_m[i:i + _MEAN_CHUNK]
-        xi = torch.zeros_like(m) if flat_x is None else flat_x[i:i + _MEAN_CHUNK]
-        m.copy_(stage1.update_mean(m, count, xi))
 
 
 def _now() -> str:
