@@ -8,7 +8,7 @@ order into a fresh state folder, in this process (the base loaded once): "daemon
 ``FoldWorker.process`` as ``axis-stream serve`` runs it (on copies made beforehand: it deletes what it
 folds), "backfill wN" is ``service.backfill.backfill`` with N workers. The first fold of a basis
 costs more than the others (see fold_memory.py), so the rate is over files 2..N. Stages, summed over
-files 2..N: sha256 of the file (``ingest.file_sha256``, timed apart, page cache warm), the matrix
+files 2..N: sha256 of the file (``readers.file_sha256``, timed apart, page cache warm), the matrix
 folds (time inside ``stage1.fold``, summed over threads), the rest of reading and validating
 (``FoldRecord.seconds`` minus that, wall), writing the version (``fold_checkpoint``'s wall minus
 ``FoldRecord.seconds``). The modes' bases are checked to be bit-identical.
@@ -40,7 +40,7 @@ from axis_stream.core import stage1  # noqa: E402
 from axis_stream.service import backfill  # noqa: E402
 from axis_stream.service.daemon import FoldWorker  # noqa: E402
 from axis_stream.store import basis as basis_module  # noqa: E402
-from axis_stream.store import ingest  # noqa: E402
+from axis_stream.store import readers  # noqa: E402
 from axis_stream.testing import finetuned_like  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def main() -> None:
             save_file(fine_tuned(base, i) if args.model != "tiny" else finetuned_like(base, i), files[-1])
         sha = [time.perf_counter()]
         for p in files[1:]:
-            ingest.file_sha256(p)
+            readers.file_sha256(p)
         sha.append(time.perf_counter())
         clock = StageClock()
         rows = [run_mode(mode, cfg_path, files, clock) for mode in args.modes]

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 from axis_stream.config import BasisConfig
 from axis_stream.core import stage1, svd
-from axis_stream.store import ingest
+from axis_stream.store import readers
 from axis_stream.store.basis import Basis
 from axis_stream.store.export import write_hf_weights
 
@@ -83,7 +83,7 @@ def build_base(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_base(path: Path) -> dict[str, torch.Tensor]:
-    f = ingest.SafetensorsFile(path)
+    f = readers.SafetensorsFile(path)
     try:
         return {k: f.read(k) for k in f.keys()}
     finally:
@@ -156,7 +156,7 @@ def measure(base_path: Path, basis_dir: Path, ckpt: Path, give_up_factor: float,
         "base": sum(t.nbytes for t in base.values()),
         "basis": basis.nbytes(record.version),
         "largest": max(t.nbytes for t in base.values()),
-        "checkpoint": ingest.checkpoint_size(ckpt), "new_kept": record.new_kept_total,
+        "checkpoint": readers.checkpoint_size(ckpt), "new_kept": record.new_kept_total,
         "energy_kept": record.energy_kept,
         "svd": dict(Counter(m["svd_method"] for m in record.matrices.values())),
         "stops": dict(stops), "give_up": math.isfinite(give_up_factor), "first_fold_rule": first_fold_rule,

@@ -24,7 +24,7 @@ from axis_stream.cli import main
 from axis_stream.config import BasisConfig
 from axis_stream.core import layout, stage1
 from axis_stream.render import basis_summary_lines
-from axis_stream.store import atomic, ingest, ledger
+from axis_stream.store import atomic, ledger, readers
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
 
@@ -345,10 +345,9 @@ HELPER = r"""
 import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)   # no thread pool before fork
-from axis_stream.store import ingest
-from axis_stream.store import atomic, ingest, ledger
+from axis_stream.store import readers
 from axis_stream.store.basis import Basis
-f = ingest.SafetensorsFile(sys.argv[1])
+f = readers.SafetensorsFile(sys.argv[1])
 base = {k: f.read(k) for k in f.keys()}
 f.close()
 torch.linalg.svd(torch.randn(8, 4))  # load the linear algebra libraries once, here
@@ -442,7 +441,7 @@ def _downgrade_to_format_1(basis: Basis) -> None:
         old = {k: man[k] for k in ("version", "parent", "restored_from", "created_at", "identity", "settings",
                                    "count", "means")}
         old.update(format_version=1, ledger=[r.to_json() for r in records], files={
-            "factors.safetensors": {"sha256": ingest.file_sha256(vdir / "factors.safetensors"),
+            "factors.safetensors": {"sha256": readers.file_sha256(vdir / "factors.safetensors"),
                                     "size": (vdir / "factors.safetensors").stat().st_size},
             "means.safetensors": man["files"]["means.safetensors"]})
         old["matrices"] = {n: {**{k: info[k] for k in ("shape", "param_shape", "k", "rank", "energy",

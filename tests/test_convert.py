@@ -17,7 +17,7 @@ from test_ingest import one_thread  # noqa: F401 (autouse fixture)
 from axis_stream import errors
 from axis_stream.cli import main
 from axis_stream.config import BasisConfig
-from axis_stream.store import convert, ingest, unpickle
+from axis_stream.store import convert, ingest, readers, unpickle
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
 
@@ -100,7 +100,7 @@ def test_convert_tree_writes_validated_safetensors(tiny_base, release, tmp_path)
         with safe_open(out / f"{name}.safetensors", "pt") as f:
             meta = f.metadata()
             assert meta["dataset"] == name and meta["source"] == f"axis-tiny/{name}Val/finetuned.pt"
-            assert meta["source_sha256"] == ingest.file_sha256(src / "axis-tiny" / f"{name}Val" / "finetuned.pt")
+            assert meta["source_sha256"] == readers.file_sha256(src / "axis-tiny" / f"{name}Val" / "finetuned.pt")
             keys = set(f.keys())
             # the open_clip state dict without the deleted text transformer
             assert keys == {k for k in base if not k.startswith("transformer.")}

@@ -169,7 +169,7 @@ def test_a_sharded_folder_is_one_checkpoint_read_tensor_by_tensor(hf_bases, tmp_
         sha = ckpt.sha256
     (ft / "README.md").write_text("a model card")       # non-weight files do not count
     (ft / "tokenizer.json").write_text("{}")
-    assert ingest.checkpoint_sha256(ft) == sha
+    assert readers.checkpoint_sha256(ft) == sha
 
 
 def test_a_clip_vision_model_finetune_folds_into_a_clip_base(hf_bases, tmp_path):
@@ -390,7 +390,7 @@ def serve_and_fold(tmp_path: Path, base_folder: Path, good: list[Path], bad: dic
     assert files(quarantine) == sorted(f"{p.name}.reason" for p in bad)
     ledger = read_ledger(cfg)
     assert [e["file"] for e in ledger] == [p.name for p in good]
-    assert all(e["sha256"] == ingest.checkpoint_sha256(p) for e, p in zip(ledger, good))
+    assert all(e["sha256"] == readers.checkpoint_sha256(p) for e, p in zip(ledger, good))
     return cfg, Basis.open(cfg.paths.basis_dir)
 
 

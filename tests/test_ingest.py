@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from axis_stream import errors
-from axis_stream.store import ingest
+from axis_stream.store import ingest, readers
 from axis_stream.testing import finetuned_like
 
 MATRIX = "visual.transformer.resblocks.0.attn.in_proj_weight"
@@ -63,7 +63,7 @@ def test_formats_give_the_same_task_vector(tiny_base, tmp_path, layout):
         path = tmp_path / "a.pt"
         torch.save(sd, path, _use_new_zipfile_serialization=False)
     with ingest.read_checkpoint(path, base) as ckpt:
-        assert ckpt.sha256 == ingest.file_sha256(path) and ckpt.size == path.stat().st_size
+        assert ckpt.sha256 == readers.file_sha256(path) and ckpt.size == path.stat().st_size
         if layout == "bin-module-prefix":
             assert ckpt.mapping.stripped == ("model.", "module.")
     assert_deltas(deltas_of(path, base), expected_deltas(sd, base))
@@ -110,7 +110,7 @@ def test_safetensors_are_read_without_a_memory_map(tiny_base, tmp_path):
     _, base = tiny_base
     path = tmp_path / "nomap.safetensors"
     save_file(finetuned_like(base, 4), path)
-    f = ingest.SafetensorsFile(path)
+    f = readers.SafetensorsFile(path)
     try:
         tensors = [f.read(k) for k in f.keys()]
         assert str(path) not in Path("/proc/self/maps").read_text()

@@ -37,7 +37,7 @@ from axis_stream.service.jobs.control import handlers
 from axis_stream.service.jobs.runner import JobRunner
 from axis_stream.service.metrics import Metrics, MetricsServer
 from axis_stream.service.watcher import Watcher
-from axis_stream.store import ingest
+from axis_stream.store import readers
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis, FoldRecord
 from axis_stream.store.models import load_base
@@ -189,7 +189,7 @@ class FoldWorker:
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
-        record = self.basis.has_source(ingest.checkpoint_sha256(path))
+        record = self.basis.has_source(readers.checkpoint_sha256(path))
         return record is not None and record.file == path.name
 
     def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:

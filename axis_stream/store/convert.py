@@ -28,7 +28,7 @@ from torch import Tensor
 from axis_stream import __version__, errors
 from axis_stream.config import Config
 from axis_stream.core import layout
-from axis_stream.store import atomic, ingest, models, unpickle
+from axis_stream.store import atomic, ingest, models, readers, unpickle
 
 DATASET_SUFFIX = "Val"
 
@@ -100,14 +100,14 @@ def _convert_one(path: Path, output: Path, src: Path, dataset: str, kind: str,
     """Unpickle, validate as a fold would, write as safetensors (crash-safe)."""
     rel = path.relative_to(src)
     try:
-        ingest.torch_file_kind(path)
-        tensors = ingest.unnest_state_dict(path, unpickle.state_dict_of(unpickle.load_pickle(path)))
+        readers.torch_file_kind(path)
+        tensors = readers.unnest_state_dict(path, unpickle.state_dict_of(unpickle.load_pickle(path)))
         tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
         note = f"{len(tensors)} tensors" if kind == "head" else _validate(path, tensors, base, base_sha,
                                                                              required, kind)
     except errors.CheckpointError as exc:
         return Converted(rel, None, kind, dataset, f"{exc.message} ({exc.reason})", ok=False)
-    metadata = {"dataset": dataset, "source": str(rel), "kind": kind, "source_sha256": ingest.file_sha256(path),
+    metadata = {"dataset": dataset, "source": str(rel), "kind": kind, "source_sha256": readers.file_sha256(path),
                 "base_sha256": base_sha, "converted_by": f"axis-stream {__version__}"}
     atomic.atomic_write(output, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return Converted(rel, output, kind, dataset, note)

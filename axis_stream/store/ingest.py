@@ -26,9 +26,7 @@ import torch
 from torch import Tensor
 
 from axis_stream import errors
-
-# SafetensorsFile, torch_file_kind, unnest_state_dict and file_sha256 are also used as ingest.* elsewhere.
-from axis_stream.store.readers import (  # noqa: F401
+from axis_stream.store.readers import (
     HF_CONFIG,
     DictSource,
     HFFolder,
@@ -36,10 +34,7 @@ from axis_stream.store.readers import (  # noqa: F401
     architecture_family,
     checkpoint_sha256,
     checkpoint_size,
-    file_sha256,
     open_source,
-    torch_file_kind,
-    unnest_state_dict,
 )
 
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "image_encoder.")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import Tensor
 
 from axis_stream import errors
-from axis_stream.store import atomic, ingest, ledger
+from axis_stream.store import atomic, ledger, readers
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
@@ -71,7 +71,7 @@ def read_verified(path: Path, manifest: Mapping[str, Any], *, load: bool = True)
     """A version's safetensors file, after checking it against the sha256 in its manifest."""
     expected = manifest["files"].get(path.name, {}).get("sha256")
     try:
-        actual = ingest.file_sha256(path)
+        actual = readers.file_sha256(path)
     except OSError as exc:
         raise errors.BasisError(f"{path}: cannot read ({exc.strerror})") from None
     if actual != expected:
@@ -80,7 +80,7 @@ def read_verified(path: Path, manifest: Mapping[str, Any], *, load: bool = True)
     if not load:
         return {}
     try:
-        f = ingest.SafetensorsFile(path)
+        f = readers.SafetensorsFile(path)
     except errors.CheckpointError as exc:
         raise errors.BasisError(f"{path}: {exc.message}") from None
     try:
@@ -117,7 +117,7 @@ def write_version(directory: Path, manifest: dict[str, Any], write_files: Callab
     for p in sorted(tmp.iterdir()):
         if p.name not in linked:
             atomic.fsync_file(p)
-        manifest["files"][p.name] = linked.get(p.name) or {"sha256": ingest.file_sha256(p), "size": p.stat().st_size}
+        manifest["files"][p.name] = linked.get(p.name) or {"sha256": readers.file_sha256(p), "size": p.stat().st_size}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     atomic.fsync_file(tmp / MANIFEST)
     atomic.fsync_dir(tmp)
