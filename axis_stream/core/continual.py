@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from axis_stream.core import elementwise
-from axis_stream.core.registry import Registry
+from axis_stream.core.registry import Registry, with_defaults
 from axis_stream.core.svd import work_dtype
 
 
@@ -118,11 +118,7 @@ RULES.add("opcm", ContinualRule("opcm", "OPCM, Tang et al. 2025, arXiv:2501.0952
 
 def check_params(rule: ContinualRule, params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` over the rule's defaults; an unknown name is a ValueError naming it."""
-    unknown = sorted(set(params) - set(rule.defaults))
-    if unknown:
-        raise ValueError(f"continual merge {rule.name!r} has no parameter(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(rule.defaults)) or 'none'}")
-    return {**rule.defaults, **params}
+    return with_defaults("continual merge", rule.name, rule.defaults, params)
 
 
 def fold(state: StreamState | None, task_vector: Mapping[str, Tensor], matrices: set[str], rule: str,

@@ -24,7 +24,7 @@ from torch import Tensor
 from axis_stream.core import continual, stage1, svd
 from axis_stream.core.elementwise import average, dare, keep_top_magnitude, stack, task_arithmetic, ties
 from axis_stream.core.layout import as_matrix
-from axis_stream.core.registry import Registry
+from axis_stream.core.registry import Registry, with_defaults
 from axis_stream.core.stage1 import Factors
 
 # --- matrix-only building blocks ---
@@ -86,11 +86,7 @@ class MergeMethod:
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` merged over the defaults; unknown names are a ValueError naming them."""
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"merge method {self.name!r} has no parameter(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(self.defaults)) or 'none'}")
-        return {**self.defaults, **params}
+        return with_defaults("merge method", self.name, self.defaults, params)
 
 
 def _dense(rule: Callable[..., Tensor], seeded: bool = False) -> tuple[MatrixRule, VectorRule]:

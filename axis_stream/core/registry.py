@@ -3,7 +3,7 @@ strategies, the offline suites (mergekit-style: adding one is one new entry)."""
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -40,3 +40,12 @@ class Registry(Generic[T]):
     def values(self) -> list[T]:
         """The entries, in registration order."""
         return list(self._entries.values())
+
+
+def with_defaults(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` over an entry's ``defaults``; a name it does not have is a ValueError naming it and the known ones."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"{kind} {name!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(defaults)) or 'none'}")
+    return {**defaults, **params}

@@ -169,30 +169,19 @@ class Watcher:
 
     def on_event(self, event: FileSystemEvent) -> None:
         """Route one watchdog event: closed and moved-in arrive now; created/modified wait until stable."""
-        if isinstance(event, DirMovedEvent):
-            self._forget(Path(os.fsdecode(event.src_path)))
+        src = Path(os.fsdecode(event.src_path))
+        if isinstance(event, (DirMovedEvent, FileMovedEvent)):
+            self._forget(src)
             dest = os.fsdecode(event.dest_path)
-            if dest and is_folder_candidate(dest, self.folder):
+            candidate = is_folder_candidate if event.is_directory else is_candidate
+            if dest and candidate(dest, self.folder):
                 self._arrive([Path(dest)])
-        elif isinstance(event, DirCreatedEvent):
-            self.observe(Path(os.fsdecode(event.src_path)))
-        elif isinstance(event, DirDeletedEvent):
-            self._forget(Path(os.fsdecode(event.src_path)))
-        elif event.is_directory:
-            return
-        elif isinstance(event, FileMovedEvent):
-            self._forget(Path(os.fsdecode(event.src_path)))
-            dest = os.fsdecode(event.dest_path)
-            if dest and is_candidate(dest, self.folder):
-                self._arrive([Path(dest)])
-        elif isinstance(event, FileClosedEvent):
-            path = Path(os.fsdecode(event.src_path))
-            if is_candidate(path, self.folder):
-                self._arrive([path])
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
-            self.observe(Path(os.fsdecode(event.src_path)))
-        elif isinstance(event, FileDeletedEvent):
-            self._forget(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, (DirDeletedEvent, FileDeletedEvent)):
+            self._forget(src)
+        elif isinstance(event, (DirCreatedEvent, FileCreatedEvent, FileModifiedEvent)):
+            self.observe(src)
+        elif isinstance(event, FileClosedEvent) and is_candidate(src, self.folder):
+            self._arrive([src])
 
     def observe(self, path: Path) -> None:
         """Start (or restart) the stability clock of ``path`` if it is a candidate we do not hold yet."""
