@@ -47,6 +47,9 @@ union is the default for ``[base] kind = "transformers"`` whatever the family.""
 
 HF_BLOCK_MATRICES = [p for patterns in HF_FAMILY_MATRICES.values() for p in patterns]
 BASE_KINDS = ("open_clip", "transformers")
+FOLD_STRATEGIES = ("axis", "opcm", "continual-ta", "continual-ties", "running-average")
+"""``[basis] strategy``: the names of ``core.strategies.FOLD_STRATEGIES`` (config imports no core module;
+a test keeps the two equal). The strategy's parameters are checked by that registry when a basis opens."""
 
 
 @dataclass
@@ -104,8 +107,17 @@ class BasisConfig:
     svd_tol: float = 1e-4
     keep_versions: int = 5
     trust_pickles: bool = False          # allow whole-model pickles in the watched folder
+    strategy: str = "axis"               # how a source is folded: one of FOLD_STRATEGIES
+    strategy_params: dict[str, float] = field(default_factory=dict)  # the strategy's (alpha, lam, density)
 
     def validate(self) -> None:
+        _choice("basis.strategy", self.strategy, FOLD_STRATEGIES)
+        for name, value in self.strategy_params.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"basis.strategy_params.{name}: must be a finite number, got {value!r}")
+        if self.strategy != "axis" and self.k_mode == "gavish-donoho":
+            raise ConfigError(f"basis.k_mode: 'gavish-donoho' sets K per fold from AXIS's factors; "
+                              f"strategy {self.strategy!r} needs 'fraction' or 'count'")
         _choice("basis.k_mode", self.k_mode, ("fraction", "count", "gavish-donoho"))
         _choice("basis.svd", self.svd, ("exact", "randomized"))
         _range("basis.k_fraction", self.k_fraction, 0.0, 1.0, low_open=True)
@@ -328,6 +340,10 @@ def convert_value(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         return [convert_value(args[0], v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return {k: convert_value(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if type(None) in args:  # Optional[X]
         inner = next(a for a in args if a is not type(None))
         return None if value in ("", None) else convert_value(inner, value, key)

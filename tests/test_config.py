@@ -73,6 +73,11 @@ def test_unknown_keys_are_errors_that_name_the_key(tmp_path, text, key):
     ("[basis]\nsvd = 'magic'\n", "basis.svd"),
     ("[basis]\nmatrix_patterns = 'visual.*'\n", "basis.matrix_patterns"),
     ("[basis]\ntrust_pickles = 'yes'\n", "basis.trust_pickles"),
+    ("[basis]\nstrategy = 'opcn'\n", "basis.strategy"),
+    ("[basis]\nstrategy_params = 0.5\n", "basis.strategy_params"),
+    ("[basis.strategy_params]\nalpha = 'half'\n", "basis.strategy_params.alpha"),
+    ("[basis.strategy_params]\nalpha = nan\n", "basis.strategy_params.alpha"),
+    ("[basis]\nstrategy = 'opcm'\nk_mode = 'gavish-donoho'\n", "basis.k_mode"),
     ("[scheduler]\ngpu_slots = 0\n", "scheduler.gpu_slots"),
     ("[[scheduler.triggers]]\ntarget = 'x'\n", "scheduler.triggers"),
     ("[[scheduler.triggers]]\ncron = '0 3 * * *'\n", "scheduler.triggers.target"),
@@ -89,6 +94,15 @@ def test_bad_values_are_errors_that_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as info:
         config.load(write(tmp_path, text), env={})
     assert str(info.value).startswith(key), str(info.value)
+
+
+def test_a_strategy_and_its_parameters_load_and_a_wrong_name_lists_the_choices(tmp_path):
+    cfg = config.load(write(tmp_path, "[basis]\nstrategy = 'opcm'\n[basis.strategy_params]\nalpha = 1\n"), env={})
+    assert (cfg.basis.strategy, cfg.basis.strategy_params) == ("opcm", {"alpha": 1.0})
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, "[basis]\nstrategy = 'tsvm'\n"), env={})
+    assert str(info.value) == ("basis.strategy: 'tsvm' is not one of axis, opcm, continual-ta, continual-ties, "
+                               "running-average")
 
 
 def test_invalid_toml_and_missing_file_name_the_file(tmp_path):

@@ -132,9 +132,14 @@ def fold(state: StreamState | None, task_vector: Mapping[str, Tensor], matrices:
     for name, delta in task_vector.items():
         work = delta.to(work_dtype(delta))
         state.tensors[name] = spec.fold(state.tensors.get(name), work, name in matrices, state.count, **kwargs)
-    state.mean_norm += (norm - state.mean_norm) / (state.count + 1)
+    state.mean_norm = next_mean_norm(state.mean_norm, state.count, norm)
     state.count += 1
     return state
+
+
+def next_mean_norm(mean_norm: float, count: int, norm: float) -> float:
+    """The mean of ``count`` sources' whole-model norms once one more, of norm ``norm``, is folded."""
+    return mean_norm + (norm - mean_norm) / (count + 1)
 
 
 def model_scale(state: StreamState, rule: str) -> float:
