@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
+from axis_stream.core.strategies import FOLD_STRATEGIES
 
 if TYPE_CHECKING:
     from axis_stream.service.daemon import Outcome
@@ -119,30 +120,42 @@ def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
 
 def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: int = 3,
                         top_totals: int = 20) -> list[str]:
-    """``axis-stream basis show``: per matrix its rank, K, energy kept and the sources' shares; the
-    sources with the largest shares overall; disk use per version on disk."""
+    """``axis-stream basis show``: the fold strategy and its state size; per matrix its rank, K, state
+    bytes, energy kept and the sources' shares; the sources with the largest shares overall; disk use
+    per version on disk."""
     man = basis.manifest_of(version)
     ident = man["identity"]
     records, shares = basis.shares(man["version"])
     labels = [Path(r.file).stem for r in records]
+    strategy = FOLD_STRATEGIES[man["settings"].get("strategy", "axis")]
+    params = ", ".join(f"{k}={v:g}" for k, v in strategy.check(man["settings"].get("strategy_params", {})).items())
+    sizes = {name: strategy.state_bytes(tuple(info["shape"]), info["k"]) for name, info in man["matrices"].items()}
+    what = "a dense float32 tensor" if strategy.dense else "U, s, V of rank <= k (float32)"
     lines = [f"basis {basis.directory} version {man['version']} (on disk: "
              f"{', '.join(map(str, basis.versions()))}; keep_versions {basis.settings.keep_versions}), "
              f"{man['count']} sources",
              f"base {ident['name']}/{ident['pretrained']} sha256 {ident['sha256'][:16]}; k: "
-             + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count"))]
+             + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count")),
+             f"strategy {strategy.name}" + (f" ({params})" if params else "") + f": state per matrix {what}, "
+             f"{sum(sizes.values()) / 2**20:.2f} MiB at most for the {len(sizes)} matrices"]
     width = max(len(n) for n in man["matrices"])
-    lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'energy':>7}  top sources")
+    lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'max state':>10}  {'energy':>7}  "
+                 "top sources")
     totals = [0.0] * len(records)
     for name, info in man["matrices"].items():
         share = shares[name]
-        kept = info["energy"] / info["source_energy"] if info["source_energy"] else 0.0
         order = sorted(range(len(share)), key=lambda i: -share[i])[:top_sources]
         for i, x in enumerate(share):
             totals[i] += x / len(man["matrices"])
         shape = "x".join(map(str, info["shape"]))
-        lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {info['rank']:>4}  {kept:>7.1%}  "
+        state = f"{sizes[name] / 1024:,.1f} KiB"
+        if strategy.dense:   # a dense state keeps no components: no rank, energy kept or shares to show
+            lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {'-':>4}  {state:>10}  {'-':>7}")
+            continue
+        kept = info["energy"] / info["source_energy"] if info["source_energy"] else 0.0
+        lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {info['rank']:>4}  {state:>10}  {kept:>7.1%}  "
                      + ", ".join(f"{labels[i]} {share[i]:.0%}" for i in order))
-    if records:
+    if records and not strategy.dense:
         best = sorted(range(len(records)), key=lambda i: -totals[i])[:top_totals]
         more = f", the top {len(best)} of {len(records)}" if len(best) < len(records) else ""
         lines.append(f"share of the kept energy by source (mean over matrices{more}):")

@@ -8,11 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_continual import as_numpy, ref_opcm
+from test_daemon import write_config
 
-from axis_stream import config
-from axis_stream.core import continual, merges, stage1
-from axis_stream.core.strategies import FOLD_STRATEGIES, Scalars
+from axis_stream import config, errors
+from axis_stream.adapt.model import SVDAdapted
+from axis_stream.config import BasisConfig
+from axis_stream.core import continual, layout, merges, stage1
+from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, Scalars
+from axis_stream.render import basis_summary_lines
+from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
+from axis_stream.service.metrics import Metrics
+from axis_stream.store import models
+from axis_stream.store.basis import Basis
+from axis_stream.testing import finetuned_like
 
 CONTINUAL = ("opcm", "continual-ta", "continual-ties", "running-average")
 SHAPES = [(8, 8), (12, 5), (5, 13)]
@@ -118,3 +128,145 @@ def test_unknown_strategy_and_parameter_are_one_line_errors():
         FOLD_STRATEGIES["opcm"].check({"lam": 0.3})
     with pytest.raises(ValueError, match="fold strategy 'axis' has no parameter.s. alpha; known: none"):
         FOLD_STRATEGIES["axis"].check({"alpha": 0.3})
+
+
+# --- through the real basis ---
+
+IDENTITY = {"name": "axis-tiny", "pretrained": "test"}
+PREFIXES = ("visual.", "", "visual.", "visual.")   # the second changes the text tower too: the others leave it
+
+
+def fold_checkpoints(base, make_checkpoint, directory, strategy: str, seeds=(301, 302, 303, 304), **params):
+    """A basis of ``strategy`` with the checkpoints of ``seeds`` folded, and their task vectors in
+    float32 (what the fold reads: matrices in matrix form, every float parameter, zeros where unchanged)."""
+    basis = Basis.create(directory, base, BasisConfig(svd="exact", strategy=strategy, strategy_params=params),
+                         IDENTITY)
+    matrices = set(basis.manifest["matrices"])
+    tvs = []
+    for seed, prefix in zip(seeds, PREFIXES):
+        basis.fold_checkpoint(make_checkpoint(seed, prefix=prefix))
+        sd = finetuned_like(base, seed, prefix=prefix)
+        tvs.append({n: layout.as_matrix(d) if n in matrices else d for n, b in base.items() if b.is_floating_point()
+                    for d in [sd[n].float() - b.float()]})
+    return basis, tvs
+
+
+def dense_of(basis: Basis, tvs: list[dict], version: int | None = None) -> dict[str, torch.Tensor]:
+    """``materialize`` in matrix form, with the all-zero deltas it leaves out as zeros."""
+    got = basis.materialize(version)
+    return {n: got[n].reshape(t.shape) if n in got else torch.zeros_like(t) for n, t in tvs[0].items()}
+
+
+def rel_err(got: torch.Tensor, want) -> float:
+    want = torch.as_tensor(want, dtype=torch.float64)
+    return float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+
+
+@pytest.mark.parametrize("name", CONTINUAL)
+def test_a_basis_of_each_strategy_materializes_the_stream_rule_and_hands_stage2_its_top_k(
+        tiny_base, make_checkpoint, tmp_path, name):
+    _, base = tiny_base
+    basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "basis", name)
+    matrices = set(basis.manifest["matrices"])
+    got = dense_of(basis, tvs)
+    same_dtype = continual.merge_stream(name, tvs, matrices)        # the rule on the same float32 deltas
+    float64 = continual.merge_stream(name, [{n: t.double() for n, t in tv.items()} for tv in tvs], matrices)
+    for n, want in same_dtype.items():
+        assert rel_err(got[n], want) < 1e-6, n
+        assert rel_err(got[n], float64[n]) < 1e-4, n
+    snap = basis.load()
+    factors, means = merges.build_basis(name, tvs, matrices, k_fraction=0.10)
+    assert snap.count == 4 and snap.factors.keys() == matrices
+    for n, f in factors.items():
+        assert snap.factors[n].rank == f.rank == basis.manifest["matrices"][n]["k"]
+        assert rel_err(snap.factors[n].to_dense(), f.to_dense()) < 1e-5, n
+    assert snap.means.keys() == means.keys() and all(rel_err(snap.means[n], means[n]) < 1e-6 for n in means)
+    basis.verify()
+
+
+def test_opcm_and_ta_bases_against_plain_float64_references(tiny_base, make_checkpoint, tmp_path):
+    _, base = tiny_base
+    basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "opcm", "opcm", alpha=0.6)
+    tvs64 = [{n: t.double() for n, t in tv.items()} for tv in tvs]
+    ref = ref_opcm(as_numpy(tvs64), 0.6)
+    got = dense_of(basis, tvs)
+    assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-4
+    basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "ta", "continual-ta", lam=0.4)
+    got = dense_of(basis, tvs)
+    for n in tvs[0]:
+        assert rel_err(got[n], 0.4 * np.sum([tv[n].double().numpy() for tv in tvs], axis=0)) < 1e-5, n
+
+
+def test_a_dense_basis_records_neutral_fold_statistics_and_shows_its_state_size(tiny_base, make_checkpoint, tmp_path):
+    _, base = tiny_base
+    basis, _ = fold_checkpoints(base, make_checkpoint, tmp_path / "basis", "opcm", seeds=(311, 312))
+    records, shares = basis.shares()
+    assert [(r.new_kept_total, r.energy_kept) for r in records] == [(0, 0.0), (0, 0.0)]
+    assert all(s["svd_method"] == DENSE and s["new_kept"] == 0 for r in records for s in r.matrices.values())
+    assert all(x == 0.0 for share in shares.values() for x in share)
+    assert "dense state" in records[0].line()
+    infos = basis.manifest["matrices"]
+    per_matrix = {n: 4 * math.prod(info["shape"]) for n, info in infos.items()}
+    text = "\n".join(basis_summary_lines(basis))
+    assert "strategy opcm (alpha=0.5): state per matrix a dense float32 tensor" in text
+    assert f"{sum(per_matrix.values()) / 2**20:.2f} MiB at most for the {len(infos)} matrices" in text
+    name = next(iter(infos))
+    assert f"{per_matrix[name] / 1024:,.1f} KiB" in next(line for line in text.splitlines() if line.startswith(name))
+    axis = Basis.create(tmp_path / "axis", base, BasisConfig(svd="exact"), IDENTITY)
+    assert "strategy axis: state per matrix U, s, V of rank <= k" in "\n".join(basis_summary_lines(axis))
+
+
+def test_rollback_refold_and_reopening_with_another_strategy(tiny_base, make_checkpoint, tmp_path):
+    _, base = tiny_base
+    basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "basis", "continual-ties", seeds=(321, 322, 323),
+                                  density=0.4)
+    at = {v: dense_of(basis, tvs, v) for v in (2, 3)}
+    assert basis.rollback(2) == 4 and basis.count == 2
+    assert all(torch.equal(dense_of(basis, tvs)[n], at[2][n]) for n in at[2])
+    basis.fold_checkpoint(make_checkpoint(323, prefix=PREFIXES[2]))     # out of the ledger: folds again
+    assert all(torch.equal(dense_of(basis, tvs)[n], at[3][n]) for n in at[3])
+    with pytest.raises(errors.BasisError) as info:
+        Basis.open(basis.directory, base, settings=BasisConfig(svd="exact"))
+    assert str(info.value) == (f"{basis.directory}: built with basis.strategy = 'continual-ties', the config says "
+                               f"'axis'; use a new basis directory for new settings")
+    with pytest.raises(errors.BasisError, match="built with basis.strategy_params = .*'density': 0.4"):
+        Basis.open(basis.directory, base, settings=BasisConfig(strategy="continual-ties"))
+    same = BasisConfig(strategy="continual-ties", strategy_params={"density": 0.4, "lam": 0.5})   # lam: the default
+    assert Basis.open(basis.directory, base, settings=same).version == 5
+    with pytest.raises(errors.BasisError, match="fold strategy 'opcm' has no parameter.s. lam; known: alpha"):
+        Basis.create(tmp_path / "other", base, BasisConfig(strategy="opcm", strategy_params={"lam": 1.0}))
+
+
+def test_stage2_builds_from_a_continual_basis(tiny_base, make_checkpoint, tmp_path):
+    base_cfg, base = tiny_base
+    basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "basis", "opcm", seeds=(331, 332, 333))
+    snap = basis.load()
+    model = SVDAdapted(models.create_base(base_cfg), snap.factors, snap.means, 0.10)
+    assert model.trainable_count() > 0
+    merged = model.merged_state_dict()
+    for n, b in base.items():
+        want = b.float() + (snap.factors[n].to_dense().reshape(b.shape) if n in snap.factors
+                            else snap.means.get(n, torch.zeros_like(b, dtype=torch.float32)))
+        assert torch.allclose(merged[n].float(), want, atol=1e-5), n
+
+
+def test_the_daemon_fold_step_folds_with_the_configured_strategy(tiny_base, tmp_path):
+    base_cfg, base = tiny_base
+    path = write_config(tmp_path, base_cfg)
+    path.write_text(path.read_text().replace("[basis]\n", '[basis]\nstrategy = "opcm"\n', 1))
+    cfg = config.load(path, env={})
+    cfg.paths.watch_dir.mkdir()
+    metrics = Metrics(REJECT_REASONS)
+    worker = FoldWorker(cfg, base, IDENTITY, metrics)
+    tvs = []
+    for seed in (341, 342):
+        save_file(finetuned_like(base, seed), cfg.paths.watch_dir / f"{seed}.safetensors")
+        assert worker.process(cfg.paths.watch_dir / f"{seed}.safetensors").result == "folded"
+        sd = finetuned_like(base, seed)
+        tvs.append({n: layout.as_matrix(sd[n].float() - b.float()) if n in worker.basis.manifest["matrices"]
+                    else sd[n].float() - b.float() for n, b in base.items() if b.is_floating_point()})
+    assert worker.basis.manifest["settings"]["strategy"] == "opcm" and worker.basis.count == 2
+    assert metrics.registry.get_sample_value("axis_stream_folds_total", {"result": "folded"}) == 2
+    want = continual.merge_stream("opcm", tvs, set(worker.basis.manifest["matrices"]))
+    got = dense_of(worker.basis, tvs)
+    assert max(rel_err(got[n], want[n]) for n in want) < 1e-6
