@@ -543,3 +543,90 @@ def test_a_fold_shares_the_files_of_the_matrices_it_leaves_untouched(tiny_base, 
     basis.verify(3)
     text = "\n".join(basis_summary_lines(basis))
     assert "keep_versions 5" in text and "shared" in text
+
+
+# --- folding one basis into another: a basis is a rank-K source ---
+
+def _two_bases(new_basis, make_checkpoint, seeds=((131, 132), (133, 134)), **kw):
+    left, right = new_basis("left", **kw), new_basis("right", **kw)
+    for basis, pair in zip((left, right), seeds):
+        for s in pair:
+            basis.fold_checkpoint(make_checkpoint(s, prefix="" if s % 2 else "visual."))
+    return left, right
+
+
+def test_fold_basis_equals_the_in_memory_tree_fold_and_imports_the_ledger(tiny_base, make_checkpoint, new_basis):
+    _, base = tiny_base
+    left, right = _two_bases(new_basis, make_checkpoint)
+    names = list(left.manifest["matrices"])
+    sds = [finetuned_like(base, s, prefix="" if s % 2 else "visual.") for s in (131, 132, 133, 134)]
+    shards = [{n: None for n in names} for _ in range(2)]
+    for shard, pair in zip(shards, (sds[:2], sds[2:])):
+        for sd in pair:
+            for n, delta in task_matrices(sd, base, names).items():
+                if delta.any():
+                    shard[n] = stage1.fold(shard[n], delta, stage1.k_for(delta.shape), svd="exact")
+    _, right_shares = right.shares()
+    _, left_shares = left.shares()
+    imported = left.fold_basis(Basis.open(right.directory))
+    assert [r.version for r in imported] == [3, 4] and left.version == 4 and left.count == 4
+    assert [(r.file, r.sha256) for r in left.ledger()] == [(r.file, r.sha256) for r in left.ledger(2) + right.ledger()]
+    snap = left.load()
+    for n in names:
+        a, b = shards[0][n], shards[1][n]
+        want = a if b is None else stage1.tree_reduce([a, b], lambda x, y: stage1.fold_factors(x, y, stage1.k_for(b.shape)))
+        got = snap.factors[n]
+        assert torch.equal(got.U, want.U) and torch.equal(got.s, want.s) and torch.equal(got.V, want.V), n
+    for n, b in base.items():  # means: the float64 batch mean of all four
+        if n not in names and b.is_floating_point():
+            mean = sum(sd[n].double() - b.double() for sd in sds) / 4
+            assert torch.allclose(snap.means[n].double(), mean, atol=1e-6, rtol=0) if mean.any() else n not in snap.means
+    _, shares = left.shares()
+    for n, info in snap.manifest["matrices"].items():
+        assert abs(sum(shares[n]) - 1) < 1e-6 and 0 < info["energy"] <= info["source_energy"]
+        kept_right = sum(shares[n][2:])                   # what the right basis's components hold now
+        assert shares[n][2:] == pytest.approx([kept_right * s for s in right_shares[n]], rel=1e-6, abs=1e-12)
+        assert shares[n][:2] == pytest.approx([(1 - kept_right) * s for s in left_shares[n]], rel=1e-6, abs=1e-12)
+    left.verify()
+    assert left.rollback(2) == 5 and [r.file for r in left.ledger()] == [r.file for r in left.ledger(2)]
+
+
+def test_fold_basis_refuses_a_source_it_holds_and_another_settings_basis(tiny_base, make_checkpoint, new_basis):
+    left, right = _two_bases(new_basis, make_checkpoint, seeds=((141, 142), (143, 141)))
+    before = _basis_state(left.directory)
+    with pytest.raises(errors.BasisError, match=r"right: its source ckpt-141.safetensors \(sha256 [0-9a-f]{12}\) "
+                                                r"is already in .*left \(folded at version 1 as ckpt-141"):
+        left.fold_basis(right)
+    other = new_basis("other", k_mode="count", k_count=2)
+    other.fold_checkpoint(make_checkpoint(144))
+    with pytest.raises(errors.BasisError, match="basis.k_mode is 'count', not 'fraction'"):
+        left.fold_basis(other)
+    assert _basis_state(left.directory) == before
+
+
+def test_a_crash_at_every_step_of_fold_basis_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
+                                                                              new_basis, monkeypatch):
+    _, base = tiny_base
+    seed, right = _two_bases(new_basis, make_checkpoint, seeds=((151,), (152, 153)), keep_versions=1)
+    seed_state = _basis_state(seed.directory)
+    outcomes, n = [], 0
+    while True:
+        n += 1
+        target = seed.directory.parent / f"crash-{n}"
+        shutil.copytree(seed.directory, target)
+        other = Basis.open(right.directory)
+        try:
+            with _dying_at_step(monkeypatch, n):
+                Basis.open(target).fold_basis(other)
+            crashed = False
+        except Crash:
+            crashed = True
+        reopened = Basis.open(target, base)
+        reopened.verify()
+        outcomes.append(reopened.version)
+        assert [r.version for r in reopened.ledger()] == list(range(1, reopened.version + 1))
+        if reopened.version == 1:
+            assert _basis_state(target) == seed_state
+        if not crashed:
+            break
+    assert outcomes[-1] == 3 and outcomes.count(1) >= 5 and outcomes.count(3) >= 2, outcomes

@@ -237,3 +237,80 @@ def test_chunked_in_place_running_mean_equals_batch_mean(shape, monkeypatch):
     assert torch.allclose(mean, torch.stack(xs).mean(0), atol=1e-12)
     stage1.update_mean_inplace(mean, 5, None)              # an all-zero delta
     assert torch.allclose(mean, torch.stack(xs).sum(0) / 6, atol=1e-12)
+
+
+# --- folding a factored source (another basis) and the tree reduction ---
+
+def rank_k_source(shape, seed, k):
+    """A rank-k source as a basis holds it: orthonormal factors of a random matrix's top k."""
+    return stage1.merge([random_delta(shape, seed)], k)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_fold_factors_matches_algorithm_1_on_the_dense_sources(shape, k):
+    a, b = rank_k_source(shape, 1, k), rank_k_source(shape, 2, k)
+    for current in (None, a):
+        out = stage1.fold_factors(current, b, k)
+        dense = [b.to_dense()] if current is None else [a.to_dense(), b.to_dense()]
+        assert rel(out.to_dense(), reference_merge(dense, k)) < 1e-10
+        assert_orthonormal(out) and out.rank <= k
+        assert out.stats.svd_method == "factored" and out.stats.new_kept <= k
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [2, 5])
+def test_folding_a_rank_k_source_equals_folding_its_dense_matrix(shape, k):
+    current = stage1.fold(stage1.fold(None, random_delta(shape, 3), k), random_delta(shape, 4), k)
+    other = rank_k_source(shape, 5, k)
+    factored = stage1.fold_factors(current, other, k)
+    dense = stage1.fold(current, other.to_dense(), k)
+    assert rel(factored.to_dense(), dense.to_dense()) < 1e-10
+    assert factored.stats.new_kept == dense.stats.new_kept
+    assert factored.stats.energy_kept == pytest.approx(dense.stats.energy_kept, rel=1e-9)
+    quiet = Factors(other.U, other.s * 1e-6, other.V)  # none of it enters: current's own tensors come back
+    same = stage1.fold_factors(current, quiet, k)
+    assert same.U is current.U and same.stats.new_kept == 0
+
+
+def test_fold_factors_rejects_factors_of_another_shape():
+    with pytest.raises(ValueError, match=r"U has shape \(20, 2\), expected \(12, 2\)"):
+        stage1.fold_factors(rank_k_source((12, 8), 0, 2), rank_k_source((20, 8), 1, 2), 2)
+
+
+def test_tree_levels_and_tree_reduce_pair_neighbours_first():
+    assert stage1.tree_levels(1) == []
+    assert stage1.tree_levels(4) == [[(0, 1), (2, 3)], [(0, 2)]]
+    assert stage1.tree_levels(5) == [[(0, 1), (2, 3)], [(0, 2)], [(0, 4)]]
+    assert stage1.tree_reduce(list("abcde"), lambda x, y: f"({x}{y})") == "(((ab)(cd))e)"
+    with pytest.raises(ValueError, match="at least one"):
+        stage1.tree_reduce([], max)
+
+
+@pytest.mark.parametrize("shape", [(20, 8), (30, 17)])
+def test_tree_of_streamed_shards_matches_the_dense_reference_tree(shape):
+    """Shards streamed, then folded pairwise: each step equals Algorithm 1 on two dense matrices."""
+    k = 3
+    deltas = [random_delta(shape, seed) for seed in range(6)]
+    shards = [deltas[:2], deltas[2:4], deltas[4:]]
+
+    def stream(ds):
+        f = None
+        for d in ds:
+            f = stage1.fold(f, d, k)
+        return f
+
+    tree = stage1.tree_reduce([stream(s) for s in shards], lambda a, b: stage1.fold_factors(a, b, k))
+    dense_tree = stage1.tree_reduce([reference_merge([reference_merge(s[:1], k), s[1]], k) for s in shards],
+                                    lambda a, b: reference_merge([a, b], k))
+    assert rel(tree.to_dense(), dense_tree) < 1e-9
+
+
+def test_weighted_running_mean_combines_two_means_by_their_counts():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(7)]
+    combined = stage1.update_mean(torch.stack(xs[:3]).mean(0), 3, torch.stack(xs[3:]).mean(0), weight=4)
+    assert torch.allclose(combined, torch.stack(xs).mean(0), atol=1e-12)
+    m = torch.stack(xs[:3]).mean(0)
+    one = stage1.update_mean(m, 3, xs[3])
+    assert torch.equal(one, stage1.update_mean(m, 3, xs[3], weight=1))

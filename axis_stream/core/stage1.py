@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -201,30 +201,87 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
     _check_matrix(delta, "new task matrix", current.shape if current is not None else None)
     delta = _as_work(delta)
     floor = torch.zeros(k, dtype=delta.dtype, device=delta.device)
-    parts = []
-    if current is not None:
-        cur = (current.U.to(delta.dtype), current.s.to(delta.dtype), current.V.to(delta.dtype))
-        parts.append(cur)
+    parts = _current_parts(current, delta.dtype)
+    if parts:
         # floor[j]: what the new j-th component (0-based) must beat, the current (k-1-j)-th or 0
-        largest = cur[1].sort(descending=True).values[:k]
+        largest = parts[0][1].sort(descending=True).values[:k]
         floor[k - largest.numel():] = largest.flip(0)
     method = svd if bool(floor.any()) or FIRST_FOLD_SVD is None else FIRST_FOLD_SVD
     U, s, V, report = _svd.top_svd(delta, k, method=method, tol=tol, floor=floor, seed=seed)
-    parts.append((U, s, V))
-    chosen = _top(_pool(parts), k)
-    new = chosen.source == len(parts) - 1
     total = float(torch.linalg.matrix_norm(delta) ** 2)
+    return _fold_in(current, parts, (U, s, V), k, total, report.method, report.max_rel_residual)
+
+
+def fold_factors(current: Factors | None, other: Factors, k: int) -> Factors:
+    """Fold a factored source into ``current``: ``fold`` with ``other.to_dense()``, without forming it.
+
+    ``other`` is ``U diag(s) V^T`` with orthonormal ``U`` and ``V`` (another basis: a rank-K source),
+    so its SVD is its own factors: its top ``k`` components are pooled with ``current``'s, the ``k``
+    largest kept and re-orthogonalised, as ``fold`` does. The stats' ``svd_method`` is ``"factored"``.
+    """
+    _check_k(k)
+    shape = current.shape if current is not None else None
+    _check_matrix(other.U, "new source's U", None if shape is None else (shape[0], other.rank))
+    _check_matrix(other.V, "new source's V", None if shape is None else (shape[1], other.rank))
+    if tuple(other.s.shape) != (other.rank,) or other.U.shape[1] != other.rank or other.V.shape[1] != other.rank:
+        raise ValueError(f"new source's factors disagree on the rank: U {tuple(other.U.shape)}, "
+                         f"s {tuple(other.s.shape)}, V {tuple(other.V.shape)}")
+    dtype = _svd.work_dtype(other.U)
+    top = other.s.sort(descending=True, stable=True).indices[:k]
+    new = (other.U[:, top].to(dtype), other.s[top].to(dtype), other.V[:, top].to(dtype))
+    total = float(other.s.double().square().sum())
+    return _fold_in(current, _current_parts(current, dtype), new, k, total, "factored", 0.0)
+
+
+def _current_parts(current: Factors | None, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
+    if current is None:
+        return []
+    return [(current.U.to(dtype), current.s.to(dtype), current.V.to(dtype))]
+
+
+def _fold_in(current: Factors | None, parts: list[tuple[Tensor, Tensor, Tensor]],
+             new: tuple[Tensor, Tensor, Tensor], k: int, total: float, method: str, error: float) -> Factors:
+    """The shared end of a fold: pool ``current``'s components (``parts``) and the new source's top
+    ones (``new``, of squared norm ``total``), keep the ``k`` largest, re-orthogonalise, with stats."""
+    parts = [*parts, new]
+    chosen = _top(_pool(parts), k)
+    entered = chosen.source == len(parts) - 1
     stats = FoldStats(
-        new_kept=int(new.sum()),
-        energy_kept=float((chosen.s[new] ** 2).sum()) / total if total > 0 else 0.0,
-        svd_method=report.method,
-        svd_error=report.max_rel_residual,
+        new_kept=int(entered.sum()),
+        energy_kept=float((chosen.s[entered] ** 2).sum()) / total if total > 0 else 0.0,
+        svd_method=method,
+        svd_error=error,
     )
     if current is not None and stats.new_kept == 0 and chosen.s.numel() == current.rank:
         # the union's top k is the current basis itself (already orthonormal): returned as it is,
         # so the store can tell an untouched matrix and share its files between versions
         return Factors(current.U, current.s, current.V, stats=stats)
     return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k), stats=stats)
+
+
+def tree_levels(n: int) -> list[list[tuple[int, int]]]:
+    """The folds of a pairwise tree reduction of ``n`` items, level by level: ``(i, j)`` folds item
+    ``j`` into item ``i`` (neighbours first; an odd one out waits for the next level)."""
+    levels, step = [], 1
+    while step < n:
+        levels.append([(i, i + step) for i in range(0, n, 2 * step) if i + step < n])
+        step *= 2
+    return levels
+
+
+T = TypeVar("T")
+
+
+def tree_reduce(items: Sequence[T], pair: Callable[[T, T], T]) -> T:
+    """``items`` reduced pairwise in the shape of ``tree_levels`` (``pair(left, right)``): the tree a
+    sharded fold (``axis-stream backfill --executor ray``, the ``axis-tree`` merge) combines its shards in."""
+    if not items:
+        raise ValueError("tree_reduce needs at least one item")
+    held = list(items)
+    for level in tree_levels(len(held)):
+        for i, j in level:
+            held[i] = pair(held[i], held[j])
+    return held[0]
 
 
 def k_for(shape: Sequence[int], fraction: float = 0.10) -> int:
@@ -246,8 +303,9 @@ def gavish_donoho_rank(s: Tensor, shape: Sequence[int]) -> int:
     return max(1, int((s > tau).sum()))
 
 
-def update_mean(mean: Tensor | None, count: int, x: Tensor) -> Tensor:
-    """Running mean of non-matrix parameters: the mean of ``count`` values so far, updated with ``x``.
+def update_mean(mean: Tensor | None, count: int, x: Tensor, weight: int = 1) -> Tensor:
+    """Running mean of non-matrix parameters: the mean of ``count`` values so far, updated with ``x``
+    (itself the mean of ``weight`` values: another basis's mean, ``Basis.fold_basis``).
 
     Computed in float64 and returned in ``x``'s dtype; after S updates it equals the batch mean of
     the S values to float rounding.
@@ -257,17 +315,17 @@ def update_mean(mean: Tensor | None, count: int, x: Tensor) -> Tensor:
     if mean.shape != x.shape:
         raise ValueError(f"running mean has shape {tuple(mean.shape)}, new value {tuple(x.shape)}")
     m64 = mean.double()
-    return (m64 + (x.double() - m64) / (count + 1)).to(x.dtype)
+    return (m64 + (x.double() - m64) * weight / (count + weight)).to(x.dtype)
 
 
 MEAN_CHUNK = 1 << 20  # elements per float64 running-mean step: bounds the temporaries
 
 
-def update_mean_inplace(mean: Tensor, count: int, x: Tensor | None) -> None:
+def update_mean_inplace(mean: Tensor, count: int, x: Tensor | None, weight: int = 1) -> None:
     """``update_mean`` over chunks, written into ``mean`` (memory: one chunk); ``x = None`` is an all-zero delta."""
     flat_m = mean.view(-1)
     flat_x = None if x is None else x.reshape(-1)
     for i in range(0, flat_m.numel(), MEAN_CHUNK):
         m = flat_m[i:i + MEAN_CHUNK]
         xi = torch.zeros_like(m) if flat_x is None else flat_x[i:i + MEAN_CHUNK]
-        m.copy_(update_mean(m, count, xi))
+        m.copy_(update_mean(m, count, xi, weight))

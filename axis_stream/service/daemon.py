@@ -39,8 +39,9 @@ from axis_stream.service.metrics import Metrics, MetricsServer
 from axis_stream.service.watcher import Watcher
 from axis_stream.store import readers
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
-from axis_stream.store.basis import CURRENT, Basis, FoldRecord
+from axis_stream.store.basis import CURRENT, Basis
 from axis_stream.store.models import load_base
+from axis_stream.store.records import FoldRecord
 from axis_stream.store.statelock import StateLock, lock_state
 
 log = logging.getLogger("axis_stream.service.daemon")

@@ -25,15 +25,9 @@ version's ledger is the records its manifest's lineage names, so a rollback (a n
 older version's content, its files hard-linked) takes the later sources out of the ledger by writing
 the older lineage. Version numbers only grow. The newest ``keep_versions`` versions are kept.
 
-Provenance ("each source's share"): per matrix, the basis's energy ``sum(s**2)`` is attributed to
-the sources. A fold keeps the top ``k - new_kept`` components of the previous basis and ``new_kept``
-components of the new source (energy ``energy_kept * ||delta||^2``): every earlier share is scaled
-by ``c = e_cur / (e_cur + e_new)`` and the new source enters with ``a = e_new / (e_cur + e_new)``.
-So that a fold writes O(1), the ledger keeps each source's ``a`` with the matrix's ``log_scale``
-(the sum of ``log c``) after its fold, and the manifest the matrix's current ``log_scale``: a share is
-``a * exp(log_scale_now - log_scale_then)``, or 0 for a source older than the matrix's ``reset``
-(a fold with ``c = 0``). "Energy kept" of a matrix is its basis energy over the sum of its folded
-task matrices' energies.
+Provenance (each source's share of a matrix's kept energy) is kept as ``store/records.py`` describes.
+``Basis.fold_basis`` folds another basis of the same base into this one as one version: a
+basis is a rank-K source (``stage1.fold_factors``); its sources come along in the ledger.
 
 With ``k_mode = "gavish-donoho"``, each fold sets a matrix's K to the larger of its current rank
 and the Gavish-Donoho rank of the new task matrix's full spectrum (an extra ``svdvals`` per fold).
@@ -49,10 +43,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -63,6 +56,7 @@ from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout, stage1
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import atomic, ingest, ledger, models, versions
+from axis_stream.store.records import BasisSnapshot, FoldRecord, entered, share_now
 from axis_stream.store.threads import bounded_map
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
@@ -72,46 +66,6 @@ STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fractio
 come from the settings given to ``Basis.open``, or from the manifest when none are given."""
 _FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class FoldRecord:
-    """One folded source: what the ledger keeps of it."""
-
-    version: int                    # the basis version this fold created
-    file: str
-    sha256: str
-    size: int
-    folded_at: str                  # ISO 8601, UTC
-    seconds: float                  # reading, validating and folding (the write follows)
-    matrices: dict[str, dict[str, Any]]  # name -> k, rank, new_kept, energy_kept, svd_method, svd_error
-    new_kept_total: int
-    energy_kept: float              # mean over the matrices the source changed
-    relative_norm: float            # ||tau|| / ||theta_pre|| over the weights it holds
-    mapping: str                    # how its names were mapped onto the base's
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def line(self) -> str:
-        """One line for a log or the CLI."""
-        return (f"folded {self.file} -> version {self.version}: {self.new_kept_total} new components, "
-                f"energy kept {self.energy_kept:.1%}, |tau|/|base| {self.relative_norm:.3f}, {self.seconds:.1f} s")
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FoldRecord":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclass
-class BasisSnapshot:
-    """One version in memory: factors in matrix form (conv weights flattened) and mean deltas."""
-
-    version: int
-    factors: dict[str, Factors]     # every matrix parameter; rank 0 until a source changed it
-    means: dict[str, Tensor]        # a missing name means an all-zero delta
-    count: int                      # number of folded sources
-    manifest: dict[str, Any]
 
 
 class Basis:
@@ -261,11 +215,8 @@ class Basis:
         if len(rows) != len(records):
             raise errors.BasisError(f"{self._ledger.path}: {len(rows)} share records for the "
                                     f"{len(records)} sources of version {manifest['version']}")
-        out = {}
-        for j, (name, info) in enumerate(manifest["matrices"].items()):
-            out[name] = [0.0 if r.version < info["reset"] else row[j][0] * math.exp(info["log_scale"] - row[j][1])
-                         for r, row in zip(records, rows)]
-        return records, out
+        return records, {name: [share_now(info, r.version, row[j]) for r, row in zip(records, rows)]
+                         for j, (name, info) in enumerate(manifest["matrices"].items())}
 
     def nbytes(self, version: int | None = None) -> int:
         """Bytes of a version's tensor files (as its manifest records them)."""
@@ -356,9 +307,9 @@ class Basis:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")
                 version = snap.version + 1
-                matrices, stats, shares, changed = self._fold_matrices(ckpt, snap, version, progress, workers,
+                matrices, stats, shares, changed = self._fold_matrices(ckpt.delta, snap, version, progress, workers,
                                                                         memory_budget)
-                self._fold_means(ckpt, snap)
+                self._fold_means(snap, self._checkpoint_means(ckpt, manifest["matrices"]))
                 ckpt.finish()
             folded = [s for s in stats.values() if s["svd_method"] != "unchanged"]
             record = FoldRecord(
@@ -373,8 +324,59 @@ class Basis:
                        means=sorted(snap.means))
             self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.factors, snap.means,
                                                             changed),
-                         before_pointer=lambda: self._ledger.add(record.to_json(), new["share_base"], shares))
+                         before_pointer=lambda: self._ledger.add([(record.to_json(), shares)], new["share_base"]))
         return record
+
+    def fold_basis(self, other: "Basis", *, workers: int = 1, memory_budget: float = math.inf) -> list[FoldRecord]:
+        """Fold another basis of the same base and structural settings into this one, as one new version.
+
+        ``other`` is a rank-K source: per matrix ``stage1.fold_factors``, means combined weighted by
+        the counts. Its ledger records come along (the same files and sha256), numbered after this
+        basis's; the new version is the last of those numbers. Returns them. A source this basis holds
+        already is a ``BasisError`` naming it, with nothing changed. The commit is ``fold_checkpoint``'s.
+        """
+        with self._locked():
+            self._clean_leftovers(self.version)
+            snap, theirs = self.load(), other.load()
+            manifest = snap.manifest
+            for key, want in [("identity", manifest["identity"]["sha256"])] + [
+                    (k, manifest["settings"][k]) for k in STRUCTURAL_SETTINGS]:
+                have = theirs.manifest["identity"]["sha256"] if key == "identity" else theirs.manifest["settings"][key]
+                if have != want:
+                    raise errors.BasisError(f"{other.directory}: cannot be folded into {self.directory}: its "
+                                            f"{'base sha256' if key == 'identity' else 'basis.' + key} is "
+                                            f"{have!r}, not {want!r}")
+            records, their_shares = other.shares(theirs.version)
+            for r in records:
+                if (held := self.has_source(r.sha256)) is not None:
+                    raise errors.BasisError(f"{other.directory}: its source {r.file} (sha256 {r.sha256[:12]}) is "
+                                            f"already in {self.directory} (folded at version {held.version} as "
+                                            f"{held.file}); nothing folded")
+            if not records:
+                return []
+            first, version = snap.version + 1, snap.version + len(records)
+            matrices, _, entry, changed = self._fold_matrices(
+                lambda name: theirs.factors[name] if theirs.factors[name].rank else None, snap, first, None,
+                workers, memory_budget)
+            for name, info in matrices.items():  # the task matrices behind the other basis's energy
+                info["source_energy"] = manifest["matrices"][name]["source_energy"] + \
+                    theirs.manifest["matrices"][name]["source_energy"]
+            self._fold_means(snap, ((name, mean.shape, theirs.means.get(name)) for name, mean in
+                                    {**theirs.means, **snap.means}.items()), weight=theirs.count)
+            names = list(matrices)
+            imported = [dataclasses.replace(r, version=first + i) for i, r in enumerate(records)]
+            rows = [(r.to_json(), [[a * their_shares[name][i], log_scale] for name, (a, log_scale) in zip(names, entry)])
+                    for i, r in enumerate(imported)]
+            lineage = manifest["lineage"]
+            for r in imported:
+                lineage = ledger.extend(lineage, r.version)
+            new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
+                       restored_from=None, created_at=_now(), count=snap.count + theirs.count, lineage=lineage,
+                       matrices=matrices, means=sorted(snap.means))
+            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.factors, snap.means,
+                                                            changed),
+                         before_pointer=lambda: self._ledger.add(rows, new["share_base"]))
+        return imported
 
     def rollback(self, version: int) -> int:
         """Make ``version``'s content current again, as a new version; returns that version number.
@@ -420,15 +422,16 @@ class Basis:
 
     # --- folding, per parameter ---
 
-    def _fold_matrices(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot, version: int,
+    def _fold_matrices(self, delta: Callable[[str], Tensor | Factors | None], snap: BasisSnapshot, version: int,
                        progress: Progress | None, workers: int, memory_budget: float
                        ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str]]:
-        """Fold ``ckpt``'s matrices into ``snap.factors``, ``workers`` at a time: new manifest entries,
-        stats, the source's entry shares, the matrices it changed (``version``: the one being written)."""
+        """Fold a source's matrices (``delta(name)``: a checkpoint's task matrix or another basis's
+        factors) into ``snap.factors``, ``workers`` at a time: new manifest entries, stats, the source's
+        entry shares, the matrices it changed (``version``: the first one being written)."""
         infos = snap.manifest["matrices"]
 
         def prepare(name: str) -> Callable[[], tuple]:
-            d = ckpt.delta(name)  # read here, in order; the fold may run in another thread
+            d = delta(name)  # read here, in order; the fold may run in another thread
             return lambda: self._fold_matrix(infos[name], snap.factors[name], d, version)
 
         done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
@@ -438,20 +441,15 @@ class Basis:
         return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
                 [r[2] for r in done.values()], changed)
 
-    def _fold_matrix(self, info: dict[str, Any], current: Factors, d: Tensor | None, version: int
+    def _fold_matrix(self, info: dict[str, Any], current: Factors, d: Tensor | Factors | None, version: int
                      ) -> tuple[dict[str, Any], dict[str, Any], list[float], Factors]:
         """One matrix's fold: manifest entry, stats, entry share, factors (``current`` if none entered)."""
         if d is None:
             st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
             e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
         else:
-            delta = layout.as_matrix(d)
-            del d
-            k = self._fold_k(tuple(delta.shape), current, delta)
-            new = stage1.fold(current if current.rank else None, delta, k, svd=self.settings.svd,
-                              tol=self.settings.svd_tol, seed=0)
+            k, new, delta_energy = self._fold_source(current, d)
             fs = new.stats
-            delta_energy = float(torch.linalg.matrix_norm(delta)) ** 2
             kept_current = min(current.rank, k - fs.new_kept)
             e_cur = float(current.s[:kept_current].double().square().sum())
             e_new = fs.energy_kept * delta_energy
@@ -459,32 +457,43 @@ class Basis:
                   "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
             # stage1.fold hands back the current tensors when no new component entered
             factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
-            del delta, new
-        total_e = e_cur + e_new
-        log_scale, reset = info["log_scale"], info["reset"]
-        if total_e and e_cur:
-            log_scale += math.log(e_cur / total_e)
-        elif total_e:  # every earlier source's share drops to 0
-            log_scale, reset = 0.0, version
+            del new
+        log_scale, reset, share = entered(info, e_cur, e_new, version)
         st["rank"] = factors.rank
         entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
                      source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
-        return entry, st, [e_new / total_e if total_e else 0.0, log_scale], factors
+        return entry, st, [share, log_scale], factors
 
-    def _fold_means(self, ckpt: ingest.Checkpoint, snap: BasisSnapshot) -> None:
-        """Update the running mean delta of every non-matrix parameter in ``snap.means`` in place."""
-        base = self._need_base("fold")
+    def _fold_source(self, current: Factors, d: Tensor | Factors) -> tuple[int, Factors, float]:
+        """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
+        cur = current if current.rank else None
+        if isinstance(d, Factors):  # another basis: its K was chosen by its own folds
+            k = max(current.rank, d.rank) if self.settings.k_mode == "gavish-donoho" else self._static_k(d.shape)
+            return k, stage1.fold_factors(cur, d, k), float(d.s.double().square().sum())
+        delta = layout.as_matrix(d)
+        k = self._fold_k(tuple(delta.shape), current, delta)
+        new = stage1.fold(cur, delta, k, svd=self.settings.svd, tol=self.settings.svd_tol, seed=0)
+        return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
+
+    def _checkpoint_means(self, ckpt: ingest.Checkpoint, matrices: Mapping[str, Any]
+                          ) -> Iterator[tuple[str, torch.Size, Tensor | None]]:
+        """Each non-matrix parameter's delta in ``ckpt`` (None: absent, an all-zero delta), read lazily."""
         present = ckpt.mapping.names
-        for name, b in base.items():
-            if name in snap.manifest["matrices"] or not b.is_floating_point():
-                continue
-            d = ckpt.delta(name) if name in present else None
+        for name, b in self._need_base("fold").items():
+            if name not in matrices and b.is_floating_point():
+                yield name, b.shape, ckpt.delta(name) if name in present else None
+
+    def _fold_means(self, snap: BasisSnapshot, deltas: Iterator[tuple[str, torch.Size, Tensor | None]],
+                    weight: int = 1) -> None:
+        """Update the running mean deltas in ``snap.means`` in place with a source's ``(name, shape,
+        delta)``: a checkpoint's (``weight`` 1) or another basis's means of ``weight`` sources."""
+        for name, shape, d in deltas:
             mean = snap.means.get(name)
             if d is None and mean is None:
                 continue
             if mean is None:
-                mean = torch.zeros(b.shape, dtype=torch.float32)
-            stage1.update_mean_inplace(mean, snap.count, d)
+                mean = torch.zeros(shape, dtype=torch.float32)
+            stage1.update_mean_inplace(mean, snap.count, d, weight)
             if bool(mean.any()):
                 snap.means[name] = mean
             else:

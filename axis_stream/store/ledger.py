@@ -118,14 +118,14 @@ class Ledger:
 
     # --- writing ---
 
-    def add(self, record: dict[str, Any], base: int, shares: list[list[float]]) -> None:
-        """Append one fold's record and its entry shares (before the basis pointer moves)."""
-        self._write([
+    def add(self, entries: Sequence[tuple[dict[str, Any], list[list[float]]]], base: int) -> None:
+        """Append a fold's records and their entry shares, in one transaction (before the basis
+        pointer moves): one for a checkpoint, every source of a basis folded in (``fold_basis``)."""
+        self._write([stmt for record, shares in entries for stmt in (
             ("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?, ?)",
              (record["version"], record["file"], record["sha256"], record["size"], record["folded_at"],
               json.dumps(record))),
-            ("INSERT OR REPLACE INTO shares VALUES (?, ?, ?)", (base, record["version"], json.dumps(shares))),
-        ])
+            ("INSERT OR REPLACE INTO shares VALUES (?, ?, ?)", (base, record["version"], json.dumps(shares))))])
 
     def import_records(self, records: Iterable[dict[str, Any]], base: int,
                        shares: Iterable[tuple[int, list[list[float]]]]) -> None:
