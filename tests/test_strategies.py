@@ -171,9 +171,12 @@ def test_a_basis_of_each_strategy_materializes_the_stream_rule_and_hands_stage2_
     got = dense_of(basis, tvs)
     same_dtype = continual.merge_stream(name, tvs, matrices)        # the rule on the same float32 deltas
     float64 = continual.merge_stream(name, [{n: t.double() for n, t in tv.items()} for tv in tvs], matrices)
+    # the state is float32: the elementwise rules agree with float64 to float32 rounding; OPCM to ~2e-4,
+    # as its projection zeroes entries along individual singular vectors of the float32 running sum
+    tol = 1e-3 if name == "opcm" else 1e-6
     for n, want in same_dtype.items():
         assert rel_err(got[n], want) < 1e-6, n
-        assert rel_err(got[n], float64[n]) < 1e-4, n
+        assert rel_err(got[n], float64[n]) < tol, n
     snap = basis.load()
     factors, means = merges.build_basis(name, tvs, matrices, k_fraction=0.10)
     assert snap.count == 4 and snap.factors.keys() == matrices
@@ -187,14 +190,16 @@ def test_a_basis_of_each_strategy_materializes_the_stream_rule_and_hands_stage2_
 def test_opcm_and_ta_bases_against_plain_float64_references(tiny_base, make_checkpoint, tmp_path):
     _, base = tiny_base
     basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "opcm", "opcm", alpha=0.6)
-    tvs64 = [{n: t.double() for n, t in tv.items()} for tv in tvs]
+    matrices = basis.manifest["matrices"]
+    # the reference projects every 2-D tensor: the basis's non-matrix ones go in flattened (added as they are)
+    tvs64 = [{n: t.double() if n in matrices else t.double().flatten() for n, t in tv.items()} for tv in tvs]
     ref = ref_opcm(as_numpy(tvs64), 0.6)
     got = dense_of(basis, tvs)
-    assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-4
+    assert max(rel_err(got[n].flatten() if n not in matrices else got[n], ref[n]) for n in ref) < 1e-3  # see above
     basis, tvs = fold_checkpoints(base, make_checkpoint, tmp_path / "ta", "continual-ta", lam=0.4)
     got = dense_of(basis, tvs)
     for n in tvs[0]:
-        assert rel_err(got[n], 0.4 * np.sum([tv[n].double().numpy() for tv in tvs], axis=0)) < 1e-5, n
+        assert rel_err(got[n], 0.4 * np.sum([tv[n].double().numpy() for tv in tvs], axis=0)) < 1e-6, n
 
 
 def test_a_dense_basis_records_neutral_fold_statistics_and_shows_its_state_size(tiny_base, make_checkpoint, tmp_path):

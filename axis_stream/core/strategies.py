@@ -4,8 +4,10 @@ Every strategy is a small class with one interface, registered by name in ``FOLD
 
 - ``fold(state, delta, k, count, params)``: one matrix's state in, its next task matrix in, the new
   state out (``state`` None: nothing stored yet, an all-zero state; ``delta`` None: the source left
-  the matrix unchanged, an all-zero task matrix; ``count``: the sources folded before);
-- ``fold_vector``: the same for a non-matrix parameter;
+  the matrix unchanged, an all-zero task matrix; ``count``: the sources folded before; for ``axis``
+  ``delta`` may also be another basis's ``Factors``, a rank-K source);
+- ``fold_vector``: the same for a non-matrix parameter (for ``axis``, ``weight`` > 1: the mean of
+  that many sources);
 - ``state_bytes(shape, k)``: the most one matrix's state takes (float32), whatever the source count;
 - ``merged(states, scalars, params)``: the whole model's merged delta, what ``materialize`` and
   ``export --merged`` add to the base;
@@ -66,13 +68,13 @@ class FoldStrategy(ABC):
         return with_defaults("fold strategy", self.name, self.defaults, params)
 
     @abstractmethod
-    def fold(self, state: State | None, delta: Tensor | None, k: int, count: int, params: Mapping[str, Any],
+    def fold(self, state: State | None, delta: State | None, k: int, count: int, params: Mapping[str, Any],
              *, svd: str = "exact", tol: float = 1e-4, seed: int = 0) -> State | None:
         """One matrix's next state (``svd``, ``tol``, ``seed``: the truncated SVD's, where there is one)."""
 
     @abstractmethod
     def fold_vector(self, state: Tensor | None, delta: Tensor | None, count: int, shape: tuple[int, ...],
-                    params: Mapping[str, Any]) -> Tensor:
+                    params: Mapping[str, Any], weight: int = 1) -> Tensor:
         """One non-matrix parameter's next state (it may be ``state`` updated in place)."""
 
     @abstractmethod
@@ -99,14 +101,17 @@ class AxisStrategy(FoldStrategy):
     dense = False
 
     def fold(self, state, delta, k, count, params, *, svd="exact", tol=1e-4, seed=0):
+        current = state if state is not None and state.rank else None
         if delta is None:
             return state
-        return stage1.fold(state if state is not None and state.rank else None, delta, k, svd=svd, tol=tol, seed=seed)
+        if isinstance(delta, Factors):
+            return stage1.fold_factors(current, delta, k)
+        return stage1.fold(current, delta, k, svd=svd, tol=tol, seed=seed)
 
-    def fold_vector(self, state, delta, count, shape, params):
+    def fold_vector(self, state, delta, count, shape, params, weight=1):
         if state is None:
             state = torch.zeros(shape, dtype=torch.float32 if delta is None else delta.dtype)
-        stage1.update_mean_inplace(state, count, delta)
+        stage1.update_mean_inplace(state, count, delta, weight)
         return state
 
     def state_bytes(self, shape, k):
@@ -141,11 +146,15 @@ class ContinualStrategy(FoldStrategy):
         return self.rule.fold(state if count else None, delta, is_matrix, count, **self.check(params))
 
     def fold(self, state, delta, k, count, params, *, svd="exact", tol=1e-4, seed=0):
+        if isinstance(delta, Factors):
+            raise ValueError(f"fold strategy {self.name!r} folds task matrices, not another basis's factors")
         if state is None and delta is None:   # every rule keeps an all-zero state at zero
             return None
         return self._step(state, delta, True, count, tuple((delta if delta is not None else state).shape), params)
 
-    def fold_vector(self, state, delta, count, shape, params):
+    def fold_vector(self, state, delta, count, shape, params, weight=1):
+        if weight != 1:
+            raise ValueError(f"fold strategy {self.name!r} folds one source at a time, not a mean of {weight}")
         return self._step(state, delta, False, count, shape, params)
 
     def state_bytes(self, shape, k):

@@ -7,13 +7,15 @@ A basis directory::
     ledger.sqlite                  the ledger: one record per folded source (store/ledger.py)
     versions/v000004/
         factors-0007.safetensors   "<param>::U", "<param>::s", "<param>::V" of the 8th matrix parameter
-                                   (none for a matrix of rank 0); hard-linked from the previous version
-                                   when the fold left the matrix untouched (no new component entered)
-        means.safetensors          running means of the other parameters' task deltas (float32);
-                                   a parameter not stored has an all-zero mean delta
-        manifest.json              format, base identity, settings, per-matrix state, the count, the
-                                   lineage (which ledger records make this version's ledger), and the
-                                   sha256 of each file above: its size does not grow with the sources
+                                   (none for a matrix of rank 0), or its dense "<param>::state" for a
+                                   continual strategy (none while all zero); hard-linked from the
+                                   previous version when the fold left the matrix's state unchanged
+        means.safetensors          running means of the other parameters' task deltas (float32), or
+                                   the continual rule's state of each; one not stored is all zero
+        manifest.json              format, base identity, settings, per-matrix state, the count and the
+                                   sources' mean whole-model norm, the lineage (which ledger records
+                                   make this version's ledger), and the sha256 of each file above:
+                                   its size does not grow with the sources
     versions/.tmp-*, .trash-*      a version being written or pruned (removed on the next open)
 
 Versions are immutable. A fold or a rollback writes a whole new version under a temporary name (new
@@ -25,8 +27,12 @@ version's ledger is the records its manifest's lineage names, so a rollback (a n
 older version's content, its files hard-linked) takes the later sources out of the ledger by writing
 the older lineage. Version numbers only grow. The newest ``keep_versions`` versions are kept.
 
-Provenance (each source's share of a matrix's kept energy) is kept as ``store/records.py`` describes.
-``Basis.fold_basis`` folds another basis of the same base into this one as one version: a
+How a source is folded is the basis's strategy (``[basis] strategy``, ``store/folding.py``): AXIS's
+top-K fold, or a continual merge keeping a dense state per parameter (``core/strategies.py``).
+``load`` hands Stage 2 factors (a dense strategy's: the top-K SVD of each merged matrix);
+``materialize`` gives the merged delta. Provenance (each source's share of a matrix's kept energy)
+is kept as ``store/records.py`` describes.
+``Basis.fold_basis`` folds another ``axis`` basis of the same base into this one as one version: a
 basis is a rank-K source (``stage1.fold_factors``); its sources come along in the ledger.
 
 With ``k_mode = "gavish-donoho"``, each fold sets a matrix's K to the larger of its current rank
@@ -53,19 +59,19 @@ from torch import Tensor
 
 from axis_stream import errors
 from axis_stream.config import BasisConfig, Config
-from axis_stream.core import layout, stage1
+from axis_stream.core import layout
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import atomic, ingest, ledger, models, versions
-from axis_stream.store.records import BasisSnapshot, FoldRecord, entered, share_now
-from axis_stream.store.threads import bounded_map
+from axis_stream.store.folding import Folder, FoldState, Progress, checked
+from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
 FORMAT_VERSION = 2
-STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fraction", "k_count")
-"""Settings fixed when a basis is created. The others (svd, svd_tol, keep_versions, trust_pickles)
-come from the settings given to ``Basis.open``, or from the manifest when none are given."""
-_FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
-Progress = Callable[[int, int], None]
+STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fraction", "k_count", "strategy",
+                       "strategy_params")
+"""Settings fixed when a basis is created (a basis written before a setting existed has its default).
+The others (svd, svd_tol, keep_versions, trust_pickles) come from the settings given to ``Basis.open``,
+or from the manifest when none are given."""
 
 
 class Basis:
@@ -89,6 +95,7 @@ class Basis:
         directory = Path(directory)
         identity = identity or {}
         settings.validate()
+        settings = checked(settings, directory)
         if (directory / CURRENT).exists():
             raise errors.BasisError(f"{directory}: already holds a basis; open it instead")
         sha = models.weights_sha256(base_state_dict)
@@ -109,7 +116,7 @@ class Basis:
         for name in names:
             shape = tuple(layout.as_matrix(base_state_dict[name]).shape)
             matrices[name] = {"shape": list(shape), "param_shape": list(base_state_dict[name].shape),
-                              "k": self._static_k(shape), "rank": 0, "energy": 0.0,
+                              "k": self._folder.static_k(shape), "rank": 0, "energy": 0.0,
                               "source_energy": 0.0, "log_scale": 0.0, "reset": 0, "file": None}
         manifest = {
             "format_version": FORMAT_VERSION, "version": 0, "parent": None, "restored_from": None,
@@ -117,7 +124,7 @@ class Basis:
             "identity": {"name": identity.get("name", ""), "pretrained": identity.get("pretrained", ""),
                          "sha256": sha},
             "settings": dataclasses.asdict(settings),
-            "count": 0, "lineage": [], "share_base": 0, "matrices": matrices, "means": [],
+            "count": 0, "mean_norm": 0.0, "lineage": [], "share_base": 0, "matrices": matrices, "means": [],
         }
         with self._locked():
             self._clean_leftovers(current=-1)  # an interrupted create's version 0 holds no sources
@@ -138,10 +145,10 @@ class Basis:
                                     f"this axis-stream reads {FORMAT_VERSION} (and migrates 1)")
         stored = manifest["settings"]
         known = {f.name for f in dataclasses.fields(BasisConfig)}
-        given = settings or BasisConfig(**{k: v for k, v in stored.items() if k in known})
+        given = checked(settings or BasisConfig(**{k: v for k, v in stored.items() if k in known}), directory)
         for key in STRUCTURAL_SETTINGS:
-            if getattr(given, key) != stored[key]:
-                raise errors.BasisError(f"{directory}: built with basis.{key} = {stored[key]!r}, the config "
+            if getattr(given, key) != (built := _stored(stored, key)):
+                raise errors.BasisError(f"{directory}: built with basis.{key} = {built!r}, the config "
                                         f"says {getattr(given, key)!r}; use a new basis directory for new settings")
         self.settings = given
         if base_state_dict is not None:
@@ -158,6 +165,10 @@ class Basis:
             raise errors.BasisError(f"{directory}: a basis of format 1, migrated by the first writer to open it; "
                                     f"open it once with write access (another process holds its lock)")
         return self
+
+    @property
+    def _folder(self) -> Folder:
+        return Folder(self.settings)
 
     def close(self) -> None:
         """Close the ledger's connection (the next use reopens it): a reader then holds no file open."""
@@ -231,52 +242,73 @@ class Basis:
         return self._ledger.nbytes()
 
     def load(self, version: int | None = None) -> BasisSnapshot:
-        """A version's tensors in memory (files checked against their sha256 first)."""
+        """A version's basis as Stage 2 takes it (files checked against their sha256 first): AXIS's
+        factors and running means, or a dense strategy's top-K SVD of each merged matrix and the
+        merged deltas of the other parameters."""
+        state, folder = self._state(version), self._folder
+        if not folder.strategy.dense:
+            return BasisSnapshot(state.version, state.matrices, state.vectors, state.scalars.count, state.manifest)
+        infos = state.manifest["matrices"]
+        factors, means = folder.strategy.stage2(_present(state), state.scalars,
+                                                {name: info["k"] for name, info in infos.items()}, folder.params)
+        return BasisSnapshot(state.version, {name: factors.get(name) or _empty(info) for name, info in infos.items()},
+                             means, state.scalars.count, state.manifest)
+
+    def _state(self, version: int | None = None) -> FoldState:
+        """A version's strategy state in memory (files checked against their sha256 first)."""
         version = self._pick(version)
         manifest = self._manifest(version)
         vdir = self._vdir(version)
         files = {f: versions.read_verified(vdir / f, manifest)
                  for f in dict.fromkeys(info["file"] for info in manifest["matrices"].values() if info["file"])}
-        out = {}
+        dense, out = self._folder.strategy.dense, {}
         for name, info in manifest["matrices"].items():
-            m, n = info["shape"]
-            if info["rank"] == 0:
-                out[name] = Factors(torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0))
+            if dense:
+                out[name] = files[info["file"]][f"{name}::state"] if info["file"] else None
+            elif info["rank"] == 0:
+                out[name] = _empty(info)
             else:
                 tensors = files[info["file"]]
                 out[name] = Factors(tensors[f"{name}::U"], tensors[f"{name}::s"], tensors[f"{name}::V"])
-        means = versions.read_verified(vdir / MEANS, manifest)
-        return BasisSnapshot(version, out, means, manifest["count"], manifest)
+        return FoldState(version, out, versions.read_verified(vdir / MEANS, manifest), manifest)
 
     def verify(self, version: int | None = None) -> None:
         """Check every file of a version against its manifest (sha256, names, shapes, finiteness) and
         that the ledger holds its sources."""
-        snap = self.load(version)
-        where = self._vdir(snap.version)
-        for name, info in snap.manifest["matrices"].items():
-            f, (m, n), r = snap.factors[name], info["shape"], info["rank"]
-            if (tuple(f.U.shape), tuple(f.s.shape), tuple(f.V.shape)) != ((m, r), (r,), (n, r)):
-                raise errors.BasisError(f"{where}: factors of {name} do not have rank {r} and shape {m}x{n}")
-            if not all(bool(torch.isfinite(t).all()) for t in (f.U, f.s, f.V)):
-                raise errors.BasisError(f"{where}: factors of {name} hold NaN or Inf")
-        if sorted(snap.means) != sorted(snap.manifest["means"]):
+        state = self._state(version)
+        where, count = self._vdir(state.version), state.scalars.count
+        for name, info in state.manifest["matrices"].items():
+            f, (m, n), r = state.matrices[name], info["shape"], info["rank"]
+            if isinstance(f, Factors):
+                parts, what, shape = (f.U, f.s, f.V), f"factors of {name}", f"rank {r} and shape {m}x{n}"
+                good = (tuple(f.U.shape), tuple(f.s.shape), tuple(f.V.shape)) == ((m, r), (r,), (n, r))
+            else:
+                parts, what, shape = () if f is None else (f,), f"dense state of {name}", f"shape {m}x{n}"
+                good = all(tuple(p.shape) == (m, n) for p in parts)
+            if not good:
+                raise errors.BasisError(f"{where}: {what}: not of {shape}")
+            if not all(bool(torch.isfinite(t).all()) for t in parts):
+                raise errors.BasisError(f"{where}: {what} hold NaN or Inf")
+        if sorted(state.vectors) != sorted(state.manifest["means"]):
             raise errors.BasisError(f"{where}: {MEANS} does not hold the means its manifest lists")
-        lineage = snap.manifest["lineage"]
-        if ledger.size(lineage) != snap.count:
+        lineage = state.manifest["lineage"]
+        if ledger.size(lineage) != count:
             raise errors.BasisError(f"{where}: the lineage names {ledger.size(lineage)} sources, "
-                                    f"the count says {snap.count}")
-        if (held := self._ledger.count(lineage)) != snap.count:
-            raise errors.BasisError(f"{self._ledger.path}: holds {held} of the {snap.count} sources of version "
-                                    f"{snap.version}: the ledger lost records")
+                                    f"the count says {count}")
+        if (held := self._ledger.count(lineage)) != count:
+            raise errors.BasisError(f"{self._ledger.path}: holds {held} of the {count} sources of version "
+                                    f"{state.version}: the ledger lost records")
 
     def materialize(self, version: int | None = None, *, with_base: bool = False) -> dict[str, Tensor]:
         """The dense merged task vector (float32, each tensor in its parameter's shape): every matrix
-        parameter and every non-zero mean delta. ``with_base``: base + task vector for every base
-        parameter, in the base's dtypes (a full model state dict for export)."""
-        snap = self.load(version)
-        tau = {name: snap.factors[name].to_dense().reshape(info["param_shape"])
-               for name, info in snap.manifest["matrices"].items()}
-        tau.update(snap.means)
+        parameter and every non-zero merged delta of the others (the strategy's merged delta, with
+        its scaling). ``with_base``: base + task vector for every base parameter, in the base's dtypes
+        (a full model state dict for export)."""
+        state, folder = self._state(version), self._folder
+        merged = folder.strategy.merged(_present(state), state.scalars, folder.params)
+        tau = {name: merged[name].reshape(info["param_shape"]) if name in merged else torch.zeros(info["param_shape"])
+               for name, info in state.manifest["matrices"].items()}
+        tau.update((name, t) for name, t in merged.items() if name not in tau and bool(t.any()))
         if not with_base:
             return tau
         base = self._need_base("materialize with_base")
@@ -298,7 +330,7 @@ class Basis:
         start = time.perf_counter()
         with self._locked():
             self._clean_leftovers(self.version)
-            snap = self.load()
+            snap, folder = self._state(), self._folder
             manifest = snap.manifest
             with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles,
                                         required=manifest["matrices"],
@@ -307,9 +339,9 @@ class Basis:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")
                 version = snap.version + 1
-                matrices, stats, shares, changed = self._fold_matrices(ckpt.delta, snap, version, progress, workers,
-                                                                        memory_budget)
-                self._fold_means(snap, self._checkpoint_means(ckpt, manifest["matrices"]))
+                matrices, stats, shares, changed, sq = folder.matrices(ckpt.delta, snap, version, progress, workers,
+                                                                       memory_budget)
+                sq += folder.vectors(snap, self._checkpoint_means(ckpt, manifest["matrices"]))
                 ckpt.finish()
             folded = [s for s in stats.values() if s["svd_method"] != "unchanged"]
             record = FoldRecord(
@@ -318,11 +350,12 @@ class Basis:
                 new_kept_total=sum(s["new_kept"] for s in stats.values()),
                 energy_kept=round(sum(s["energy_kept"] for s in folded) / len(folded), 6) if folded else 0.0,
                 relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping))
+            scalars = snap.scalars.after(math.sqrt(sq))
             new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
-                       restored_from=None, created_at=record.folded_at, count=snap.count + 1,
-                       lineage=ledger.extend(manifest["lineage"], version), matrices=matrices,
-                       means=sorted(snap.means))
-            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.factors, snap.means,
+                       restored_from=None, created_at=record.folded_at, count=scalars.count,
+                       mean_norm=scalars.mean_norm, lineage=ledger.extend(manifest["lineage"], version),
+                       matrices=matrices, means=sorted(snap.vectors))
+            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.matrices, snap.vectors,
                                                             changed),
                          before_pointer=lambda: self._ledger.add([(record.to_json(), shares)], new["share_base"]))
         return record
@@ -335,13 +368,18 @@ class Basis:
         basis's; the new version is the last of those numbers. Returns them. A source this basis holds
         already is a ``BasisError`` naming it, with nothing changed. The commit is ``fold_checkpoint``'s.
         """
+        if self.settings.strategy != "axis":
+            raise errors.BasisError(f"{self.directory}: fold_basis needs basis.strategy = 'axis', this basis's is "
+                                    f"{self.settings.strategy!r}: folding a basis into a basis is defined for AXIS's "
+                                    f"factors, not for dense continual states")
         with self._locked():
             self._clean_leftovers(self.version)
-            snap, theirs = self.load(), other.load()
+            snap, theirs, folder = self._state(), other.load(), self._folder
             manifest = snap.manifest
             for key, want in [("identity", manifest["identity"]["sha256"])] + [
-                    (k, manifest["settings"][k]) for k in STRUCTURAL_SETTINGS]:
-                have = theirs.manifest["identity"]["sha256"] if key == "identity" else theirs.manifest["settings"][key]
+                    (k, _stored(manifest["settings"], k)) for k in STRUCTURAL_SETTINGS]:
+                have = (theirs.manifest["identity"]["sha256"] if key == "identity"
+                        else _stored(theirs.manifest["settings"], key))
                 if have != want:
                     raise errors.BasisError(f"{other.directory}: cannot be folded into {self.directory}: its "
                                             f"{'base sha256' if key == 'identity' else 'basis.' + key} is "
@@ -355,14 +393,14 @@ class Basis:
             if not records:
                 return []
             first, version = snap.version + 1, snap.version + len(records)
-            matrices, _, entry, changed = self._fold_matrices(
+            matrices, _, entry, changed, _ = folder.matrices(
                 lambda name: theirs.factors[name] if theirs.factors[name].rank else None, snap, first, None,
                 workers, memory_budget)
             for name, info in matrices.items():  # the task matrices behind the other basis's energy
                 info["source_energy"] = manifest["matrices"][name]["source_energy"] + \
                     theirs.manifest["matrices"][name]["source_energy"]
-            self._fold_means(snap, ((name, mean.shape, theirs.means.get(name)) for name, mean in
-                                    {**theirs.means, **snap.means}.items()), weight=theirs.count)
+            folder.vectors(snap, ((name, mean.shape, theirs.means.get(name)) for name, mean in
+                                  {**theirs.means, **snap.vectors}.items()), weight=theirs.count)
             names = list(matrices)
             imported = [dataclasses.replace(r, version=first + i) for i, r in enumerate(records)]
             rows = [(r.to_json(), [[a * their_shares[name][i], log_scale] for name, (a, log_scale) in zip(names, entry)])
@@ -371,9 +409,9 @@ class Basis:
             for r in imported:
                 lineage = ledger.extend(lineage, r.version)
             new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
-                       restored_from=None, created_at=_now(), count=snap.count + theirs.count, lineage=lineage,
-                       matrices=matrices, means=sorted(snap.means))
-            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.factors, snap.means,
+                       restored_from=None, created_at=_now(), count=snap.scalars.count + theirs.count,
+                       lineage=lineage, matrices=matrices, means=sorted(snap.vectors))
+            self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.matrices, snap.vectors,
                                                             changed),
                          before_pointer=lambda: self._ledger.add(rows, new["share_base"]))
         return imported
@@ -420,60 +458,7 @@ class Basis:
         self._commit(new, lambda tmp: self._write_files(tmp, None, matrices, snap.factors, snap.means,
                                                         set(matrices)))
 
-    # --- folding, per parameter ---
-
-    def _fold_matrices(self, delta: Callable[[str], Tensor | Factors | None], snap: BasisSnapshot, version: int,
-                       progress: Progress | None, workers: int, memory_budget: float
-                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str]]:
-        """Fold a source's matrices (``delta(name)``: a checkpoint's task matrix or another basis's
-        factors) into ``snap.factors``, ``workers`` at a time: new manifest entries, stats, the source's
-        entry shares, the matrices it changed (``version``: the first one being written)."""
-        infos = snap.manifest["matrices"]
-
-        def prepare(name: str) -> Callable[[], tuple]:
-            d = delta(name)  # read here, in order; the fold may run in another thread
-            return lambda: self._fold_matrix(infos[name], snap.factors[name], d, version)
-
-        done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
-                           workers=workers, budget=memory_budget, done=progress)
-        changed = {name for name, r in done.items() if r[3] is not snap.factors[name]}
-        snap.factors.update({name: r[3] for name, r in done.items()})
-        return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
-                [r[2] for r in done.values()], changed)
-
-    def _fold_matrix(self, info: dict[str, Any], current: Factors, d: Tensor | Factors | None, version: int
-                     ) -> tuple[dict[str, Any], dict[str, Any], list[float], Factors]:
-        """One matrix's fold: manifest entry, stats, entry share, factors (``current`` if none entered)."""
-        if d is None:
-            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
-            e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
-        else:
-            k, new, delta_energy = self._fold_source(current, d)
-            fs = new.stats
-            kept_current = min(current.rank, k - fs.new_kept)
-            e_cur = float(current.s[:kept_current].double().square().sum())
-            e_new = fs.energy_kept * delta_energy
-            st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
-                  "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
-            # stage1.fold hands back the current tensors when no new component entered
-            factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
-            del new
-        log_scale, reset, share = entered(info, e_cur, e_new, version)
-        st["rank"] = factors.rank
-        entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
-                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
-        return entry, st, [share, log_scale], factors
-
-    def _fold_source(self, current: Factors, d: Tensor | Factors) -> tuple[int, Factors, float]:
-        """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
-        cur = current if current.rank else None
-        if isinstance(d, Factors):  # another basis: its K was chosen by its own folds
-            k = max(current.rank, d.rank) if self.settings.k_mode == "gavish-donoho" else self._static_k(d.shape)
-            return k, stage1.fold_factors(cur, d, k), float(d.s.double().square().sum())
-        delta = layout.as_matrix(d)
-        k = self._fold_k(tuple(delta.shape), current, delta)
-        new = stage1.fold(cur, delta, k, svd=self.settings.svd, tol=self.settings.svd_tol, seed=0)
-        return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
+    # --- folding, per parameter (store/folding.py) ---
 
     def _checkpoint_means(self, ckpt: ingest.Checkpoint, matrices: Mapping[str, Any]
                           ) -> Iterator[tuple[str, torch.Size, Tensor | None]]:
@@ -482,34 +467,6 @@ class Basis:
         for name, b in self._need_base("fold").items():
             if name not in matrices and b.is_floating_point():
                 yield name, b.shape, ckpt.delta(name) if name in present else None
-
-    def _fold_means(self, snap: BasisSnapshot, deltas: Iterator[tuple[str, torch.Size, Tensor | None]],
-                    weight: int = 1) -> None:
-        """Update the running mean deltas in ``snap.means`` in place with a source's ``(name, shape,
-        delta)``: a checkpoint's (``weight`` 1) or another basis's means of ``weight`` sources."""
-        for name, shape, d in deltas:
-            mean = snap.means.get(name)
-            if d is None and mean is None:
-                continue
-            if mean is None:
-                mean = torch.zeros(shape, dtype=torch.float32)
-            stage1.update_mean_inplace(mean, snap.count, d, weight)
-            if bool(mean.any()):
-                snap.means[name] = mean
-            else:
-                snap.means.pop(name, None)
-
-    def _static_k(self, shape: tuple[int, int]) -> int:
-        s = self.settings
-        if s.k_mode == "count":
-            return min(s.k_count, min(shape))
-        return stage1.k_for(shape, s.k_fraction)  # gavish-donoho: a starting value, set per fold
-
-    def _fold_k(self, shape: tuple[int, int], current: Factors, delta: Tensor) -> int:
-        if self.settings.k_mode != "gavish-donoho":
-            return self._static_k(shape)
-        spectrum = torch.linalg.svdvals(delta)
-        return max(current.rank, stage1.gavish_donoho_rank(spectrum, shape))
 
     # --- storage ---
 
@@ -539,14 +496,15 @@ class Basis:
         return self._manifests[version]
 
     def _write_files(self, tmp: Path, parent: Mapping[str, Any] | None, matrices: dict[str, dict[str, Any]],
-                     factors: Mapping[str, Factors], means: Mapping[str, Tensor], changed: set[str]
+                     states: Mapping[str, Factors | Tensor | None], means: Mapping[str, Tensor], changed: set[str]
                      ) -> dict[str, dict[str, Any]]:
-        """A new version's tensor files in ``tmp``: each matrix's own factors file, hard-linked from
-        ``parent`` when not ``changed``; sets ``matrices[name]["file"]``. Returns the linked files' entries."""
+        """A new version's tensor files in ``tmp``: each matrix's own factors file (its factors or its
+        dense state), hard-linked from ``parent`` when not ``changed``; sets ``matrices[name]["file"]``.
+        Returns the linked files' entries."""
         linked = {}
         for i, (name, info) in enumerate(matrices.items()):
-            f, old = factors.get(name), parent["matrices"][name]["file"] if parent else None
-            if f is None or not f.rank:
+            f, old = states.get(name), parent["matrices"][name]["file"] if parent else None
+            if f is None or (isinstance(f, Factors) and not f.rank):
                 info["file"] = None
             elif name not in changed and old not in (None, FACTORS):
                 info["file"] = old
@@ -554,8 +512,8 @@ class Basis:
                 linked[old] = parent["files"][old]
             else:
                 info["file"] = f"factors-{i:04d}.safetensors"
-                save_file({f"{name}::{part}": getattr(f, part).contiguous() for part in ("U", "s", "V")},
-                          tmp / info["file"])
+                parts = {part: getattr(f, part) for part in ("U", "s", "V")} if isinstance(f, Factors) else {"state": f}
+                save_file({f"{name}::{part}": t.contiguous() for part, t in parts.items()}, tmp / info["file"])
         save_file({k: v.contiguous() for k, v in means.items()}, tmp / MEANS)
         return linked
 
@@ -585,6 +543,22 @@ class Basis:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _stored(settings: Mapping[str, Any], key: str) -> Any:
+    """A manifest's structural setting; a basis written before the setting existed has its default."""
+    return settings[key] if key in settings else getattr(BasisConfig(), key)
+
+
+def _empty(info: Mapping[str, Any]) -> Factors:
+    """The rank-0 factors of a matrix no source changed yet."""
+    m, n = info["shape"]
+    return Factors(torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0))
+
+
+def _present(state: FoldState) -> dict[str, Any]:
+    """A version's stored states by name, matrices and the other parameters together."""
+    return {**{name: s for name, s in state.matrices.items() if s is not None}, **state.vectors}
 
 
 # --- the config's basis ---

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor
 
 from axis_stream.core.stage1 import Factors
+from axis_stream.core.strategies import DENSE
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class FoldRecord:
     matrices: dict[str, dict[str, Any]]  # name -> k, rank, new_kept, energy_kept, svd_method, svd_error
     new_kept_total: int
     energy_kept: float              # mean over the matrices the source changed
+    # (a dense strategy's fold: new_kept 0, energy_kept 0.0, rank 0, svd_method "dense", shares 0)
     relative_norm: float            # ||tau|| / ||theta_pre|| over the weights it holds
     mapping: str                    # how its names were mapped onto the base's
 
@@ -47,9 +49,12 @@ class FoldRecord:
         return dataclasses.asdict(self)
 
     def line(self) -> str:
-        """One line for a log or the CLI."""
-        return (f"folded {self.file} -> version {self.version}: {self.new_kept_total} new components, "
-                f"energy kept {self.energy_kept:.1%}, |tau|/|base| {self.relative_norm:.3f}, {self.seconds:.1f} s")
+        """One line for a log or the CLI (a dense strategy's fold keeps no components: "dense state")."""
+        dense = any(s["svd_method"] == DENSE for s in self.matrices.values())
+        kept = "dense state" if dense else (f"{self.new_kept_total} new components, "
+                                            f"energy kept {self.energy_kept:.1%}")
+        return (f"folded {self.file} -> version {self.version}: {kept}, |tau|/|base| {self.relative_norm:.3f}, "
+                f"{self.seconds:.1f} s")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FoldRecord":

@@ -1,0 +1,166 @@
+"""One source folded into a basis version in memory, parameter by parameter, with the basis's fold
+strategy (``[basis] strategy``, ``core/strategies.py``); ``Basis`` reads the version and commits the result.
+
+For ``axis`` a matrix's state is its ``Factors`` and a fold records the components that entered and
+the provenance step (``store/records.py``). For a dense strategy the state is one tensor of the
+matrix's shape (None: all zero) and the fold's statistics are neutral: ``new_kept`` 0,
+``energy_kept`` 0.0, ``svd_method`` ``"dense"``, entry share 0 (nothing to attribute); the manifest's
+``rank`` stays 0 (no factors stored). A state the fold leaves equal is handed back as it was, so its
+file is shared with the previous version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from axis_stream import errors
+from axis_stream.config import BasisConfig
+from axis_stream.core import layout, stage1
+from axis_stream.core.stage1 import Factors
+from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, FoldStrategy, Scalars, State
+from axis_stream.store.records import entered
+from axis_stream.store.threads import bounded_map
+
+_FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FoldState:
+    """One version's strategy state in memory, as a fold reads and changes it."""
+
+    version: int
+    matrices: dict[str, State | None]   # axis: Factors (rank 0 until a source changed it); dense: a tensor or None
+    vectors: dict[str, Tensor]          # the other parameters' state (axis: the running mean); missing: all zero
+    manifest: dict[str, Any]
+
+    @property
+    def scalars(self) -> Scalars:
+        return Scalars(int(self.manifest["count"]), float(self.manifest.get("mean_norm", 0.0)))
+
+
+def checked(settings: BasisConfig, where: Path) -> BasisConfig:
+    """``settings`` with ``strategy_params`` over the strategy's defaults (so equal choices compare
+    equal); an unknown parameter is a ``BasisError`` naming ``where``."""
+    try:
+        params = FOLD_STRATEGIES[settings.strategy].check(settings.strategy_params)
+    except ValueError as exc:
+        raise errors.BasisError(f"{where}: {exc}") from None
+    return dataclasses.replace(settings, strategy_params=params)
+
+
+class Folder:
+    """Folds a source's tensors into a ``FoldState`` with one basis's settings and strategy."""
+
+    def __init__(self, settings: BasisConfig):
+        self.settings = settings
+        self.strategy: FoldStrategy = FOLD_STRATEGIES[settings.strategy]
+        self.params = self.strategy.check(settings.strategy_params)
+
+    def matrices(self, delta: Callable[[str], Tensor | Factors | None], state: FoldState, version: int,
+                 progress: Progress | None, workers: int, memory_budget: float
+                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str], float]:
+        """Fold a source's matrices (``delta(name)``: a checkpoint's task matrix or another basis's
+        factors) into ``state.matrices``, ``workers`` at a time: new manifest entries, stats, the
+        source's entry shares, the matrices it changed (``version``: the first one being written) and
+        the source's squared norm over the matrices."""
+        infos = state.manifest["matrices"]
+
+        def prepare(name: str) -> Callable[[], tuple]:
+            d = delta(name)  # read here, in order; the fold may run in another thread
+            return lambda: self.matrix(infos[name], state.matrices[name], d, version, state.scalars.count)
+
+        done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
+                           workers=workers, budget=memory_budget, done=progress)
+        changed = {name for name, r in done.items() if r[3] is not state.matrices[name]}
+        state.matrices.update({name: r[3] for name, r in done.items()})
+        return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
+                [r[2] for r in done.values()], changed, sum(r[4] for r in done.values()))
+
+    def matrix(self, info: dict[str, Any], current: State | None, d: Tensor | Factors | None, version: int,
+               count: int) -> tuple[dict[str, Any], dict[str, Any], list[float], State | None, float]:
+        """One matrix's fold: manifest entry, stats, entry share, state (``current`` if unchanged) and
+        the source's squared norm on it."""
+        if self.strategy.dense:
+            return self._dense_matrix(info, current, d, count)
+        if d is None:
+            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
+            e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
+        else:
+            k, new, delta_energy = self._fold_source(current, d, count)
+            fs = new.stats
+            kept_current = min(current.rank, k - fs.new_kept)
+            e_cur = float(current.s[:kept_current].double().square().sum())
+            e_new = fs.energy_kept * delta_energy
+            st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
+                  "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
+            # stage1.fold hands back the current tensors when no new component entered
+            factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
+            del new
+        log_scale, reset, share = entered(info, e_cur, e_new, version)
+        st["rank"] = factors.rank
+        entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
+                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
+        return entry, st, [share, log_scale], factors, delta_energy
+
+    def _dense_matrix(self, info: dict[str, Any], current: Tensor | None, d: Tensor | Factors | None, count: int
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[float], Tensor | None, float]:
+        """A dense strategy's fold of one matrix, with the neutral statistics."""
+        delta = None if d is None else layout.as_matrix(d)
+        new = self.strategy.fold(current, delta, info["k"], count, self.params)
+        if current is not None and new is not None and torch.equal(new, current):
+            new = current
+        delta_energy = 0.0 if delta is None else float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+        st = {"k": info["k"], "rank": 0, "new_kept": 0, "energy_kept": 0.0, "svd_method": DENSE, "svd_error": 0.0}
+        energy = 0.0 if new is None else float(torch.linalg.matrix_norm(new.double())) ** 2
+        entry = dict(info, energy=energy, source_energy=info["source_energy"] + delta_energy)
+        return entry, st, [0.0, info["log_scale"]], new, delta_energy
+
+    def _fold_source(self, current: Factors, d: Tensor | Factors, count: int) -> tuple[int, Factors, float]:
+        """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
+        if isinstance(d, Factors):  # another basis: its K was chosen by its own folds
+            k = max(current.rank, d.rank) if self.settings.k_mode == "gavish-donoho" else self.static_k(d.shape)
+            return k, self.strategy.fold(current, d, k, count, self.params), float(d.s.double().square().sum())
+        delta = layout.as_matrix(d)
+        k = self.fold_k(tuple(delta.shape), current, delta)
+        new = self.strategy.fold(current, delta, k, count, self.params, svd=self.settings.svd,
+                                 tol=self.settings.svd_tol, seed=0)
+        return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
+
+    def vectors(self, state: FoldState, deltas: Iterator[tuple[str, torch.Size, Tensor | None]],
+                weight: int = 1) -> float:
+        """Fold a source's ``(name, shape, delta)`` of the non-matrix parameters into ``state.vectors``
+        (a checkpoint's, ``weight`` 1, or for ``axis`` another basis's means of ``weight`` sources);
+        all-zero states are dropped. Returns the source's squared norm over them."""
+        count, sq = state.scalars.count, 0.0
+        for name, shape, d in deltas:
+            current = state.vectors.get(name)
+            if d is None and current is None:   # every strategy keeps an all-zero state at zero
+                continue
+            if d is not None:
+                sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2   # float32 sums drift
+            new = self.strategy.fold_vector(current, d, count, tuple(shape), self.params, weight)
+            if bool(new.any()):
+                state.vectors[name] = new
+            else:
+                state.vectors.pop(name, None)
+        return sq
+
+    def static_k(self, shape: tuple[int, int]) -> int:
+        s = self.settings
+        if s.k_mode == "count":
+            return min(s.k_count, min(shape))
+        return stage1.k_for(shape, s.k_fraction)  # gavish-donoho: a starting value, set per fold
+
+    def fold_k(self, shape: tuple[int, int], current: Factors, delta: Tensor) -> int:
+        if self.settings.k_mode != "gavish-donoho":
+            return self.static_k(shape)
+        spectrum = torch.linalg.svdvals(delta)
+        return max(current.rank, stage1.gavish_donoho_rank(spectrum, shape))
