@@ -234,12 +234,14 @@ def _dying_at_step(monkeypatch, n: int) -> Iterator[None]:
         yield
 
 
+@pytest.mark.parametrize("strategy", ["axis", "opcm"])
 def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
-                                                                            new_basis, monkeypatch):
+                                                                            new_basis, monkeypatch, strategy):
     """The deterministic complement of the SIGKILL test: die right before each file-system step
-    (the ledger's commit among them); the ledger agrees with the version that is current."""
+    (the ledger's commit among them); the ledger agrees with the version that is current. A dense
+    strategy's states go through the same commit."""
     _, base = tiny_base
-    seed = new_basis("seed", keep_versions=1)
+    seed = new_basis("seed", keep_versions=1, strategy=strategy)
     seed.fold_checkpoint(make_checkpoint(95, prefix=""))  # text and image matrices: the next fold links some
     new = make_checkpoint(96)
     seed_state = _basis_state(seed.directory)
@@ -601,7 +603,18 @@ def test_fold_basis_refuses_a_source_it_holds_and_another_settings_basis(tiny_ba
     other.fold_checkpoint(make_checkpoint(144))
     with pytest.raises(errors.BasisError, match="basis.k_mode is 'count', not 'fraction'"):
         left.fold_basis(other)
+    dense = new_basis("dense", strategy="opcm")
+    dense.fold_checkpoint(make_checkpoint(145))
+    with pytest.raises(errors.BasisError, match="basis.strategy is 'opcm', not 'axis'"):
+        left.fold_basis(dense)
     assert _basis_state(left.directory) == before
+    dense_before = _basis_state(dense.directory)
+    with pytest.raises(errors.BasisError) as info:   # a tree of dense states is not defined
+        dense.fold_basis(left)
+    assert str(info.value) == (f"{dense.directory}: fold_basis needs basis.strategy = 'axis', this basis's is "
+                               f"'opcm': folding a basis into a basis is defined for AXIS's factors, not for "
+                               f"dense continual states")
+    assert _basis_state(dense.directory) == dense_before
 
 
 def test_a_crash_at_every_step_of_fold_basis_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,

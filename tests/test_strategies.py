@@ -8,12 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 from test_continual import as_numpy, ref_opcm
 from test_daemon import write_config
 
 from axis_stream import config, errors
 from axis_stream.adapt.model import SVDAdapted
+from axis_stream.cli import main
 from axis_stream.config import BasisConfig
 from axis_stream.core import continual, layout, merges, stage1
 from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, Scalars
@@ -275,3 +277,27 @@ def test_the_daemon_fold_step_folds_with_the_configured_strategy(tiny_base, tmp_
     want = continual.merge_stream("opcm", tvs, set(worker.basis.manifest["matrices"]))
     got = dense_of(worker.basis, tvs)
     assert max(rel_err(got[n], want[n]) for n in want) < 1e-6
+
+
+def test_cli_fold_show_and_export_merged_with_a_configured_strategy(tiny_base, make_checkpoint, tmp_path):
+    base_cfg, base = tiny_base
+    cfg = tmp_path / "axis.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[base]\nmodel = "axis-tiny"\npretrained = "{base_cfg.pretrained}"\n'
+                   f'model_config = "{base_cfg.model_config}"\n'
+                   '[basis]\nstrategy = "continual-ta"\n[basis.strategy_params]\nlam = 0.5\n')
+    runner = CliRunner()
+    seeds = (351, 352, 353)
+    res = runner.invoke(main, ["fold", *(str(make_checkpoint(s)) for s in seeds), "--config", str(cfg)])
+    assert res.exit_code == 0 and "-> version 3: dense state" in res.output, res.output
+    res = runner.invoke(main, ["basis", "show", "--config", str(cfg)])
+    assert res.exit_code == 0 and "strategy continual-ta (lam=0.5): state per matrix a dense" in res.output
+    out = tmp_path / "merged.safetensors"
+    res = runner.invoke(main, ["export", "--merged", "--config", str(cfg), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    weights = load_file(str(out))
+    sds = [finetuned_like(base, s) for s in seeds]
+    for n, b in base.items():   # base + lam * the sum of the task vectors (float64; the file is float32, as the base)
+        want = 0.5 * sum(sd[n].double() - b.double() for sd in sds)
+        assert float((weights[n].double() - b.double() - want).abs().max()) < 1e-6 * max(1.0, float(b.abs().max())), n
+    assert any(bool((weights[n] != base[n]).any()) for n in base)
