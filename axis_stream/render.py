@@ -180,9 +180,9 @@ def history_lines(basis: Basis, offset: int | None = None, limit: int = 50) -> l
     if len(records) < count:
         lines.append(f"sources {offset + 1}-{offset + len(records)} of {count} (--offset, --limit for others)")
     for r in records:
+        kept = "dense state" if r.dense else f"new components {r.new_kept_total}, energy kept {r.energy_kept:.1%}"
         lines.append(f"v{r.version:<5} {r.folded_at}  {r.file}  sha256 {r.sha256[:12]}  "
-                     f"{r.size / 2**20:.1f} MiB  new components {r.new_kept_total}, energy kept "
-                     f"{r.energy_kept:.1%}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
+                     f"{r.size / 2**20:.1f} MiB  {kept}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
     return lines
 
 

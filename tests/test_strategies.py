@@ -4,6 +4,7 @@ reuses and plain float64 references, then through the real ``Basis`` (store, rol
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_continual import as_numpy, ref_opcm
-from test_daemon import write_config
+from test_daemon import drop, metric_samples, read_ledger, read_log, start, stop, wait_for, wait_ready, write_config
 
 from axis_stream import config, errors
 from axis_stream.adapt.model import SVDAdapted
@@ -20,8 +21,6 @@ from axis_stream.config import BasisConfig
 from axis_stream.core import continual, layout, merges, stage1
 from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, Scalars
 from axis_stream.render import basis_summary_lines
-from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
-from axis_stream.service.metrics import Metrics
 from axis_stream.store import models
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
@@ -257,25 +256,39 @@ def test_stage2_builds_from_a_continual_basis(tiny_base, make_checkpoint, tmp_pa
         assert torch.allclose(merged[n].float(), want, atol=1e-5), n
 
 
-def test_the_daemon_fold_step_folds_with_the_configured_strategy(tiny_base, tmp_path):
+def test_the_daemon_folds_with_the_configured_strategy(tiny_base, tmp_path):
     base_cfg, base = tiny_base
     path = write_config(tmp_path, base_cfg)
     path.write_text(path.read_text().replace("[basis]\n", '[basis]\nstrategy = "opcm"\n', 1))
     cfg = config.load(path, env={})
-    cfg.paths.watch_dir.mkdir()
-    metrics = Metrics(REJECT_REASONS)
-    worker = FoldWorker(cfg, base, IDENTITY, metrics)
-    tvs = []
-    for seed in (341, 342):
-        save_file(finetuned_like(base, seed), cfg.paths.watch_dir / f"{seed}.safetensors")
-        assert worker.process(cfg.paths.watch_dir / f"{seed}.safetensors").result == "folded"
-        sd = finetuned_like(base, seed)
-        tvs.append({n: layout.as_matrix(sd[n].float() - b.float()) if n in worker.basis.manifest["matrices"]
-                    else sd[n].float() - b.float() for n, b in base.items() if b.is_floating_point()})
-    assert worker.basis.manifest["settings"]["strategy"] == "opcm" and worker.basis.count == 2
-    assert metrics.registry.get_sample_value("axis_stream_folds_total", {"result": "folded"}) == 2
-    want = continual.merge_stream("opcm", tvs, set(worker.basis.manifest["matrices"]))
-    got = dense_of(worker.basis, tvs)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    seeds = (341, 342)
+    for seed in seeds:
+        save_file(finetuned_like(base, seed), staging / f"{seed}.safetensors")
+    proc = start(path)
+    try:
+        wait_ready(proc, cfg)
+        for seed in seeds:
+            drop(staging / f"{seed}.safetensors", cfg.paths.watch_dir)
+        wait_for(lambda: len(read_ledger(cfg)) == 2, 60, "two folds", proc)
+        wait_for(lambda: metric_samples(cfg).get(("axis_stream_folds_total", (("result", "folded"),))) == 2, 10,
+                 "the fold metric", proc)
+    finally:
+        assert stop(proc) == 0, read_log(proc)
+    assert re.search(r"folded 342.safetensors into v2 in [0-9.]+ s \(dense state\)", read_log(proc)), read_log(proc)
+    basis = Basis.open(cfg.paths.basis_dir, base)
+    assert basis.manifest["settings"]["strategy"] == "opcm" and basis.count == 2
+    matrices = set(basis.manifest["matrices"])
+    tvs = [{n: layout.as_matrix(d) if n in matrices else d for n, b in base.items() if b.is_floating_point()
+            for d in [sd[n].float() - b.float()]} for sd in (finetuned_like(base, seed) for seed in seeds)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the daemon ran (start(): OMP_NUM_THREADS=1): float32 SVDs differ in the last bits
+    try:
+        want = continual.merge_stream("opcm", tvs, matrices)
+    finally:
+        torch.set_num_threads(threads)
+    got = dense_of(basis, tvs)
     assert max(rel_err(got[n], want[n]) for n in want) < 1e-6
 
 
@@ -292,6 +305,8 @@ def test_cli_fold_show_and_export_merged_with_a_configured_strategy(tiny_base, m
     assert res.exit_code == 0 and "-> version 3: dense state" in res.output, res.output
     res = runner.invoke(main, ["basis", "show", "--config", str(cfg)])
     assert res.exit_code == 0 and "strategy continual-ta (lam=0.5): state per matrix a dense" in res.output
+    res = runner.invoke(main, ["basis", "history", "--config", str(cfg)])
+    assert res.exit_code == 0 and res.output.count("MiB  dense state, |tau|/|base|") == 3, res.output
     out = tmp_path / "merged.safetensors"
     res = runner.invoke(main, ["export", "--merged", "--config", str(cfg), "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -171,8 +171,8 @@ class FoldWorker:
         if self.metrics:
             self.metrics.fold_succeeded(seconds, float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
-        return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s "
-                                    f"(energy kept {float(record.energy_kept):.1%})"
+        kept = "dense state" if record.dense else f"energy kept {float(record.energy_kept):.1%}"
+        return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s ({kept})"
                                     + ("; it was replaced during the fold: the new file stays for the next "
                                        "rescan" if replaced else ""), version=record.version, seconds=seconds))
 

@@ -48,11 +48,15 @@ class FoldRecord:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def dense(self) -> bool:
+        """Folded by a dense strategy: no components kept, the statistics are the neutral values."""
+        return any(s["svd_method"] == DENSE for s in self.matrices.values())
+
     def line(self) -> str:
         """One line for a log or the CLI (a dense strategy's fold keeps no components: "dense state")."""
-        dense = any(s["svd_method"] == DENSE for s in self.matrices.values())
-        kept = "dense state" if dense else (f"{self.new_kept_total} new components, "
-                                            f"energy kept {self.energy_kept:.1%}")
+        kept = "dense state" if self.dense else (f"{self.new_kept_total} new components, "
+                                                 f"energy kept {self.energy_kept:.1%}")
         return (f"folded {self.file} -> version {self.version}: {kept}, |tau|/|base| {self.relative_norm:.3f}, "
                 f"{self.seconds:.1f} s")
 
