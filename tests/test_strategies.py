@@ -274,6 +274,7 @@ def test_the_daemon_folds_with_the_configured_strategy(tiny_base, tmp_path):
         wait_for(lambda: len(read_ledger(cfg)) == 2, 60, "two folds", proc)
         wait_for(lambda: metric_samples(cfg).get(("axis_stream_folds_total", (("result", "folded"),))) == 2, 10,
                  "the fold metric", proc)
+        assert math.isnan(metric_samples(cfg)[("axis_stream_last_fold_energy_kept_ratio", ())])   # not "low"
     finally:
         assert stop(proc) == 0, read_log(proc)
     assert re.search(r"folded 342.safetensors into v2 in [0-9.]+ s \(dense state\)", read_log(proc)), read_log(proc)

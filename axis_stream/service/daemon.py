@@ -169,7 +169,8 @@ class FoldWorker:
         if not replaced:
             self._discard(path)
         if self.metrics:
-            self.metrics.fold_succeeded(seconds, float(record.energy_kept), time.time())
+            # a dense strategy keeps no components: the gauge says "not defined" (NaN), which no alert reads as low
+            self.metrics.fold_succeeded(seconds, math.nan if record.dense else float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
         kept = "dense state" if record.dense else f"energy kept {float(record.energy_kept):.1%}"
         return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s ({kept})"

@@ -47,7 +47,8 @@ class Metrics:
         self.basis_size = Gauge("axis_stream_basis_size_bytes",
                                 "On-disk size of the current basis version.", registry=r)
         self.energy_kept = Gauge("axis_stream_last_fold_energy_kept_ratio",
-                                 "Mean fraction of the last folded source's energy kept in the basis.", registry=r)
+                                 "Mean fraction of the last folded source's energy kept in the basis "
+                                 "(NaN for a dense fold strategy, which keeps no components).", registry=r)
         self.last_fold_success = Gauge("axis_stream_last_fold_success_timestamp_seconds",
                                        "Unix time of the last successful fold.", registry=r)
         self.queue_depth = Gauge("axis_stream_watch_queue_depth",
