@@ -210,5 +210,3 @@ def test_a_tree_fold_committed_before_a_kill_is_only_removed_on_resume(tiny_base
     version = left.version
     backfill_ray.fold_into(left, tmp_path / "shard-01")
     assert left.version == version and not (tmp_path / "shard-01").exists() and left.count == 2
-    assert [len(s) for s in backfill_ray.split(list(range(7)), 3)] == [2, 2, 3]
-    assert sum(backfill_ray.split(list(range(7)), 3), []) == list(range(7))

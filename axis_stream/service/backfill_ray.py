@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from axis_stream.cluster import connect
 from axis_stream.config import Config, RayConfig
-from axis_stream.core.stage1 import tree_levels
+from axis_stream.core import stage1
 from axis_stream.errors import AxisError, first_line
 from axis_stream.service.daemon import FoldWorker, Outcome
 from axis_stream.store import readers
@@ -48,12 +48,6 @@ def run_folder(config: Config, paths: Sequence[str | Path], workers: int) -> Pat
     """The folder of the partial bases of a run: named by the paths given (resolved) and ``workers``."""
     key = "\n".join(str(Path(p).resolve()) for p in paths) + f"\nworkers={workers}"
     return config.paths.state_dir / RUNS / hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def split(files: Sequence[Path], workers: int) -> list[list[Path]]:
-    """``workers`` contiguous shards of ``files`` in order, their sizes differing by at most one."""
-    n = len(files)
-    return [list(files[i * n // workers:(i + 1) * n // workers]) for i in range(workers)]
 
 
 def backfill_on_ray(config: Config, paths: Sequence[str | Path], files: Sequence[Path],
@@ -81,7 +75,7 @@ def backfill_on_ray(config: Config, paths: Sequence[str | Path], files: Sequence
     base, identity = load_base(config)
     main = Basis.open(config.paths.basis_dir, base, settings=config.basis) \
         if (config.paths.basis_dir / CURRENT).exists() else None
-    shards = split(files, workers)
+    shards = stage1.shards(files, workers)
     hashes = ray.get([remote(hash_files).remote(shard) for shard in shards])
     held = _held(run, workers)
     todo: list[list[Path]] = [[] for _ in shards]
@@ -138,7 +132,7 @@ def _reduce(ray: Any, remote: Callable, run: Path, workers: int) -> Path | None:
     """Fold the partial bases pairwise, level by level (one level's folds in parallel); the root's
     folder, or None when no shard holds anything."""
     holder = _partials(run, workers)
-    for level in tree_levels(workers):
+    for level in stage1.tree_levels(workers):
         folds = []
         for i, j in level:
             if j not in holder:
