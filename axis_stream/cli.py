@@ -410,13 +410,19 @@ def basis_rollback(version: int, config_path: str | None, basis_dir: str | None)
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--workers", type=click.IntRange(min=1), help="Matrices folded at once (default: the cores).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Matrices folded at once; with --executor ray, shards (default: the cores).")
 @click.option("--memory-budget", "memory_mib", type=click.IntRange(min=1),
               help="MiB the matrices folding at once may use (default: half the available memory).")
 @click.option("--quarantine", is_flag=True, help="Move rejected files into the quarantine, as the daemon does.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: the daemon's basis, file after file; ray: a tree reduction over --workers shards on Ray.")
+@click.option("--ray-address", default="local", show_default=True,
+              help="With --executor ray: 'local' starts Ray here with --workers CPUs; 'auto', host:port or "
+                   "ray://host:port joins a cluster (the files and the state folder on a shared file system).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config TOML (defaults apply without one).")
-def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None, quarantine: bool,
-             config_path: str | None) -> None:
+def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None, quarantine: bool, executor: str,
+             ray_address: str, config_path: str | None) -> None:
     """Fold existing checkpoints (a folder: its checkpoints by name) as the daemon would; run again to resume."""
     import logging
     import sys
@@ -439,7 +445,8 @@ def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None
                 bar.update(1, f"{(bar.pos + 1) / max(time.monotonic() - start, 1e-9) * 60:.1f} files/min")
 
             counts = bf.backfill(config.load(config_path), files, done, workers=workers, quarantine=quarantine,
-                                 memory_budget=memory_mib * 2**20 if memory_mib else None)
+                                 memory_budget=memory_mib * 2**20 if memory_mib else None, executor=executor,
+                                 ray_address=ray_address, paths=paths)
     finally:
         log.propagate = saved
         log.removeHandler(quiet)

@@ -17,10 +17,11 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'axis-stream[ray]' (Ray >= 2.9, on this machine and on every worker)"
 
 
-def connect(settings: RayConfig, key: str):
+def connect(settings: RayConfig, key: str, local_cpus: int | None = None):
     """Import Ray and join the cluster at ``settings.address`` (once per process); returns the ``ray`` module.
 
-    Without Ray installed this is a ``ConfigError`` naming ``key`` and what to install.
+    The address ``"local"`` starts a Ray instance here instead, with ``local_cpus`` CPUs (default:
+    all) and no dashboard. Without Ray installed this is a ``ConfigError`` naming ``key`` and what to install.
     """
     try:
         import ray
@@ -29,7 +30,8 @@ def connect(settings: RayConfig, key: str):
     if not ray.is_initialized():
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            ray.init(address=settings.address, log_to_driver=True)
+            local = {"num_cpus": local_cpus, "include_dashboard": False} if settings.address == "local" else {}
+            ray.init(address=settings.address, log_to_driver=True, **local)
         except ConnectionError as exc:
             raise AxisError(f"cannot join the Ray cluster at {settings.address!r}: {first_line(exc, limit=None)}") from None
         finally:

@@ -13,8 +13,16 @@ folds (time inside ``stage1.fold``, summed over threads), the rest of reading an
 (``FoldRecord.seconds`` minus that, wall), writing the version (``fold_checkpoint``'s wall minus
 ``FoldRecord.seconds``). The modes' bases are checked to be bit-identical.
 
+"ray wN" is ``backfill --executor ray --workers N`` on a local Ray with N CPUs (started before the
+clock): the files hashed, N shards folded by Ray tasks into partial bases, the tree, the root folded
+into the basis. Its rate is over the whole run, all N files from the start to the end of the root's
+fold (its first folds and the tree included: they are its cost); its stages run in the workers and
+are not timed; its basis is a tree, not the daemon's: the line under the table gives its relative
+Frobenius distance to the daemon's (mean over the matrices).
+
     python benchmarks/backfill_rate.py --model ViT-B-32 --count 4
     python benchmarks/backfill_rate.py --model tiny --count 20
+    python benchmarks/backfill_rate.py --model tiny --count 20 --modes daemon "backfill w1" "backfill w2" "ray w2"
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from daemon_throughput import make_base, write_config  # noqa: E402
 from fold_memory import fine_tuned  # noqa: E402
 
-from axis_stream import config  # noqa: E402
+from axis_stream import cluster, config  # noqa: E402
 from axis_stream.core import stage1  # noqa: E402
 from axis_stream.service import backfill  # noqa: E402
 from axis_stream.service.daemon import FoldWorker  # noqa: E402
@@ -87,6 +95,17 @@ def run_mode(mode: str, cfg_path: Path, files: list[Path], clock: StageClock) ->
         if len(ends) == 1:
             svd_after_first = clock.svd
     clock.reset()
+    if mode.startswith("ray w"):
+        workers = int(mode[len("ray w"):])
+        cluster.connect(config.RayConfig(address="local"), "ray", local_cpus=workers)
+        start = time.perf_counter()
+        counts = backfill.backfill(cfg, files, lambda _outcome: None, workers=workers, executor="ray",
+                                   paths=[files[0].parent])
+        assert counts["folded"] == len(files), counts
+        end = time.perf_counter()
+        return {"mode": mode, "first": float("nan"), "rate": 60 * len(files) / (end - start), "svd": float("nan"),
+                "read": float("nan"), "write": float("nan"), "rest": end - start,
+                "basis": basis_module.Basis.open(cfg.paths.basis_dir).load()}
     if mode == "daemon":
         inbox = cfg.paths.watch_dir
         inbox.mkdir(parents=True, exist_ok=True)
@@ -132,7 +151,7 @@ def main() -> None:
         same = all(all(torch.equal(getattr(r["basis"].factors[n], part), getattr(rows[0]["basis"].factors[n], part))
                        for n in r["basis"].factors for part in "UsV")
                    and all(torch.equal(r["basis"].means[n], rows[0]["basis"].means[n]) for n in r["basis"].means)
-                   for r in rows)
+                   for r in rows if not r["mode"].startswith("ray"))
         size = files[0].stat().st_size / 2**20
         print(f"{args.model}: {args.count} checkpoints of {size:.0f} MiB, torch {torch.get_num_threads()} threads, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; bases bit-identical: {same}")
@@ -143,7 +162,15 @@ def main() -> None:
         print("-" * len(header))
         for r in rows:
             print(f"{r['mode']:<12} {r['first']:>12.1f} | {r['rate']:>15.2f} {r['rate'] / rows[0]['rate']:>9.2f} | "
-                  f"{r['svd']:>14.1f} {r['read']:>15.1f} {r['write']:>7.1f}")
+                  f"{r['svd']:>14.1f} {r['read']:>15.1f} {r['write']:>7.1f}".replace("nan", "  -"))
+        for r in rows:
+            if r["mode"].startswith("ray"):
+                ref = rows[0]["basis"].factors
+                gaps = [float(torch.linalg.matrix_norm(f.to_dense() - ref[n].to_dense())
+                              / torch.linalg.matrix_norm(ref[n].to_dense())) for n, f in r["basis"].factors.items()
+                        if ref[n].rank]
+                print(f"{r['mode']}: the tree's basis vs the daemon's, relative Frobenius distance: mean "
+                      f"{sum(gaps) / len(gaps):.4f}, max {max(gaps):.4f} over {len(gaps)} matrices")
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 

@@ -8,7 +8,8 @@ are skipped; the source fine-tunes are cached under ~/.cache/axis-stream/suites/
 ``--sources-sweep`` runs the many-sources study instead: config/suite-text-sweep.toml (1, 2, 5, 10
 and 20 sources, token dropout), config/suite-text-sweep-start.toml (AXIS at 20 sources from scaled
 starts), config/suite-text-robust.toml (20 pruned sources) and its noisy-source variants, then
-writes benchmarks/results/suite-text/sweep-tables.md.
+writes benchmarks/results/suite-text/sweep-tables.md; then config/suite-text-sweep-long.toml (the same
+sweep with the longer Stage 2 at 1, 5 and 20 sources) and benchmarks/results/suite-text/sweep-long-tables.md.
 
     apt-get install wordnet-base && pip install -e ".[suites]"
     nohup python benchmarks/suite_text.py > suite_text.log 2>&1 &
@@ -35,5 +36,7 @@ if __name__ == "__main__":
         print(run_sweep(ROOT / "config" / "suite-text-sweep.toml", ROOT / "config" / "suite-text-robust.toml",
                         RESULTS / "sweep-tables.md", tables_only=tables_only,
                         more=[ROOT / "config" / "suite-text-sweep-start.toml"]))
+        print(run_sweep(ROOT / "config" / "suite-text-sweep-long.toml", None, RESULTS / "sweep-long-tables.md",
+                        tables_only=tables_only, selection=False))
     else:
         print(run_benchmark("text", CONFIGS, RESULTS / "tables.md", tables_only=tables_only))

@@ -12,11 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from test_basis import snapshot_equal
+from test_ray import ray_local  # noqa: F401 (a local Ray with 2 CPUs)
 
-from axis_stream import config, errors
+from axis_stream import config, errors, render
 from axis_stream.cli import main
+from axis_stream.core import layout, stage1
+from axis_stream.service import backfill_ray
 from axis_stream.service.backfill import backfill, checkpoint_files
 from axis_stream.service.daemon import FoldWorker
 from axis_stream.store.basis import Basis
@@ -120,3 +125,88 @@ def test_one_backfill_per_state_folder_and_a_missing_path_is_named(tmp_path):
             backfill(config.load(cfg_path), [], lambda outcome: None)
     with pytest.raises(errors.AxisError, match="nothing-here: no such file or folder"):
         checkpoint_files([tmp_path / "nothing-here"])
+
+
+# --- --executor ray: a tree reduction over shards ---
+
+class Crash(BaseException):
+    """Stands for the process dying between two steps of the run."""
+
+
+def tree_reference(base, shards, names):
+    """What the tree gives, in memory: each shard streamed, shards folded pairwise, the root into an empty basis."""
+    def k(n):
+        return stage1.k_for(layout.as_matrix(base[n]).shape)
+
+    def stream(sds):
+        out = dict.fromkeys(names)
+        for sd in sds:
+            for n in names:
+                delta = layout.as_matrix(sd[n].float() - base[n].float())
+                if delta.any():
+                    out[n] = stage1.fold(out[n], delta, k(n), svd="exact")
+        return out
+
+    def pair(a, b):
+        return {n: a[n] if b[n] is None else stage1.fold_factors(a[n], b[n], k(n)) for n in names}
+
+    root = stage1.tree_reduce([stream(s) for s in shards], pair)
+    return {n: None if root[n] is None else stage1.fold_factors(None, root[n], k(n)) for n in names}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_backfill_on_ray_is_the_tree_of_its_shards_and_resumes_from_the_partial_bases(tiny_base, zoo, tmp_path,
+                                                                                      monkeypatch):
+    base_cfg, base = tiny_base
+    folder, good = zoo
+    cfg_path = write_config(tmp_path, base_cfg, "state")
+    cfg = config.load(cfg_path)
+    lines: list[str] = []
+    with monkeypatch.context() as m:      # killed once the shards are folded, before the tree
+        m.setattr(backfill_ray, "_reduce", lambda *a: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            backfill(cfg, checkpoint_files([folder]), lambda o: lines.append(render.outcome_line(o)), workers=2,
+                     executor="ray", paths=[folder])
+    run = backfill_ray.run_folder(cfg, [folder], 2)
+    assert sorted(p.name for p in run.iterdir()) == ["shard-00", "shard-01"]   # [00, 05-junk] and [10, 15-copy, 20]
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "folded 00-ckpt.safetensors", "folded 10-ckpt.safetensors", "folded 20-ckpt.safetensors",
+        "rejected 05-junk.safetensors"]                                      # the copy waits for the end
+    assert not (cfg.paths.basis_dir / "CURRENT").exists()
+
+    res = CliRunner().invoke(main, ["backfill", str(folder), "--executor", "ray", "--workers", "2",
+                                    "--config", str(cfg_path)])
+    assert res.exit_code == 1, res.output
+    out = res.stdout.splitlines()
+    assert sum("05-junk" in line for line in out) == 1 and sum("15-copy" in line for line in out) == 1
+    assert "rejected 15-copy.safetensors: already folded at version " in res.stdout
+    assert all(f"already folded {p.name}: in the partial basis shard-0" in res.stdout for p in good)
+    assert "0 folded, 2 rejected, 3 already folded" in out[-1]
+    assert not run.exists()
+
+    ours = Basis.open(cfg.paths.basis_dir)
+    ours.verify()
+    assert [r.file for r in ours.ledger()] == [p.name for p in good] and ours.count == 3
+    sds = [load_file(p) for p in good]
+    want = tree_reference(base, [sds[:1], sds[1:]], list(ours.manifest["matrices"]))
+    snap = ours.load()
+    for n, f in want.items():
+        got = snap.factors[n].to_dense().double()
+        assert (f is None and not got.any()) or torch.linalg.matrix_norm(got - f.to_dense().double()) <= \
+            1e-5 * torch.linalg.matrix_norm(f.to_dense().double()), n
+    for n, b in base.items():
+        if n not in want and b.is_floating_point():
+            mean = sum(sd[n].double() - b.double() for sd in sds) / 3
+            assert torch.allclose(snap.means[n].double(), mean, atol=1e-6) if mean.any() else n not in snap.means
+
+
+def test_a_tree_fold_committed_before_a_kill_is_only_removed_on_resume(tiny_base, make_checkpoint, tmp_path):
+    _, base = tiny_base
+    left, right = (Basis.create(tmp_path / name / "basis", base, config.BasisConfig(svd="exact"))
+                   for name in ("shard-00", "shard-01"))
+    left.fold_checkpoint(make_checkpoint(161))
+    right.fold_checkpoint(make_checkpoint(162))
+    left.fold_basis(right)                                # committed; the kill came before the removal
+    version = left.version
+    backfill_ray.fold_into(left, tmp_path / "shard-01")
+    assert left.version == version and not (tmp_path / "shard-01").exists() and left.count == 2

@@ -185,6 +185,24 @@ def test_build_basis_axis_methods_are_stage1():
     assert rel(tsvm[name].to_dense(), best_rank_k((U * s) @ V.T, k)) < 1e-8
 
 
+def test_axis_tree_with_one_shard_is_streaming_and_with_more_the_tree_of_the_streamed_shards():
+    tvs = [random_state(s) for s in range(5)]
+    name = MATS[0]
+    deltas = [tv[name] for tv in tvs]
+    k = stage1.k_for(deltas[0].shape, 0.25)
+    streamed, streamed_means = merges.build_basis("axis", tvs, MATS, k_fraction=0.25)
+    one, one_means = merges.build_basis("axis-tree", tvs, MATS, k_fraction=0.25, params={"shards": 1})
+    assert all(torch.equal(getattr(one[n], p), getattr(streamed[n], p)) for n in MATS for p in "UsV")
+    assert all(torch.equal(one_means[n], streamed_means[n]) for n in streamed_means)
+    tree, _ = merges.build_basis("axis-tree", tvs, MATS, k_fraction=0.25, params={"shards": 3})
+    parts = [merges.axis_stream(deltas[a:b], k) for a, b in ((0, 1), (1, 3), (3, 5))]
+    want = stage1.fold_factors(stage1.fold_factors(parts[0], parts[1], k), parts[2], k)
+    assert rel(tree[name].to_dense(), want.to_dense()) < 1e-12
+    assert rel(tree[name].to_dense(), streamed[name].to_dense()) > 1e-6       # a tree is not the stream
+    with pytest.raises(ValueError, match="shards must be an integer >= 1"):
+        merges.build_basis("axis-tree", tvs, MATS, params={"shards": 0})
+
+
 def test_build_basis_rejects_unknown_method_and_parameter():
     tvs = [random_state(0)]
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
@@ -194,7 +212,7 @@ def test_build_basis_rejects_unknown_method_and_parameter():
 
 
 def test_registry_names_every_method_with_a_paper():
-    assert {"axis", "axis-global", "ta", "average", "ties", "dare", "tsvm"} <= set(merges.METHODS)
+    assert {"axis", "axis-global", "axis-tree", "ta", "average", "ties", "dare", "tsvm"} <= set(merges.METHODS)
     assert all(m.paper for m in merges.METHODS.values())
     with pytest.raises(ValueError, match="already registered"):
         merges.register(merges.METHODS["ta"])

@@ -285,6 +285,8 @@ def test_tree_levels_and_tree_reduce_pair_neighbours_first():
     assert stage1.tree_reduce(list("abcde"), lambda x, y: f"({x}{y})") == "(((ab)(cd))e)"
     with pytest.raises(ValueError, match="at least one"):
         stage1.tree_reduce([], max)
+    assert stage1.shards(list(range(7)), 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert stage1.shards([0], 2) == [[], [0]]
 
 
 @pytest.mark.parametrize("shape", [(20, 8), (30, 17)])

@@ -68,6 +68,13 @@ def axis_stream(deltas: Sequence[Tensor], k: int, svd_method: str = "exact", see
     return current
 
 
+def axis_tree(deltas: Sequence[Tensor], k: int, shards: int = 2, svd_method: str = "exact", seed: int = 0) -> Factors:
+    """AXIS as ``axis-stream backfill --executor ray`` runs it: the sources in ``shards`` contiguous
+    shards, each streamed, then the shards' bases folded pairwise (``stage1.tree_reduce``)."""
+    parts = [axis_stream(part, k, svd_method, seed) for part in stage1.shards(deltas, shards) if part]
+    return stage1.tree_reduce(parts, lambda a, b: stage1.fold_factors(a, b, k))
+
+
 # --- the registry ---
 
 MatrixRule = Callable[..., Factors]   # (deltas, k, *, seed, **params) -> Factors
@@ -113,6 +120,10 @@ def _axis_matrix(deltas, k, *, seed=0, svd="exact"):
     return axis_stream(deltas, k, svd, seed)
 
 
+def _axis_tree_matrix(deltas, k, *, seed=0, shards=2, svd="exact"):
+    return axis_tree(deltas, k, shards, svd, seed)
+
+
 def _axis_global_matrix(deltas, k, *, seed=0, strategy="top", final_svd=True):
     return stage1.merge(deltas, k, strategy=strategy, final_svd=final_svd, seed=seed)
 
@@ -127,6 +138,8 @@ def register(method: MergeMethod) -> MergeMethod:
 
 register(MergeMethod("axis", "AXIS, streaming Stage 1 (paper section A.11)", _axis_matrix, _mean_vector,
                      {"svd": "exact"}))
+register(MergeMethod("axis-tree", "AXIS, streamed shards folded pairwise (backfill --executor ray; A.11)",
+                     _axis_tree_matrix, _mean_vector, {"shards": 2, "svd": "exact"}))
 register(MergeMethod("axis-global", "AXIS, global Stage 1 (paper Algorithm 1, A.13, 5.4)",
                      _axis_global_matrix, _mean_vector, {"strategy": "top", "final_svd": True}))
 register(MergeMethod("ta", "Task arithmetic, Ilharco et al. 2023, arXiv:2212.04089",

@@ -272,6 +272,14 @@ def tree_levels(n: int) -> list[list[tuple[int, int]]]:
 T = TypeVar("T")
 
 
+def shards(items: Sequence[T], n: int) -> list[list[T]]:
+    """``items`` in ``n`` contiguous shards, in order, their sizes differing by at most one."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {n!r}")
+    size = len(items)
+    return [list(items[i * size // n:(i + 1) * size // n]) for i in range(n)]
+
+
 def tree_reduce(items: Sequence[T], pair: Callable[[T, T], T]) -> T:
     """``items`` reduced pairwise in the shape of ``tree_levels`` (``pair(left, right)``): the tree a
     sharded fold (``axis-stream backfill --executor ray``, the ``axis-tree`` merge) combines its shards in."""

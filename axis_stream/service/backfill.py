@@ -6,7 +6,8 @@ same order, and bad files meet the same rules: one line each, the run goes on. U
 folded files stay where they are, and rejected ones too unless ``quarantine``. The matrices of one
 fold run in ``workers`` threads within a memory budget (``Basis.fold_checkpoint``). A run killed at
 any point (kill -9 included) is resumed by running it again: a file whose bytes the ledger holds
-under the same name counts as already folded.
+under the same name counts as already folded. With ``executor="ray"`` the files are folded as a
+tree over shards on Ray instead (``backfill_ray.py``): the same rules, not the same basis.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 
 from axis_stream import errors
 from axis_stream.config import Config
+from axis_stream.service.backfill_ray import backfill_on_ray
 from axis_stream.service.daemon import FoldWorker, Outcome
 from axis_stream.service.watcher import is_candidate
 from axis_stream.store.models import load_base
@@ -49,12 +51,19 @@ def default_memory_budget() -> int:
 
 
 def backfill(config: Config, files: Sequence[Path], on_outcome: Callable[[Outcome], None], *,
-             workers: int | None = None, memory_budget: float | None = None, quarantine: bool = False) -> Counter:
+             workers: int | None = None, memory_budget: float | None = None, quarantine: bool = False,
+             executor: str = "local", ray_address: str = "local", paths: Sequence[str | Path] = ()) -> Counter:
     """Fold ``files`` in order into the configured basis; ``on_outcome`` after each. Returns the
-    count of each result (folded, rejected, already_folded, error, vanished)."""
+    count of each result (folded, rejected, already_folded, error, vanished). ``executor="ray"``:
+    as a tree over ``workers`` shards on Ray (``backfill_ray``; ``paths``, what ``files`` were found
+    from, name its run for a resume)."""
     counts: Counter = Counter()
     with lock_state(config.paths.state_dir, "backfill", hint="stop the daemon first, or drop the files into "
                                                                   "its watched folder"):
+        if executor == "ray":
+            return backfill_on_ray(config, paths or files, files, on_outcome, workers=workers or default_workers(),
+                                   memory_budget=memory_budget or default_memory_budget(), quarantine=quarantine,
+                                   address=ray_address)
         base, identity = load_base(config)
         worker = FoldWorker(config, base, identity, fold_workers=workers or default_workers(),
                             memory_budget=memory_budget or default_memory_budget(), keep=True,
