@@ -210,3 +210,13 @@ def test_a_tree_fold_committed_before_a_kill_is_only_removed_on_resume(tiny_base
     version = left.version
     backfill_ray.fold_into(left, tmp_path / "shard-01")
     assert left.version == version and not (tmp_path / "shard-01").exists() and left.count == 2
+
+
+def test_backfill_on_ray_refuses_a_dense_strategy_before_any_work(tiny_base, tmp_path):
+    base_cfg, _ = tiny_base
+    cfg = config.load(write_config(tmp_path, base_cfg, "state"))
+    cfg.basis.strategy = "opcm"
+    with pytest.raises(errors.AxisError, match="folds a tree of AXIS bases; basis.strategy is 'opcm'"):
+        backfill_ray.backfill_on_ray(cfg, [tmp_path], [], lambda o: None, workers=2, memory_budget=float("inf"),
+                                     quarantine=False)
+    assert not (cfg.paths.state_dir / backfill_ray.RUNS).exists()

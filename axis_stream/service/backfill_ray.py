@@ -56,6 +56,9 @@ def backfill_on_ray(config: Config, paths: Sequence[str | Path], files: Sequence
     """Fold ``files`` (found from ``paths``) into the configured basis as a tree over ``workers``
     shards on the Ray cluster at ``address`` ("local": one started here with ``workers`` CPUs).
     The caller holds the state folder's lock. Returns the count of each result."""
+    if config.basis.strategy != "axis":   # before any work: a tree of dense states is not defined
+        raise AxisError(f"backfill --executor ray: folds a tree of AXIS bases; basis.strategy is "
+                        f"{config.basis.strategy!r}: run backfill without --executor ray")
     ray = connect(RayConfig(address=address, num_gpus=0, num_cpus=1,
                             max_retries=config.scheduler.ray.max_retries), "backfill --executor", local_cpus=workers)
 
