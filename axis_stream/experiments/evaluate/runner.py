@@ -101,6 +101,7 @@ def run_multitask(exp: Experiment, variants: Sequence[tuple[int, Experiment]], e
         for method, k in todo:
             rows = harness.multitask(method, order, k, seed, levels)
             results.append([r for r in rows if not results.has(r)])
+        del harness  # its task vectors, before the next order's harness loads them again
     rows = results.rows()
     for line in multitask_summary(rows):
         echo(line)
