@@ -394,6 +394,18 @@ name = "tsvm"
         want = accuracy(model.eval(), head, test.train_x, test.train_y)
     assert float(stage2["0"][("ta-merged", "3")]["test_accuracy"]) == pytest.approx(want, abs=1e-5)
 
+    # the study's tables and plan: cells are the mean ± std over the orders, references from the same tasks
+    from axis_stream.experiments.suites.continual import plan_lines, references, tables
+    from axis_stream.experiments.suites.sweep import _pct
+
+    refs = references(exp)
+    assert refs["own fine-tune"]["textures"] == pytest.approx(own, abs=1e-9)
+    text = "\n".join(tables(exp, refs))
+    mta = [float(mt[("opcm", o, "3")]["multitask_accuracy"]) for o in ("0", "1")]
+    assert f"| OPCM | {_pct([float(mt[('opcm', o, '1')]['multitask_accuracy']) for o in ('0', '1')])} | {_pct(mta)} |" in text
+    assert "| own fine-tune (reference) |" in text and "| TSV-M (batch) |" in text
+    assert any(line.startswith("order 1 ") and "8 runs, 8 done" in line for line in plan_lines(exp))
+
 
 def test_token_dropout_keeps_cls_and_sep_and_is_seeded():
     m = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])

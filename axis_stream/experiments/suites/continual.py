@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file
 
+from axis_stream.experiments.evaluate import multitask
 from axis_stream.experiments.evaluate.experiment import Experiment, load_experiment
-from axis_stream.experiments.evaluate.multitask import MULTITASK
 from axis_stream.experiments.evaluate.plan import order_variants, plan
 from axis_stream.experiments.evaluate.results import RESULTS
 from axis_stream.experiments.evaluate.runner import run_experiment
@@ -96,7 +96,7 @@ def _grid(title: str, methods: Sequence[str], levels: Sequence[int], cell) -> li
 
 def tables(exp: Experiment, refs: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
     """The markdown tables of a continual experiment from its ``multitask.csv`` and each order's ``results.csv``."""
-    mt = read_rows(exp.output_dir / MULTITASK)
+    mt = read_rows(exp.output_dir / multitask.MULTITASK, multitask.KEY)
     levels = exp.levels or list(range(1, len(exp.sources) + 1))
     merges = [m.label for m in exp.methods if m.is_merge]
     orders = ", ".join(str(k) for k in exp.orders)
