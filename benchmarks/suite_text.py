@@ -11,11 +11,19 @@ starts), config/suite-text-robust.toml (20 pruned sources) and its noisy-source 
 writes benchmarks/results/suite-text/sweep-tables.md; then config/suite-text-sweep-long.toml (the same
 sweep with the longer Stage 2 at 1, 5 and 20 sources) and benchmarks/results/suite-text/sweep-long-tables.md.
 
+``--continual`` runs the streaming peers (config/suite-text-continual.toml): the multi-task pass of
+AXIS, OPCM, continual TA / TIES / averaging and batch TSV-M / TIES / TA over 3 arrival orders
+(evaluations only); with ``--stage2`` also their transfer runs (Stage 2 on the held-out targets);
+``--dry-run`` prints what would run. Tables: benchmarks/results/suite-text/continual-tables.md.
+
     apt-get install wordnet-base && pip install -e ".[suites]"
     nohup python benchmarks/suite_text.py > suite_text.log 2>&1 &
     python benchmarks/suite_text.py --tables-only      # the tables from what has finished
     nohup python benchmarks/suite_text.py --sources-sweep > sweep.log 2>&1 &
     python benchmarks/suite_text.py --sources-sweep --tables-only
+    nohup nice -n 19 python benchmarks/suite_text.py --continual > continual.log 2>&1 &
+    python benchmarks/suite_text.py --continual --stage2 --dry-run
+    nohup python benchmarks/suite_text.py --continual --stage2 > continual-stage2.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from axis_stream.experiments.suites.continual import run_continual
 from axis_stream.experiments.suites.report import run_benchmark
 from axis_stream.experiments.suites.sweep import run_sweep
 
@@ -32,7 +41,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "suite-text"
 
 if __name__ == "__main__":
     tables_only = "--tables-only" in sys.argv[1:]
-    if "--sources-sweep" in sys.argv[1:]:
+    if "--continual" in sys.argv[1:]:
+        print(run_continual(ROOT / "config" / "suite-text-continual.toml", RESULTS / "continual-tables.md",
+                            stage2="--stage2" in sys.argv[1:], tables_only=tables_only,
+                            dry_run="--dry-run" in sys.argv[1:]))
+    elif "--sources-sweep" in sys.argv[1:]:
         print(run_sweep(ROOT / "config" / "suite-text-sweep.toml", ROOT / "config" / "suite-text-robust.toml",
                         RESULTS / "sweep-tables.md", tables_only=tables_only,
                         more=[ROOT / "config" / "suite-text-sweep-start.toml"]))

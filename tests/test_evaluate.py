@@ -193,6 +193,38 @@ def test_a_methods_start_scale_parses_and_is_where_lambda_starts(tmp_path, tiny_
     assert biggest.keys() == {0.0, 1.0} and biggest[0.0] < 1e-6 < 1e-3 < biggest[1.0]
 
 
+def test_a_merge_without_stage2_is_base_plus_its_merged_delta(tmp_path, tiny_base, one_thread):
+    """``stage2 = false``: one evaluation per level, nothing trained, the accuracy of a hand-built
+    base + lam * sum of the task vectors with the target's zero-shot head."""
+    import open_clip
+
+    from axis_stream.adapt.device import amp_for
+    from axis_stream.adapt.head import zero_shot_head
+    from axis_stream.adapt.recipe import evaluate
+    from axis_stream.experiments.evaluate.harness import Harness
+    from axis_stream.store import models
+
+    extra = '[[methods]]\nname = "ta"\nlabel = "ta-merged"\nstage2 = false\nlam = 0.7\n'
+    path = write_experiment(tmp_path, tiny_base, methods=(), extra=extra)
+    exp = load_experiment(path)
+    exp.targets = exp.targets[:1]
+    rows = run_experiment(exp, lambda line: None)
+    assert [(r["method"], r["sources"], r["budget"], r["trainable_params"]) for r in rows] == [
+        ("ta-merged", "1", "0", "0"), ("ta-merged", "2", "0", "0")]
+    harness = Harness(exp, lambda line: None)
+    for run, row in zip(plan(exp), rows):
+        hp = run.settings(exp.adapt)
+        base = models.create_base(exp.base)
+        target = harness.target(run)
+        head = zero_shot_head(base, open_clip.get_tokenizer(exp.base.model), target.classnames, target.templates)
+        tvs = [harness.task_vector(s) for s in run.sources]
+        base.load_state_dict({k: v + 0.7 * sum(tv[k] for tv in tvs) if k in tvs[0] else v
+                              for k, v in harness.base_sd.items()})
+        test = harness.splits(run, hp, None, base).test
+        want = evaluate(references.Frozen(base), head, test, hp, torch.device("cpu"), amp_for(torch.device("cpu"), hp.amp))
+        assert float(row["test_accuracy"]) == pytest.approx(want, abs=1e-5)
+
+
 def test_results_file_refuses_other_columns(tmp_path):
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(AxisError, match="columns"):

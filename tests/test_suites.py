@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from axis_stream.cli import main
 from axis_stream.experiments.suites import SuiteDataError, Task, load_task, save_task, split_indices
@@ -163,8 +164,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _synthetic_vision_ci(data: Path) -> None:
-    """Tiny stand-ins for the ``vision-ci`` task files: each class a noisy copy of its own random pattern."""
+def _synthetic_vision_ci(data: Path, signal: float = 0.7) -> None:
+    """Tiny stand-ins for the ``vision-ci`` task files: each class a noisy copy of its own random pattern
+    (``signal``: the pattern's share of each image)."""
     from axis_stream.experiments.suites.vision import SUITE_TASKS
 
     spec = SUITE_TASKS["vision-ci"]
@@ -174,11 +176,28 @@ def _synthetic_vision_ci(data: Path) -> None:
 
         def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             y = torch.arange(n) % 3
-            x = patterns[y] * 0.7 + torch.rand(n, 28, 28, generator=g) * 255 * 0.3
+            x = patterns[y] * signal + torch.rand(n, 28, 28, generator=g) * 255 * (1 - signal)
             return x.to(torch.uint8), y
 
         (trx, try_), (tex, tey) = images(48), images(24)
         save_task(Task(name, ["a", "b", "c"], ["a", "b", "c"], trx, try_, tex, tey), data)
+
+
+SOURCES = ("textures", "faces", "mnist-inv")
+
+
+def _tiny_suite(tmp_path: Path, monkeypatch, signal: float = 0.7) -> Path:
+    """``vision-ci`` at test size (10 pretraining steps, 4 per source) on synthetic task files; its root."""
+    from axis_stream.core.registry import Registry
+    from axis_stream.experiments.suites import harness as suite_harness
+    from axis_stream.experiments.suites.zoo import vision_suite
+
+    builders = Registry("suite")
+    builders.add("vision-ci", lambda root: vision_suite(root, "vision-ci", pretrain_steps=10, steps=4))
+    monkeypatch.setattr(suite_harness, "SUITE_BUILDERS", builders)
+    root = tmp_path / "suite"
+    _synthetic_vision_ci(root / "data", signal)
+    return root
 
 
 def test_ci_sized_sources_sweep_folds_through_the_real_basis(tmp_path, monkeypatch):
@@ -186,19 +205,13 @@ def test_ci_sized_sources_sweep_folds_through_the_real_basis(tmp_path, monkeypat
     (each source once, shared by the levels, equal to the in-memory fold), the cost plots, the
     before-Stage-2 record, pruned sources through the basis, the noise variants and the tables."""
     from axis_stream.core import merges
-    from axis_stream.core.registry import Registry
     from axis_stream.experiments.evaluate.experiment import load_experiment
     from axis_stream.experiments.evaluate.plan import plan
     from axis_stream.experiments.suites import harness as suite_harness
     from axis_stream.experiments.suites import sweep
-    from axis_stream.experiments.suites.zoo import vision_suite
 
-    builders = Registry("suite")
-    builders.add("vision-ci", lambda root: vision_suite(root, "vision-ci", pretrain_steps=10, steps=4))
-    monkeypatch.setattr(suite_harness, "SUITE_BUILDERS", builders)
-    root = tmp_path / "suite"
-    _synthetic_vision_ci(root / "data")
-    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in ("textures", "faces", "mnist-inv"))
+    root = _tiny_suite(tmp_path, monkeypatch)
+    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in SOURCES)
     common = f"""suite = "vision-ci"
 data_root = "{root}"
 budgets = [0.4]
@@ -235,7 +248,7 @@ name = "average"
     homes = sorted((exp.output_dir / "bases").iterdir())
     assert len(homes) == 1
     folds = json.loads((homes[0] / "folds.json").read_text())
-    assert [f["source"] for f in folds] == ["textures", "faces", "mnist-inv"]
+    assert [f["source"] for f in folds] == list(SOURCES)
     assert len(sweep.starts(exp)) == len(rows)
     # the Basis fold is the streaming Stage 1 of the in-memory merge (float64 reference: exact SVD)
     harness = suite_harness.SuiteHarness(exp, lambda line: None)
@@ -255,6 +268,143 @@ name = "average"
     assert not list((robust.output_dir / "bases").glob("*/incoming/*"))
     assert {r["prune_ratio"] for r in _rows(robust.output_dir / "results.csv")} == {"0", "0.9"}
     assert {r["corrupt"] for r in _rows(robust.output_dir.parent / "noise-0.05" / "results.csv")} == {"yes"}
+
+
+def test_ci_sized_multitask_pass_and_the_merged_model_method(tmp_path, monkeypatch):
+    """The multi-task path at CI size, two arrival orders: one pass per method and order (AXIS from
+    its real basis's versions), BWT of one source 0, MTA(1) and later accuracies equal to hand-built
+    base + delta models, and merged-only runs on a target equal to a hand-built merged model."""
+    import random
+
+    from axis_stream.experiments.evaluate.experiment import load_experiment
+    from axis_stream.experiments.evaluate.plan import order_variants, plan
+    from axis_stream.experiments.evaluate.runner import run_experiment
+    from axis_stream.experiments.suites.harness import SuiteHarness
+    from axis_stream.experiments.suites.train import accuracy
+    from axis_stream.store.basis import Basis
+
+    root = _tiny_suite(tmp_path, monkeypatch, signal=0.12)  # hard enough that accuracies are not all 1
+    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in SOURCES)
+    (tmp_path / "mt.toml").write_text(f"""suite = "vision-ci"
+data_root = "{root}"
+output_dir = "mt"
+budgets = [0.4]
+levels = [1, 3]
+orders = [0, 1]
+multitask = true
+max_train_samples = 32
+[adapt]
+epochs = 1
+batch_size = 32
+device = "cpu"
+{sources}[[targets]]
+name = "digits"
+dataset = "digits"
+[[methods]]
+name = "axis"
+[[methods]]
+name = "opcm"
+stage2 = false
+[[methods]]
+name = "running-average"
+stage2 = false
+[[methods]]
+name = "ta"
+label = "ta-merged"
+stage2 = false
+[[methods]]
+name = "tsvm"
+""")
+    exp = load_experiment(tmp_path / "mt.toml")
+    run_experiment(exp, lambda line: None)
+    mt = {(r["method"], r["order"], r["sources"]): r for r in _rows(exp.output_dir / "multitask.csv")}
+    labels = ("axis", "opcm", "running-average", "ta-merged", "tsvm")
+    assert set(mt) == {(m, o, t) for m in labels for o in ("0", "1") for t in ("1", "3")}
+    assert (exp.output_dir / "plots" / "multitask_vs_sources.png").read_bytes()[:4] == b"\x89PNG"
+    order1 = random.Random(1).sample(list(SOURCES), 3)
+    assert order1 != list(SOURCES) and mt[("axis", "1", "3")]["source_names"] == "+".join(order1)
+
+    # hand-built merged models on the source tasks, with the head each source was fine-tuned with
+    harness = SuiteHarness(exp, lambda line: None)
+    model = harness._base()
+    tasks = {n: harness.suite.task(n) for n in SOURCES}
+    heads = {n: harness.suite.head(model, t) for n, t in tasks.items()}
+    tvs = [harness.task_vectors[n] for n in SOURCES]
+
+    def acc(state: dict, task: str) -> float:
+        model.load_state_dict(state)
+        with torch.no_grad():
+            return accuracy(model.eval(), heads[task], tasks[task].test_x, tasks[task].test_y)
+
+    def cells(cell: str) -> list[float]:
+        return [float(part.split("=")[1]) for part in cell.split(";")]
+
+    for (method, order, t), r in mt.items():
+        now, folded = cells(r["accuracies"]), cells(r["accuracies_when_folded"])
+        assert len(now) == len(folded) == int(t)
+        assert float(r["multitask_accuracy"]) == pytest.approx(sum(now) / len(now), abs=1e-5)
+        bwt = sum(now[i] - folded[i] for i in range(len(now) - 1)) / max(1, len(now) - 1)
+        assert float(r["backward_transfer"]) == pytest.approx(bwt, abs=1e-5)
+        assert folded[0] == pytest.approx(float(mt[(method, order, "1")]["multitask_accuracy"]), abs=1e-5)
+        if t == "1":
+            assert float(r["backward_transfer"]) == 0.0
+    # OPCM and the running average of one source: that source's own fine-tune
+    own = acc(load_file(harness.paths["textures"]), "textures")
+    for method in ("opcm", "running-average"):
+        assert float(mt[(method, "0", "1")]["multitask_accuracy"]) == pytest.approx(own, abs=1e-5), method
+    # AXIS after one source: the real basis's version 1 as export --merged writes it
+    basis_dir = next((exp.output_dir / "order-0" / "bases").glob("*/basis"))
+    basis = Basis.open(basis_dir, harness.base_sd)
+    assert float(mt[("axis", "0", "1")]["multitask_accuracy"]) == pytest.approx(
+        acc(basis.materialize(1, with_base=True), "textures"), abs=1e-5)
+    def summed(scale: float, t: int = 3) -> dict:
+        return {k: v + scale * sum(tv[k] for tv in tvs[:t]) if k in tvs[0] else v for k, v in harness.base_sd.items()}
+
+    # the running average and task arithmetic (lam 0.3) of all three, on every source task
+    for method, scale in (("running-average", 1 / 3), ("ta-merged", 0.3)):
+        want = [acc(summed(scale), n) for n in SOURCES]
+        assert cells(mt[(method, "0", "3")]["accuracies"]) == pytest.approx(want, abs=1e-5), method
+    # each task right after its own source: the average of the first 1, 2 (a level not in the table), 3
+    want = [acc(summed(1 / t, t), n) for t, n in enumerate(SOURCES, 1)]
+    assert cells(mt[("running-average", "0", "3")]["accuracies_when_folded"]) == pytest.approx(want, abs=1e-5)
+    # order-free merges at all sources: the same model in both orders
+    for method in ("running-average", "ta-merged", "tsvm"):
+        assert mt[(method, "0", "3")]["multitask_accuracy"] == mt[(method, "1", "3")]["multitask_accuracy"]
+    # one pass: each order's basis folded each source once, in that order
+    for order, names in (("0", list(SOURCES)), ("1", order1)):
+        folds = json.loads(next((exp.output_dir / f"order-{order}" / "bases").glob("*/folds.json")).read_text())
+        assert [f["source"] for f in folds] == names
+
+    # Stage 2 and merged-only runs per order; tsvm (order-free) is trained in order 0 only
+    variants = dict(order_variants(exp))
+    assert {m.label for m in variants[1].methods} == set(labels) - {"tsvm"}
+    stage2 = {o: {(r["method"], r["sources"]): r for r in _rows(exp.output_dir / f"order-{o}" / "results.csv")}
+              for o in ("0", "1")}
+    assert set(stage2["0"]) == {(m, t) for m in labels for t in ("1", "3")}
+    assert set(stage2["1"]) == {(m, t) for m in labels if m != "tsvm" for t in ("1", "3")}
+    assert stage2["0"][("ta-merged", "3")]["trainable_params"] == "0"
+    # a merged-only run on the target: base + 0.3 * sum of the task vectors with the target's frozen head
+    run = next(r for r in plan(variants[0]) if r.method.label == "ta-merged" and len(r.sources) == 3)
+    train, _, test = harness.splits(run, run.settings(exp.adapt))
+    model.load_state_dict(harness.base_sd)
+    head = harness.suite.head(model, train)
+    model.load_state_dict({k: v + 0.3 * sum(tv[k] for tv in tvs) if k in tvs[0] else v
+                           for k, v in harness.base_sd.items()})
+    with torch.no_grad():
+        want = accuracy(model.eval(), head, test.train_x, test.train_y)
+    assert float(stage2["0"][("ta-merged", "3")]["test_accuracy"]) == pytest.approx(want, abs=1e-5)
+
+    # the study's tables and plan: cells are the mean ± std over the orders, references from the same tasks
+    from axis_stream.experiments.suites.continual import plan_lines, references, tables
+    from axis_stream.experiments.suites.sweep import _pct
+
+    refs = references(exp)
+    assert refs["own fine-tune"]["textures"] == pytest.approx(own, abs=1e-9)
+    text = "\n".join(tables(exp, refs))
+    mta = [float(mt[("opcm", o, "3")]["multitask_accuracy"]) for o in ("0", "1")]
+    assert f"| OPCM | {_pct([float(mt[('opcm', o, '1')]['multitask_accuracy']) for o in ('0', '1')])} | {_pct(mta)} |" in text
+    assert "| own fine-tune (reference) |" in text and "| TSV-M (batch) |" in text
+    assert any(line.startswith("order 1 ") and "8 runs, 8 done" in line for line in plan_lines(exp))
 
 
 def test_token_dropout_keeps_cls_and_sep_and_is_seeded():

@@ -10,8 +10,11 @@ Stage 2 count at N (aTLAS through P, LoRA through its rank). Each finished run a
 and a run stopped mid-training continues from its last finished epoch. At the end it prints a
 summary table and draws PNG plots from the whole CSV.
 
-Method names: the Stage 1 merges of ``baselines.merges`` (``axis``, ``axis-global``, ``ta``,
-``average``, ``ties``, ``dare``, ``tsvm``), each followed by Stage 2, and ``atlas``, ``zeroshot``,
-``linear-probe``, ``lora``. The experiment file is parsed here (not in ``config``): it is not the
+Method names: the Stage 1 merges of ``core.merges`` (``axis``, ``axis-global``, ``ta``,
+``average``, ``ties``, ``dare``, ``tsvm`` and the continual ``opcm``, ``continual-ta``,
+``continual-ties``, ``running-average``), each followed by Stage 2 or, with ``stage2 = false``,
+measured as merged models (``merged``), and ``atlas``, ``zeroshot``, ``linear-probe``, ``lora``.
+``orders`` runs the experiment in several arrival orders; ``multitask`` adds the multi-task pass
+(``multitask``: accuracy on the source tasks folded so far, backward transfer). The experiment file is parsed here (not in ``config``): it is not the
 daemon's configuration.
 """

@@ -71,10 +71,16 @@ class MethodSpec:
     label: str
     params: dict[str, Any]
     hp: dict[str, Any]
+    stage2: bool = True                  # False (a merge only): the merged model itself is measured, nothing trains
 
     @property
     def is_merge(self) -> bool:
         return self.name in merges.METHODS
+
+    @property
+    def merged_only(self) -> bool:
+        """A merge measured as it is: base + the merged delta, the target's frozen head, no Stage 2."""
+        return self.is_merge and not self.stage2
 
     @property
     def uses_sources(self) -> bool:
@@ -92,6 +98,8 @@ class Experiment:
     max_eval_samples: int | None = None
     suite: str = ""                      # a real offline suite (axis_stream.experiments.suites): its own model and data
     executor: str = "local"              # local: runs here, one after another | ray: tasks on a Ray cluster
+    orders: list[int] = field(default_factory=lambda: [0])             # arrival orders of the sources (plan.arrival)
+    multitask: bool = False              # a suite's merged models on every source task folded so far (multitask.py)
     ray: RayConfig = field(default_factory=RayConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
@@ -136,6 +144,15 @@ def _method(table: dict, index: int) -> MethodSpec:
     if name not in known:
         raise ConfigError(f"{where}.name: {name!r} is not one of {', '.join(known)}")
     label = table.pop("label", name)
+    stage2 = table.pop("stage2", True)
+    if not isinstance(stage2, bool):
+        raise ConfigError(f"{where}.stage2: expected true or false, got {stage2!r}")
+    if not stage2 and name not in merges.METHODS:
+        raise ConfigError(f"{where}.stage2: only a Stage 1 merge ({', '.join(sorted(merges.METHODS))}) can be "
+                          f"measured without Stage 2, not {name!r}")
+    trained = [k for k in HP_KEYS if k in table]
+    if not stage2 and trained:
+        raise ConfigError(f"{where}.{trained[0]}: a merge with stage2 = false trains nothing")
     if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.+\-=\[\],]+", label):
         raise ConfigError(f"{where}.label: {label!r} must be a short name without spaces")
     hints = get_type_hints(AdaptConfig)
@@ -159,7 +176,7 @@ def _method(table: dict, index: int) -> MethodSpec:
             params = {**METHOD_PARAMS[name], **table}
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return MethodSpec(name, label, params, hp)
+    return MethodSpec(name, label, params, hp, stage2)
 
 
 def _resolve_paths(exp: Experiment, root: Path) -> None:
@@ -198,6 +215,11 @@ def _validate(exp: Experiment) -> None:
             raise ConfigError(f"{key}: expected values in {'(' if low_open else '['}{low}, {high}], got {values!r}")
     if not exp.seeds or any(level < 1 for level in exp.levels) or not exp.robustness.corrupt:
         raise ConfigError("seeds and robustness.corrupt need one or more values; levels must be >= 1")
+    if not exp.orders or len(set(exp.orders)) != len(exp.orders) or min(exp.orders) < 0:
+        raise ConfigError(f"orders: expected distinct numbers >= 0 (0 = the file's order), got {exp.orders!r}")
+    if exp.multitask and not (exp.suite and any(m.is_merge for m in exp.methods)):
+        raise ConfigError("multitask: needs a suite (suite = ...), whose sources are its tasks, and one or more "
+                          "Stage 1 merges among the methods")
     exp.adapt.validate()
     config._choice("executor", exp.executor, config.EXECUTORS)
     exp.ray.validate("ray")

@@ -28,6 +28,7 @@ from axis_stream.core import layout, merges, stage1
 from axis_stream.errors import AxisError
 from axis_stream.experiments.baselines import atlas, references
 from axis_stream.experiments.baselines.memory import step_peak_bytes
+from axis_stream.experiments.evaluate import merged
 from axis_stream.experiments.evaluate.experiment import Echo, Experiment, Robustness, SourceSpec
 from axis_stream.experiments.evaluate.plan import Run
 from axis_stream.store import ingest, models
@@ -138,7 +139,7 @@ class Harness:
         hp = run.settings(self.exp.adapt)
         base = models.create_base(self.exp.base).to(self.device)
         max_train = self.max_train(run, hp, base)
-        if run.method.name in ("zeroshot", "linear-probe"):
+        if run.method.name in ("zeroshot", "linear-probe") or run.method.merged_only:
             outcome = self._reference(run, hp, max_train, base)
         else:
             outcome = self._stage2(run, hp, max_train, base, out_dir)
@@ -191,16 +192,20 @@ class Harness:
                        report.get("step_seconds"))
 
     def _reference(self, run: Run, hp: AdaptConfig, max_train: int | None, base: nn.Module) -> Outcome:
-        """Zero-shot (evaluation only) and the linear probe (the head trained on frozen features)."""
+        """Zero-shot and a merged model without Stage 2 (evaluation only), and the linear probe (the
+        head trained on frozen features). The head is always the base's zero-shot head."""
         import open_clip
-
 
         target = self.target(run)
         head = zero_shot_head(base, open_clip.get_tokenizer(self.exp.base.model), target.classnames,
                               target.templates, device=self.device)
+        if run.method.merged_only:
+            delta = merged.merged_delta(run.method.name, self.prepared(run), set(self.matrices),
+                                        params=run.method.params, k_fraction=run.k_fraction, seed=run.seed)
+            base.load_state_dict(merged.with_base(self.base_sd, delta))
         model = references.Frozen(base)
         splits = self.splits(run, hp, max_train, base)
-        if run.method.name == "zeroshot":
+        if run.method.name == "zeroshot" or run.method.merged_only:
             amp = amp_for(self.device, hp.amp)
             val = evaluate(model, head, splits.val, hp, self.device, amp)
             test = evaluate(model, head, splits.test, hp, self.device, amp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from axis_stream.config import AdaptConfig
 from axis_stream.experiments.evaluate.experiment import Experiment, MethodSpec, SourceSpec, TargetSpec
+from axis_stream.experiments.evaluate.merged import order_free
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,31 @@ class Run:
         return re.sub(r"[^A-Za-z0-9_.+\-=]", "_", name) + "-" + digest
 
 
+def arrival(sources: Sequence[SourceSpec], order: int) -> list[SourceSpec]:
+    """The sources in arrival order ``order``: 0 is the file's order, ``k >= 1`` the seeded permutation
+    ``random.Random(k).sample(sources, len(sources))``."""
+    return list(sources) if order == 0 else random.Random(order).sample(list(sources), len(sources))
+
+
+def order_variants(exp: Experiment) -> list[tuple[int, Experiment]]:
+    """One experiment per arrival order of ``exp.orders``: its sources in that order, its files in
+    ``<output_dir>/order-<k>/`` (a single order 0: ``exp`` itself, as before orders existed).
+
+    With order 0 among several, a merge whose result does not depend on the order (``merged.order_free``)
+    is trained with Stage 2 in order 0 only: at all sources it would give the same rows, and at fewer
+    the order only picks another subset; a method without sources (zero-shot, linear probe, LoRA) runs
+    in order 0 only. Runs without Stage 2 are cheap and stay in every order."""
+    if exp.orders == [0]:
+        return [(0, exp)]
+    out = []
+    for k in exp.orders:
+        methods = [m for m in exp.methods if k == 0 or 0 not in exp.orders or m.merged_only
+                   or (m.uses_sources and not (m.is_merge and order_free(m.name)))]
+        out.append((k, dataclasses.replace(exp, orders=[k], sources=arrival(exp.sources, k), methods=methods,
+                                           output_dir=exp.output_dir / f"order-{k}")))
+    return out
+
+
 def plan(exp: Experiment) -> list[Run]:
     """Every run of the experiment, grouped so that runs sharing a merged basis are adjacent (also
     across targets whose pools are the same), so each basis is built once."""
@@ -82,14 +109,14 @@ def plan(exp: Experiment) -> list[Run]:
         levels = [n for n in (exp.levels or range(1, len(pool) + 1)) if n <= len(pool)]
         for method in exp.methods:
             uses = method.uses_sources
-            trained = method.name != "zeroshot"
+            trained = method.name != "zeroshot" and not method.merged_only
             for level in (levels if uses else [0]):
                 for k in (exp.stage1.k_fractions if method.is_merge else [None]):
                     for corrupt in (rb.corrupt if uses else [False]):
                         for prune in (rb.prune_ratios if uses else [0.0]):
-                            for seed in (exp.seeds if trained else exp.seeds[:1]):
+                            for seed in (exp.seeds if trained or method.is_merge else exp.seeds[:1]):
                                 for frac in (rb.train_fractions if trained else [1.0]):
-                                    for budget in (exp.budgets if method.name not in ("zeroshot", "linear-probe")
+                                    for budget in (exp.budgets if trained and method.name != "linear-probe"
                                                    else [0.0]):
                                         runs.append(Run(method, target, pool[:level], budget, seed, k,
                                                         corrupt, prune, frac))

@@ -34,11 +34,16 @@ def _mean(values: Sequence[float]) -> float:
 
 def _default_rows(rows: Sequence[Mapping[str, str]], but: str | None = None) -> list[Mapping[str, str]]:
     """Rows at the default robustness settings and the first K (except along the ``but`` axis)."""
-    ks = sorted({r["k_fraction"] for r in rows if r["k_fraction"]}, key=float)
-    default_k = "0.1" if "0.1" in ks else (ks[0] if ks else "")
+    default_k = _default_k(rows)
     return [r for r in rows
             if all(r[k] == v for k, v in DEFAULTS.items() if k != but)
             and (but == "k_fraction" or r["k_fraction"] in ("", default_k))]
+
+
+def _default_k(rows: Sequence[Mapping[str, str]]) -> str:
+    """The K the tables and plots show: 0.1 if it was run, else the smallest."""
+    ks = sorted({r["k_fraction"] for r in rows if r["k_fraction"]}, key=float)
+    return "0.1" if "0.1" in ks else (ks[0] if ks else "")
 
 
 def summary(rows: Sequence[Mapping[str, str]]) -> list[str]:
@@ -72,13 +77,10 @@ def plot(rows: Sequence[Mapping[str, str]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
 
     def save(fig, name: str) -> None:
-        path = out_dir / name
-        atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / name))
 
     base = _default_rows(rows)
     if not base:
@@ -151,3 +153,70 @@ def _group(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) -> dict[tuple
     for r in rows:
         out.setdefault(tuple(r[k] for k in keys), []).append(r)
     return out
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG crash-safely and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def _multitask_curves(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[int, list[Mapping[str, str]]]]:
+    """Multi-task rows at the default K, by method then number of sources (one row per arrival order)."""
+    out: dict[str, dict[int, list[Mapping[str, str]]]] = {}
+    default_k = _default_k(rows)
+    for r in (r for r in rows if r["k_fraction"] in ("", default_k)):
+        out.setdefault(r["method"], {}).setdefault(int(r["sources"]), []).append(r)
+    return out
+
+
+def multitask_summary(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Multi-task accuracy and backward transfer per method and number of sources, mean over the arrival orders."""
+    curves = _multitask_curves(rows)
+    if not curves:
+        return ["no multi-task results yet"]
+    levels = sorted({t for c in curves.values() for t in c})
+    table = [["method"] + [f"t={t}" for t in levels]]
+    for method, by_t in curves.items():
+        cells = []
+        for t in levels:
+            got = by_t.get(t, [])
+            mta = _mean([float(r["multitask_accuracy"]) for r in got])
+            bwt = _mean([float(r["backward_transfer"]) for r in got])
+            cells.append(f"{mta:.2%} {100 * bwt:+.1f} ({len(got)})" if got else "-")
+        table.append([method] + cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["multi-task accuracy of the merged models, BWT in points (number of arrival orders):"]
+    return lines + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+
+
+def plot_multitask(rows: Sequence[Mapping[str, str]], out_dir: Path) -> list[Path]:
+    """``multitask_vs_sources.png``: multi-task accuracy and backward transfer of each method's merged
+    model against the number of sources folded (mean over arrival orders; the band: their min and max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _multitask_curves(rows)
+    if not curves:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (method, by_t) in enumerate(curves.items()):
+        xs = sorted(by_t)
+        for ax, column in zip(axes, ("multitask_accuracy", "backward_transfer")):
+            values = [[float(r[column]) for r in by_t[x]] for x in xs]
+            ax.plot(xs, [_mean(v) for v in values], marker="o", label=method, color=f"C{i % 10}")
+            if any(len(v) > 1 for v in values):
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                                color=f"C{i % 10}")
+    for ax, ylabel in zip(axes, ("multi-task accuracy (tasks folded so far)", "backward transfer")):
+        ax.set_xlabel("number of sources folded")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return [_save(fig, out_dir / "multitask_vs_sources.png")]

@@ -31,34 +31,36 @@ RESULTS = "results.csv"
 
 
 class Results:
-    """``results.csv``: rows appended and fsynced one run at a time; the keys already there are skipped."""
+    """``results.csv`` (or another table with its own ``key`` and ``columns``): rows appended and
+    fsynced one run at a time; the keys already there are skipped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: Sequence[str] = KEY, columns: Sequence[str] = COLUMNS):
         self.path = path
+        self.key, self.columns = tuple(key), tuple(columns)
         self.done: set[tuple[str, ...]] = set()
         if not path.exists():
-            atomic_write_bytes(path, _csv_line(COLUMNS).encode())
+            atomic_write_bytes(path, _csv_line(self.columns).encode())
             return
         raw = path.read_bytes()
         if raw and not raw.endswith(b"\n"):  # a crash in the middle of an append: drop the partial line
             raw = raw[: raw.rfind(b"\n") + 1]
             atomic_write_bytes(path, raw)
         reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise AxisError(f"{path}: its columns are not this version's ({', '.join(COLUMNS)}); "
+        if tuple(reader.fieldnames or ()) != self.columns:
+            raise AxisError(f"{path}: its columns are not this version's ({', '.join(self.columns)}); "
                             f"use another output_dir or move the file away")
         for row in reader:
-            self.done.add(tuple(row[k] for k in KEY))
+            self.done.add(tuple(row[k] for k in self.key))
 
     def has(self, row: Mapping[str, Any]) -> bool:
-        return _key(row) in self.done
+        return _key(row, self.key) in self.done
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         with open(self.path, "a", encoding="utf-8", newline="") as fh:
-            fh.write("".join(_csv_line([_cell(r.get(c, "")) for c in COLUMNS]) for r in rows))
+            fh.write("".join(_csv_line([_cell(r.get(c, "")) for c in self.columns]) for r in rows))
             fh.flush()
             os.fsync(fh.fileno())
-        self.done.update(_key(r) for r in rows)
+        self.done.update(_key(r, self.key) for r in rows)
 
     def rows(self) -> list[dict[str, str]]:
         with open(self.path, encoding="utf-8", newline="") as fh:
@@ -73,8 +75,8 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _key(row: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(_cell(row[k]) for k in KEY)
+def _key(row: Mapping[str, Any], key: Sequence[str] = KEY) -> tuple[str, ...]:
+    return tuple(_cell(row[k]) for k in key)
 
 
 def _csv_line(cells: Sequence[Any]) -> str:

@@ -14,10 +14,12 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from axis_stream.cluster import connect
 from axis_stream.errors import AxisError, first_line
-from axis_stream.experiments.evaluate.experiment import Echo, Experiment
+from axis_stream.experiments.evaluate import merged, multitask
+from axis_stream.experiments.evaluate.experiment import Echo, Experiment, MethodSpec
 from axis_stream.experiments.evaluate.harness import RUN_ERRORS, Harness
-from axis_stream.experiments.evaluate.plan import Run, plan, run_dir, run_title
-from axis_stream.experiments.evaluate.report import plot, summary
+from axis_stream.experiments.evaluate.multitask import MULTITASK
+from axis_stream.experiments.evaluate.plan import Run, order_variants, plan, run_dir, run_title
+from axis_stream.experiments.evaluate.report import multitask_summary, plot, plot_multitask, summary
 from axis_stream.experiments.evaluate.results import RESULTS, Results
 from axis_stream.experiments.suites.harness import SuiteHarness
 from axis_stream.store import atomic
@@ -25,25 +27,40 @@ from axis_stream.store import atomic
 LOCK = ".lock"
 
 
-def run_experiment(exp: Experiment, echo: Echo = print) -> list[dict[str, str]]:
+def run_experiment(exp: Experiment, echo: Echo = print, only_multitask: bool = False) -> list[dict[str, str]]:
     """Run every row not yet in ``<output_dir>/results.csv``, then summarise and plot; returns all rows.
 
     A run that fails (bad data, a method that cannot apply) is reported and left out, so a restart
     retries it; the experiment goes on with the other runs. Raises ``AxisError`` at the end if any failed.
     Runs execute here one after another, or with ``executor = "ray"`` as tasks on a Ray cluster
     (``evaluate_on_ray``); either way only this process appends rows, each once, and a
-    second evaluation on the same ``output_dir`` is refused while this one runs.
+    second evaluation on the same ``output_dir`` is refused while this one runs. With several
+    ``orders`` each order is its own experiment in ``<output_dir>/order-<k>/`` (``plan.order_variants``).
+    With ``multitask = true`` the multi-task pass comes first (``<output_dir>/multitask.csv``);
+    ``only_multitask``: nothing else runs.
     """
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     with atomic.file_lock(exp.output_dir / LOCK, blocking=False) as got:
         if not got:
             raise AxisError(f"{exp.output_dir}: another axis-stream evaluate is running on this output_dir; "
                             "wait for it to finish (a re-run then resumes) or choose another output_dir")
-        return _run_locked(exp, echo)
+        variants = order_variants(exp)
+        if exp.multitask:
+            run_multitask(exp, variants, echo)
+        if only_multitask:
+            return []
+        rows, failed = [], 0
+        for _, variant in variants:
+            done, bad = _run_locked(variant, echo)
+            rows += done
+            failed += bad
+        if failed:
+            raise AxisError(f"{failed} runs failed (see above); run again to retry them")
+        return rows
 
 
-def _run_locked(exp: Experiment, echo: Echo) -> list[dict[str, str]]:
-    """``run_experiment`` once this process holds the output folder."""
+def _run_locked(exp: Experiment, echo: Echo) -> tuple[list[dict[str, str]], int]:
+    """The runs of one order once this process holds the output folder: (all its rows, runs failed)."""
     results = Results(exp.output_dir / RESULTS)
     runs = plan(exp)
     todo = [r for r in runs if not all(results.has(row) for row in r.rows(exp.robustness.patch_dropout))]
@@ -64,9 +81,38 @@ def _run_locked(exp: Experiment, echo: Echo) -> list[dict[str, str]]:
         echo(line)
     for path in plot(rows, exp.output_dir / "plots"):
         echo(f"plot: {path}")
-    if failed:
-        raise AxisError(f"{len(failed)} of {len(todo)} runs failed (see above); run again to retry them")
+    return rows, len(failed)
+
+
+def run_multitask(exp: Experiment, variants: Sequence[tuple[int, Experiment]], echo: Echo) -> list[dict[str, str]]:
+    """The multi-task pass (``evaluate.multitask``) of every merge of ``exp`` in every arrival order,
+    one pass over the stream each; passes whose rows are all in ``multitask.csv`` are skipped."""
+    results = Results(exp.output_dir / MULTITASK, multitask.KEY, multitask.COLUMNS)
+    levels = [n for n in (exp.levels or range(1, len(exp.sources) + 1)) if n <= len(exp.sources)]
+    seed = exp.seeds[0]
+    for order, variant in variants:
+        passes = [(m, k) for m in exp.methods if m.is_merge
+                  for k in (exp.stage1.k_fractions if m.name in merged.TOP_K_MODELS else exp.stage1.k_fractions[:1])]
+        todo = [(m, k) for m, k in passes if not all(results.has(r) for r in _multitask_keys(m, order, k, seed, levels))]
+        echo(f"multi-task, order {order}: {len(passes)} passes, {len(passes) - len(todo)} done, {len(todo)} to go")
+        if not todo:
+            continue
+        harness = SuiteHarness(variant, echo)
+        for method, k in todo:
+            rows = harness.multitask(method, order, k, seed, levels)
+            results.append([r for r in rows if not results.has(r)])
+        del harness  # its task vectors, before the next order's harness loads them again
+    rows = results.rows()
+    for line in multitask_summary(rows):
+        echo(line)
+    for path in plot_multitask(rows, exp.output_dir / "plots"):
+        echo(f"plot: {path}")
     return rows
+
+
+def _multitask_keys(method: MethodSpec, order: int, k: float, seed: int, levels: Sequence[int]) -> list[dict]:
+    kf = k if method.name in merged.TOP_K_MODELS else None
+    return [{"method": method.label, "order": order, "sources": t, "k_fraction": kf, "seed": seed} for t in levels]
 
 
 def _run_here(exp: Experiment, todo: Sequence[Run], echo: Echo):

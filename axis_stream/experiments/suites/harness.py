@@ -19,7 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,14 @@ from axis_stream.core.registry import Registry
 from axis_stream.errors import BasisError
 from axis_stream.experiments.baselines import atlas, references
 from axis_stream.experiments.baselines.memory import step_peak_bytes
+from axis_stream.experiments.evaluate import merged
+from axis_stream.experiments.evaluate.experiment import TargetSpec
 from axis_stream.experiments.evaluate.harness import treated
+from axis_stream.experiments.evaluate.multitask import backward_transfer, joined
+from axis_stream.experiments.evaluate.plan import Run
 from axis_stream.experiments.suites import Task, take
 from axis_stream.experiments.suites.prepare import default_root, task_names
+from axis_stream.experiments.suites.train import accuracy
 from axis_stream.experiments.suites.zoo import Suite, text_suite, vision_suite
 from axis_stream.store.atomic import atomic_write, atomic_write_json
 from axis_stream.store.basis import Basis
@@ -116,8 +121,21 @@ class SuiteHarness:
         return self._basis[1]
 
     def daemon_basis(self, run: Any) -> Any:
-        """AXIS streaming as the product runs it: the run's sources folded one checkpoint at a time,
-        in order, by ``Basis.fold_checkpoint`` into a basis under ``<output_dir>/bases/``.
+        """AXIS streaming as the product runs it: the ``BasisSnapshot`` of the run's sources folded by
+        :meth:`folded_basis`; its version n is the first n sources of the pool."""
+        basis = self.folded_basis(run)
+        names = [s.name for s in run.sources]
+        snap = basis.load()
+        if snap.count != len(names):
+            snap = basis.load(len(names))  # an earlier level of a pool folded further already
+        if snap.count != len(names):
+            raise BasisError(f"{basis.directory}: version {snap.version} holds {snap.count} sources, "
+                             f"expected {len(names)}")
+        return snap
+
+    def folded_basis(self, run: Any) -> Basis:
+        """The run's sources folded one checkpoint at a time, in order, by ``Basis.fold_checkpoint``
+        into a basis under ``<output_dir>/bases/`` (those folded already are not folded again).
 
         The basis of the first n sources of a pool is its version n, so every level of a sweep (and
         a re-run) shares one basis: each source is folded once. Clean sources are folded from their
@@ -169,12 +187,67 @@ class SuiteHarness:
             atomic_write_json(log_path, log)
             self.echo(f"    folded {name} into {home.name}: version {record.version}, "
                       f"{record.new_kept_total} components kept, energy kept {record.energy_kept:.1%}")
-        snap = basis.load()
-        if snap.count != len(names):
-            snap = basis.load(len(names))  # an earlier level of a pool folded further already
-        if snap.count != len(names):
-            raise BasisError(f"{home}: version {snap.version} holds {snap.count} sources, expected {len(names)}")
-        return snap
+        return basis
+
+    def merged_delta(self, run: Any) -> dict[str, Tensor]:
+        """The run's merged delta at its stored values (``evaluate.merged``); AXIS streaming: its real basis."""
+        if run.method.name == "axis":
+            snap = self.daemon_basis(run)
+            return merged.dense(snap.factors, snap.means, self.base_sd)
+        return merged.merged_delta(run.method.name, self.prepared(run), set(self.matrices),
+                                   params=run.method.params, k_fraction=run.k_fraction, seed=run.seed)
+
+    def merged_stream(self, method: Any, k_fraction: float, seed: int) -> Iterator[merged.Step]:
+        """``merged.stream`` over all the experiment's sources in their order; AXIS streaming: the
+        versions 1, 2, ... of its real basis (each source folded once, the fold's own time)."""
+        if method.name != "axis":
+            tvs = [self.task_vectors[s.name] for s in self.exp.sources]
+            yield from merged.stream(method.name, tvs, set(self.matrices), params=method.params,
+                                     k_fraction=k_fraction, seed=seed)
+            return
+        run = Run(method, TargetSpec(), tuple(self.exp.sources), 0.0, seed, k_fraction, False, 0.0, 1.0)
+        basis = self.folded_basis(run)
+        records = basis.ledger(len(run.sources))
+        try:
+            for t, record in enumerate(records, 1):
+                snap = basis.load(t)
+                kept = sum(f.nbytes for f in snap.factors.values()) + sum(m.nbytes for m in snap.means.values())
+                yield merged.Step(t, merged.dense(snap.factors, snap.means, self.base_sd), record.seconds, kept)
+        finally:
+            basis.close()
+
+    @torch.no_grad()
+    def multitask(self, method: Any, order: int, k_fraction: float, seed: int, levels: Sequence[int]
+                  ) -> list[dict[str, Any]]:
+        """One pass over the stream of sources: after each source ``t`` the merged model's test
+        accuracy on task ``t``, and at each of ``levels`` on every source task so far, each with
+        its whole test split and the frozen head its source was fine-tuned with; one row per level."""
+        torch.set_num_threads(self.suite.threads)
+        names = [s.name for s in self.exp.sources]
+        model = self._base()
+        tasks = {n: self.suite.task(n) for n in names}
+        heads = {n: self.suite.head(model, task) for n, task in tasks.items()}
+        started, folded, rows = time.monotonic(), [], []
+        for step in self.merged_stream(method, k_fraction, seed):
+            t = step.count
+            model.load_state_dict(merged.with_base(self.base_sd, step.delta))
+            model.eval()
+            now = {n: accuracy(model, heads[n], tasks[n].test_x, tasks[n].test_y)
+                   for n in (names[:t] if t in levels else names[t - 1:t])}
+            folded.append(now[names[t - 1]])
+            if t not in levels:
+                continue
+            accs = [now[n] for n in names[:t]]
+            rows.append({"method": method.label, "order": order, "sources": t,
+                         "k_fraction": k_fraction if method.name in merged.TOP_K_MODELS else None,
+                         "seed": seed, "source_names": "+".join(names[:t]),
+                         "multitask_accuracy": sum(accs) / t, "backward_transfer": backward_transfer(accs, folded),
+                         "accuracies": joined(names[:t], accs), "accuracies_when_folded": joined(names[:t], folded),
+                         "fold_seconds": step.fold_seconds, "state_bytes": step.state_bytes,
+                         "seconds": time.monotonic() - started})
+            self.echo(f"    {method.label}, order {order}, {t} sources: multi-task {rows[-1]['multitask_accuracy']:.2%}, "
+                      f"BWT {rows[-1]['backward_transfer']:+.2%}")
+        return rows
 
     def budget_count(self, n_fraction: float) -> int:
         return sum(stage1.k_for(shape, n_fraction) for shape in self.shapes)
@@ -202,6 +275,9 @@ class SuiteHarness:
     def build(self, run: Any, hp: AdaptConfig, base: nn.Module) -> nn.Module:
         """The run's trainable model around ``base`` (consumed), as ``Harness._stage2`` builds it."""
         name, params = run.method.name, run.method.params
+        if run.method.merged_only:
+            base.load_state_dict(merged.with_base(self.base_sd, self.merged_delta(run)))
+            return references.Frozen(base)
         if run.method.is_merge:
             factors, means = self.basis(run)
             return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale)
@@ -245,7 +321,7 @@ class SuiteHarness:
             test_acc = references.accuracy(*feats["test"], head)
             steps = hp.epochs * math.ceil(len(train.train_y) / hp.batch_size)
             trainable, step_s = head.numel(), (time.perf_counter() - tic) / max(steps, 1)
-        elif run.method.name == "zeroshot":
+        elif run.method.name == "zeroshot" or run.method.merged_only:
             val_acc, test_acc = _accuracy(model, head, val, hp), start_acc
             trainable, step_s = 0, None
         else:

@@ -23,8 +23,9 @@ from axis_stream.store.atomic import atomic_write_bytes
 Row = Mapping[str, str]
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of one ``results.csv`` (empty if the experiment has not run yet), one per run key.
+def read_rows(path: Path, key: Sequence[str] = KEY) -> list[dict[str, str]]:
+    """The rows of one ``results.csv`` (or another table with its ``key``; empty if the experiment has
+    not run yet), one per key.
 
     Two evaluations writing to one output folder at once can both run the same key; the first row wins.
     """
@@ -34,7 +35,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         rows = list(csv.DictReader(fh))
     first: dict[tuple, dict[str, str]] = {}
     for row in rows:
-        first.setdefault(tuple(row[k] for k in KEY), row)
+        first.setdefault(tuple(row[k] for k in key), row)
     return list(first.values())
 
 
