@@ -234,6 +234,32 @@ def _dying_at_step(monkeypatch, n: int) -> Iterator[None]:
         yield
 
 
+def _crash_at_every_step(monkeypatch, seed: Basis, base, change) -> list[int]:
+    """Run ``change(copy of seed)`` dying right before file-system step 1, 2, ... until it completes;
+    after each, the copy reopens and verifies, its ledger is its versions' and, where the old version
+    is current, its files are the seed's. Returns the current version after each try."""
+    seed_state = _basis_state(seed.directory)
+    outcomes, n = [], 0
+    while True:
+        n += 1
+        target = seed.directory.parent / f"crash-{n}"
+        shutil.copytree(seed.directory, target)
+        try:
+            with _dying_at_step(monkeypatch, n):
+                change(target)
+            crashed = False
+        except Crash:
+            crashed = True
+        reopened = Basis.open(target, base)
+        reopened.verify()
+        outcomes.append(reopened.version)
+        assert [r.version for r in reopened.ledger()] == list(range(1, reopened.version + 1))
+        if reopened.version == seed.version:
+            assert _basis_state(target) == seed_state
+        if not crashed:
+            return outcomes
+
+
 @pytest.mark.parametrize("strategy", ["axis", "opcm"])
 def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tiny_base, make_checkpoint,
                                                                             new_basis, monkeypatch, strategy):
@@ -244,26 +270,8 @@ def test_a_crash_at_every_step_of_a_commit_leaves_the_old_or_the_new_version(tin
     seed = new_basis("seed", keep_versions=1, strategy=strategy)
     seed.fold_checkpoint(make_checkpoint(95, prefix=""))  # text and image matrices: the next fold links some
     new = make_checkpoint(96)
-    seed_state = _basis_state(seed.directory)
-    outcomes, n = [], 0
-    while True:
-        n += 1
-        target = seed.directory.parent / f"crash-{n}"
-        shutil.copytree(seed.directory, target)
-        try:
-            with _dying_at_step(monkeypatch, n):
-                Basis.open(target, base).fold_checkpoint(new)
-            crashed = False
-        except Crash:
-            crashed = True
-        reopened = Basis.open(target, base)
-        reopened.verify()
-        outcomes.append(reopened.version)
-        assert [r.version for r in reopened.ledger()] == list(range(1, reopened.version + 1))
-        if reopened.version == 1:
-            assert _basis_state(target) == seed_state
-        if not crashed:
-            break
+    outcomes = _crash_at_every_step(monkeypatch, seed, base,
+                                    lambda target: Basis.open(target, base).fold_checkpoint(new))
     assert outcomes[-1] == 2 and outcomes.count(1) >= 6 and outcomes.count(2) >= 2, outcomes
 
 
@@ -621,25 +629,6 @@ def test_a_crash_at_every_step_of_fold_basis_leaves_the_old_or_the_new_version(t
                                                                               new_basis, monkeypatch):
     _, base = tiny_base
     seed, right = _two_bases(new_basis, make_checkpoint, seeds=((151,), (152, 153)), keep_versions=1)
-    seed_state = _basis_state(seed.directory)
-    outcomes, n = [], 0
-    while True:
-        n += 1
-        target = seed.directory.parent / f"crash-{n}"
-        shutil.copytree(seed.directory, target)
-        other = Basis.open(right.directory)
-        try:
-            with _dying_at_step(monkeypatch, n):
-                Basis.open(target).fold_basis(other)
-            crashed = False
-        except Crash:
-            crashed = True
-        reopened = Basis.open(target, base)
-        reopened.verify()
-        outcomes.append(reopened.version)
-        assert [r.version for r in reopened.ledger()] == list(range(1, reopened.version + 1))
-        if reopened.version == 1:
-            assert _basis_state(target) == seed_state
-        if not crashed:
-            break
+    outcomes = _crash_at_every_step(monkeypatch, seed, base,
+                                    lambda target: Basis.open(target).fold_basis(Basis.open(right.directory)))
     assert outcomes[-1] == 3 and outcomes.count(1) >= 5 and outcomes.count(3) >= 2, outcomes
