@@ -10,6 +10,11 @@ are skipped; the source fine-tunes are cached under ~/.cache/axis-stream/suites/
     nohup python benchmarks/suite_vision.py > suite_vision.log 2>&1 &
     python benchmarks/suite_vision.py --tables-only      # the tables from what has finished
     python benchmarks/suite_vision.py --start-scales     # AXIS from its merged start vs scaled starts
+    python benchmarks/suite_vision.py --continual [--tables-only]   # the streaming peers' multi-task pass
+
+``--continual`` runs config/suite-vision-continual.toml (issue 18): the merged models of AXIS, OPCM,
+continual TA / TIES / averaging and batch TSV-M / TIES / TA after each of the 6 sources, in 3 arrival
+orders, on the source tasks folded so far; tables: benchmarks/results/suite-vision/continual-tables.md.
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from axis_stream.experiments.suites.continual import run_continual
 from axis_stream.experiments.suites.report import run_benchmark, start_scale_study
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "config" / f"suite-vision{part}.toml" for part in ("", "-fewshot", "-noisy", "-ablations")]
+RESULTS = ROOT / "benchmarks" / "results" / "suite-vision"
 
 if __name__ == "__main__":
+    if "--continual" in sys.argv[1:]:
+        print(run_continual(ROOT / "config" / "suite-vision-continual.toml", RESULTS / "continual-tables.md",
+                            tables_only="--tables-only" in sys.argv[1:]))
+        raise SystemExit(0)
     if "--start-scales" in sys.argv[1:]:
         print("\n".join(start_scale_study(CONFIGS[0], ["digits", "textures"])))
         raise SystemExit(0)
-    print(run_benchmark("vision", CONFIGS, ROOT / "benchmarks" / "results" / "suite-vision" / "tables.md",
+    print(run_benchmark("vision", CONFIGS, RESULTS / "tables.md",
                         tables_only="--tables-only" in sys.argv[1:]))

@@ -407,6 +407,21 @@ name = "tsvm"
     assert any(line.startswith("order 1 ") and "8 runs, 8 done" in line for line in plan_lines(exp))
 
 
+SHIPPED_SUITES = sorted((Path(__file__).resolve().parents[1] / "config").glob("suite-*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SUITES, ids=lambda p: p.stem)
+def test_shipped_suite_experiments_load_and_name_their_suites_tasks(path):
+    from axis_stream.experiments.evaluate.experiment import load_experiment
+    from axis_stream.experiments.evaluate.plan import order_variants, plan
+    from axis_stream.experiments.suites.prepare import task_names
+
+    exp = load_experiment(path)
+    known = set(task_names(exp.suite))
+    assert {getattr(s, "dataset", "") or s.name for s in [*exp.sources, *exp.targets]} <= known
+    assert exp.multitask or all(plan(variant) for _, variant in order_variants(exp))
+
+
 def test_token_dropout_keeps_cls_and_sep_and_is_seeded():
     m = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     all_dropped = text_suite.drop_tokens(m, 1.0, torch.Generator().manual_seed(0))
