@@ -407,6 +407,15 @@ name = "tsvm"
     assert any(line.startswith("order 1 ") and "8 runs, 8 done" in line for line in plan_lines(exp))
 
 
+def test_continual_tables_leave_out_a_grid_with_no_cells():
+    from axis_stream.experiments.suites.continual import _grid
+
+    assert _grid("### transfer", ["axis", "opcm"], [1, 5], lambda m, t: "-") == []
+    got = _grid("### transfer", ["axis", "opcm"], [1, 5], lambda m, t: "50.0" if m == "opcm" else "-")
+    assert got[1] == "### transfer" and got[3:] == ["| method \\ sources | 1 | 5 |", "|---|---:|---:|",
+                                                   "| OPCM | 50.0 | 50.0 |"]
+
+
 SHIPPED_SUITES = sorted((Path(__file__).resolve().parents[1] / "config").glob("suite-*.toml"))
 
 

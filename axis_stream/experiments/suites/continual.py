@@ -85,13 +85,16 @@ def _by_order(rows: Sequence[Mapping[str, str]], method: str, t: int, column: st
 
 
 def _grid(title: str, methods: Sequence[str], levels: Sequence[int], cell) -> list[str]:
-    out = ["", title, "", "| method \\ sources | " + " | ".join(str(t) for t in levels) + " |",
-           "|---|" + "---:|" * len(levels)]
+    """A markdown table of ``cell(method, t)``, one row per method with a value; none: no table."""
+    rows = []
     for m in methods:
         cells = [cell(m, t) for t in levels]
         if any(c != "-" for c in cells):
-            out.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return out
+            rows.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", title, "", "| method \\ sources | " + " | ".join(str(t) for t in levels) + " |",
+            "|---|" + "---:|" * len(levels), *rows]
 
 
 def tables(exp: Experiment, refs: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
