@@ -4,7 +4,10 @@ reuses and plain float64 references, then through the real ``Basis`` (store, rol
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,6 +123,58 @@ def test_state_size_per_matrix_is_bounded_by_the_shape_and_k():
     # and the state really does not grow with the sources
     _, states, _ = fold_all("opcm", sources((6, 4), 9, seed=6), {"w": 2, "w2": 2})
     assert states["w"].numel() * 4 == FOLD_STRATEGIES["opcm"].state_bytes((6, 4), 2)
+
+
+# One matrix's fold as store.folding runs it (the second source into a one-matrix basis), in a fresh
+# process with one torch thread: the peak RSS over the resting RSS (VmHWM reset to VmRSS just before,
+# by writing 5 to /proc/self/clear_refs), plus the task matrix read before it, per entry of the matrix.
+_FOLD_PEAK = """
+import sys, tempfile, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from axis_stream.config import BasisConfig
+from axis_stream.store.basis import Basis
+
+name, shape = sys.argv[1], (int(sys.argv[2]), int(sys.argv[3]))
+torch.set_num_threads(1)
+KEY = "blocks.0.weight"
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+def second_fold(root, shape):
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    basis = Basis.create(root / "basis", {KEY: torch.zeros(shape)}, BasisConfig(strategy=name, matrix_patterns=[KEY]))
+    save_file({KEY: torch.randn(shape, generator=g)}, str(root / "first.safetensors"))
+    basis.fold_checkpoint(root / "first.safetensors")
+    state, delta = basis._state(), torch.randn(shape, generator=g)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    resting = kib("VmRSS")
+    basis._folder.matrix(state.manifest["matrices"][KEY], state.matrices[KEY], delta, state.version + 1,
+                         state.scalars.count)
+    return (kib("VmHWM") - resting) * 1024 + delta.numel() * 4
+
+with tempfile.TemporaryDirectory() as d:
+    second_fold(Path(d) / "warm-up", (64, 96))   # the code paths paged in
+    print(second_fold(Path(d) / "measured", shape) / (shape[0] * shape[1]))
+"""
+
+
+def fold_peak_bytes_per_entry(strategy: str, shape: tuple[int, int]) -> float:
+    """The measured working memory of one ``shape`` matrix's fold with ``strategy``, bytes per entry."""
+    out = subprocess.run([sys.executable, "-c", _FOLD_PEAK, strategy, *map(str, shape)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("name", list(FOLD_STRATEGIES))
+def test_a_matrix_folds_within_its_strategys_memory_estimate(name):
+    # the memory budget of parallel folds counts each matrix at fold_bytes_per_entry: an estimate under
+    # the real use lets backfill --workers overrun --memory-budget (OPCM's full SVD used 2.5x the old 16)
+    assert 0 < fold_peak_bytes_per_entry(name, (512, 2048)) <= FOLD_STRATEGIES[name].fold_bytes_per_entry
 
 
 def test_unknown_strategy_and_parameter_are_one_line_errors():

@@ -9,6 +9,9 @@ Every strategy is a small class with one interface, registered by name in ``FOLD
 - ``fold_vector``: the same for a non-matrix parameter (for ``axis``, ``weight`` > 1: the mean of
   that many sources);
 - ``state_bytes(shape, k)``: the most one matrix's state takes (float32), whatever the source count;
+- ``fold_bytes_per_entry``: the working memory of one matrix's fold (as ``store.folding`` runs it, its
+  task matrix included) per entry of the matrix, what ``store.threads.bounded_map`` keeps the folds in
+  flight under ``memory_budget`` with; measured by ``benchmarks/fold_budget.py``, with headroom;
 - ``merged(states, scalars, params)``: the whole model's merged delta, what ``materialize`` and
   ``export --merged`` add to the base;
 - ``stage2(states, scalars, ks, params)``: the ``Factors`` Stage 2 trains (rank ``ks[name]``) and the
@@ -62,6 +65,7 @@ class FoldStrategy(ABC):
     paper: str
     defaults: Mapping[str, Any]
     dense: bool                  # True: a matrix's state is one dense tensor of its shape
+    fold_bytes_per_entry: int    # one matrix's fold's working memory per entry (see the module's docstring)
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` over the defaults; an unknown name is a ValueError naming it and the known ones."""
@@ -99,6 +103,7 @@ class AxisStrategy(FoldStrategy):
     paper = "AXIS, streaming Stage 1 (paper section A.11)"
     defaults: Mapping[str, Any] = {}
     dense = False
+    fold_bytes_per_entry = 28    # measured at most 21: the task matrix, the SVD of [U s | delta] (exact or not)
 
     def fold(self, state, delta, k, count, params, *, svd="exact", tol=1e-4, seed=0):
         current = state if state is not None and state.rank else None
@@ -130,9 +135,10 @@ class ContinualStrategy(FoldStrategy):
 
     dense = True
 
-    def __init__(self, rule: str):
+    def __init__(self, rule: str, fold_bytes_per_entry: int):
         self.rule = continual.RULES[rule]
         self.name, self.paper, self.defaults = rule, self.rule.paper, dict(self.rule.defaults)
+        self.fold_bytes_per_entry = fold_bytes_per_entry
 
     def _step(self, state: Tensor | None, delta: Tensor | None, is_matrix: bool, count: int,
               shape: tuple[int, ...], params: Mapping[str, Any]) -> Tensor:
@@ -172,5 +178,8 @@ class ContinualStrategy(FoldStrategy):
 
 FOLD_STRATEGIES: Registry[FoldStrategy] = Registry("fold strategy")
 FOLD_STRATEGIES.add("axis", AxisStrategy())
-for _rule in ("opcm", "continual-ta", "continual-ties", "running-average"):
-    FOLD_STRATEGIES.add(_rule, ContinualStrategy(_rule))
+# fold_bytes_per_entry, about 1.3x the most measured: OPCM 43 (the full SVD of the running sum, U m x m
+# and V n x n), continual TIES 46 (its float64 stack and trim), the running average 28, continual TA 24
+# (each with the float64 copy of the new state that folding's energy takes, and the allocator's slack)
+for _rule, _bytes in (("opcm", 56), ("continual-ta", 32), ("continual-ties", 60), ("running-average", 40)):
+    FOLD_STRATEGIES.add(_rule, ContinualStrategy(_rule, _bytes))

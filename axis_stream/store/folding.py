@@ -28,7 +28,6 @@ from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, FoldStrategy, Sc
 from axis_stream.store.records import entered
 from axis_stream.store.threads import bounded_map
 
-_FOLD_BYTES_PER_ENTRY = 16  # a matrix fold's working memory per entry: the delta and its SVD's (float32)
 Progress = Callable[[int, int], None]
 
 
@@ -77,7 +76,8 @@ class Folder:
             d = delta(name)  # read here, in order; the fold may run in another thread
             return lambda: self.matrix(infos[name], state.matrices[name], d, version, state.scalars.count)
 
-        done = bounded_map(list(infos), prepare, lambda name: _FOLD_BYTES_PER_ENTRY * math.prod(infos[name]["shape"]),
+        per_entry = self.strategy.fold_bytes_per_entry
+        done = bounded_map(list(infos), prepare, lambda name: per_entry * math.prod(infos[name]["shape"]),
                            workers=workers, budget=memory_budget, done=progress)
         changed = {name for name, r in done.items() if r[3] is not state.matrices[name]}
         state.matrices.update({name: r[3] for name, r in done.items()})
