@@ -21,6 +21,15 @@ class StateLocked(AxisError):
     """The state folder's lock is held by another process (the message names its pid), or cannot be taken."""
 
 
+class SourceChanged(AxisError):
+    """A checkpoint changed under its name while it was being opened: not the file's fault, tried again later."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(f"{self.path.name}: changed while it was being opened (replaced or written to); "
+                         f"nothing was folded from it")
+
+
 class CheckpointError(AxisError):
     """A checkpoint was rejected. ``reason`` is a short label (used in metrics and quarantine)."""
 

@@ -20,12 +20,13 @@ from test_basis import snapshot_equal
 from test_daemon import SERVE, drop, files, read_ledger, start, stop, wait_for, wait_ready, write_config
 from test_jobs import process_gone
 
-from axis_stream import config
+from axis_stream import config, errors
 from axis_stream.service import api
 from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
 from axis_stream.service.jobs.records import FINAL_STATES, RESTART_ERROR, JobStore
 from axis_stream.service.jobs.runner import JobRunner
 from axis_stream.service.metrics import Metrics
+from axis_stream.store import export, ingest
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
 
@@ -338,3 +339,37 @@ def test_a_checkpoint_replaced_while_it_is_folded_is_kept_and_folded_next(worker
     monkeypatch.undo()
     assert fw.process(path).result == "folded" and not path.exists()   # and is folded next
     assert [r.sha256 for r in fw.basis.ledger()][1:] == [old, new]
+
+
+def test_a_checkpoint_replaced_between_its_open_and_its_hash_is_left_for_a_retry(worker, tmp_path, monkeypatch):
+    # the race: the reader holds the old file, the hash reads the new one; recorded, the new file's sha256
+    # would stand for the old file's tensors, and the new file would later be discarded as "already folded"
+    fw, cfg, ckpt = worker
+    inbox = cfg.paths.watch_dir
+    assert fw.process(ckpt(inbox, 1, "first.safetensors")).result == "folded"
+    path = ckpt(inbox, 2, "model.safetensors")
+    newer = ckpt(tmp_path / "staging", 3, "model.safetensors")
+    new = sha(newer)
+    real = ingest.checkpoint_sha256
+
+    def replace_then_hash(p):
+        if newer.exists():
+            os.replace(newer, path)
+        return real(p)
+
+    monkeypatch.setattr(ingest, "checkpoint_sha256", replace_then_hash)
+    out = fw.process(path)
+    assert out.result == "error" and "model.safetensors: changed while it was being opened" in out.message, out
+    assert sha(path) == new and fw.basis.count == 1 and fw.basis.version == 1       # nothing folded or lost
+    monkeypatch.undo()
+    assert fw.process(path).result == "folded" and not path.exists()
+    assert [r.sha256 for r in fw.basis.ledger()][1:] == [new]
+    # and a folder whose shard is replaced the same way, read directly
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    export.write_hf_weights(finetuned_like(fw.base_state, 4), folder, {}, max_shard_bytes=2**18)
+    (folder / "config.json").write_text("{}")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    monkeypatch.setattr(ingest, "checkpoint_sha256", lambda p: (os.utime(shard, ns=(1, 1)), real(p))[1])
+    with pytest.raises(errors.SourceChanged, match="hf: changed while it was being opened"):
+        ingest.read_checkpoint(folder, fw.base_state)

@@ -142,7 +142,7 @@ class FoldWorker:
                                 "checkpoint itself into the folder")
         if not (path.is_file() or path.is_dir()):
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
-        identity = file_identity(path)
+        identity = readers.checkpoint_identity(path)
         t0 = time.monotonic()
         try:
             record = self._fold(path)
@@ -155,8 +155,8 @@ class FoldWorker:
             return self._reject(path, exc.reason, exc.message)
         except errors.CheckpointError as exc:
             return self._reject(path, exc.reason, exc.message)
-        except (OSError, errors.BasisError) as exc:
-            # Not the file's fault (disk full, permissions, a broken basis): keep it for a retry.
+        except (OSError, errors.BasisError, errors.SourceChanged) as exc:
+            # Not the file's fault (disk full, permissions, a broken basis, a writer not done): keep it for a retry.
             if self.metrics:
                 self.metrics.fold_failed()
             return self._report(Outcome(path.name, "error", f"left in place for a retry: {exc}"))
@@ -164,7 +164,7 @@ class FoldWorker:
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
-        now = file_identity(path)
+        now = readers.checkpoint_identity(path)
         replaced = now is not None and now != identity
         if not replaced:
             self._discard(path)
@@ -248,16 +248,6 @@ class FoldWorker:
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
         log.log(level, verb, outcome.file, outcome.message)
         return outcome
-
-
-def file_identity(path: Path) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, mtime) of ``path``, None when it is gone: a different identity after a fold
-    means the name now holds another file."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def free_name(folder: Path, name: str) -> Path:

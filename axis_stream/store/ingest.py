@@ -32,6 +32,7 @@ from axis_stream.store.readers import (
     HFFolder,
     SafetensorsFile,
     architecture_family,
+    checkpoint_identity,
     checkpoint_sha256,
     checkpoint_size,
     open_source,
@@ -205,14 +206,17 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
     """
     path = Path(path)
+    opened = checkpoint_identity(path)
     source = open_source(path, trust_pickles)
     try:
         if isinstance(source, HFFolder):
             _check_architecture(path, source.config, getattr(base_state_dict, "config", None))
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
         fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
-        return Checkpoint(path, checkpoint_sha256(path), checkpoint_size(path), fmt, dict(source.metadata),
-                          mapping, source, base_state_dict)
+        sha, size = checkpoint_sha256(path), checkpoint_size(path)
+        if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
+            raise errors.SourceChanged(path)
+        return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict)
     except BaseException:
         source.close()
         raise

@@ -394,6 +394,17 @@ def checkpoint_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_identity(path: Path) -> tuple[tuple[int, int, int, int], ...] | None:
+    """(device, inode, size, mtime) of a checkpoint file, or of each weight file of a Hugging Face
+    folder; None when it is gone or not readable as a checkpoint. Equal before a checkpoint is opened
+    and after it is hashed: the hash is of the bytes opened."""
+    try:
+        files = [path / name for name in sorted(hf_weight_files(path))] if path.is_dir() else [path]
+        return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in (f.stat() for f in files))
+    except (OSError, errors.CheckpointError):
+        return None
+
+
 def checkpoint_size(path: Path) -> int:
     """Bytes of a checkpoint: the file, or a Hugging Face folder's weight files."""
     if not path.is_dir():
