@@ -204,6 +204,7 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
 
     ``required``: base names that must be present (the basis's matrices). ``base_sha256``: when
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
+    ``SourceChanged`` when it was replaced or written to between its open and its sha256.
     """
     path = Path(path)
     opened = checkpoint_identity(path)
