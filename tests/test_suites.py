@@ -186,6 +186,15 @@ def _synthetic_vision_ci(data: Path, signal: float = 0.7) -> None:
 SOURCES = ("textures", "faces", "mnist-inv")
 
 
+def _tiny_experiment(root: Path, top: str, methods: str) -> str:
+    """An experiment file on the tiny suite at ``root``: its ``top`` keys, the shared budget, Stage 2,
+    sources and target, then ``methods`` (and any table after them)."""
+    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in SOURCES)
+    return (f'suite = "vision-ci"\ndata_root = "{root}"\nbudgets = [0.4]\nmax_train_samples = 32\n{top}'
+            f'[adapt]\nepochs = 1\nbatch_size = 32\ndevice = "cpu"\n{sources}'
+            f'[[targets]]\nname = "digits"\ndataset = "digits"\n{methods}')
+
+
 def _tiny_suite(tmp_path: Path, monkeypatch, signal: float = 0.7) -> Path:
     """``vision-ci`` at test size (10 pretraining steps, 4 per source) on synthetic task files; its root."""
     from axis_stream.core.registry import Registry
@@ -211,28 +220,12 @@ def test_ci_sized_sources_sweep_folds_through_the_real_basis(tmp_path, monkeypat
     from axis_stream.experiments.suites import sweep
 
     root = _tiny_suite(tmp_path, monkeypatch)
-    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in SOURCES)
-    common = f"""suite = "vision-ci"
-data_root = "{root}"
-budgets = [0.4]
-seeds = [0]
-max_train_samples = 32
-[adapt]
-epochs = 1
-batch_size = 32
-device = "cpu"
-{sources}[[targets]]
-name = "digits"
-dataset = "digits"
-[[methods]]
-name = "axis"
-[[methods]]
-name = "average"
-"""
-    (tmp_path / "sweep.toml").write_text(f'output_dir = "sweep"\nlevels = [1, 3]\n{common}'
-                                         '[[methods]]\nname = "zeroshot"\n[[methods]]\nname = "atlas"\n')
-    (tmp_path / "robust.toml").write_text(f'output_dir = "robust"\nlevels = [3]\n{common}'
-                                          '[robustness]\nprune_ratios = [0.0, 0.9]\n')
+    methods = '[[methods]]\nname = "axis"\n[[methods]]\nname = "average"\n'
+    (tmp_path / "sweep.toml").write_text(_tiny_experiment(
+        root, 'output_dir = "sweep"\nlevels = [1, 3]\nseeds = [0]\n',
+        methods + '[[methods]]\nname = "zeroshot"\n[[methods]]\nname = "atlas"\n'))
+    (tmp_path / "robust.toml").write_text(_tiny_experiment(
+        root, 'output_dir = "robust"\nlevels = [3]\nseeds = [0]\n', methods + '[robustness]\nprune_ratios = [0.0, 0.9]\n'))
     out = tmp_path / "tables.md"
     text = sweep.run_sweep(tmp_path / "sweep.toml", tmp_path / "robust.toml", out, noise_scales=(0.05,),
                            selection=False)
@@ -284,23 +277,11 @@ def test_ci_sized_multitask_pass_and_the_merged_model_method(tmp_path, monkeypat
     from axis_stream.store.basis import Basis
 
     root = _tiny_suite(tmp_path, monkeypatch, signal=0.12)  # hard enough that accuracies are not all 1
-    sources = "".join(f'[[sources]]\nname = "{n}"\n' for n in SOURCES)
-    (tmp_path / "mt.toml").write_text(f"""suite = "vision-ci"
-data_root = "{root}"
-output_dir = "mt"
-budgets = [0.4]
+    (tmp_path / "mt.toml").write_text(_tiny_experiment(root, """output_dir = "mt"
 levels = [1, 3]
 orders = [0, 1]
 multitask = true
-max_train_samples = 32
-[adapt]
-epochs = 1
-batch_size = 32
-device = "cpu"
-{sources}[[targets]]
-name = "digits"
-dataset = "digits"
-[[methods]]
+""", """[[methods]]
 name = "axis"
 [[methods]]
 name = "opcm"
@@ -314,7 +295,7 @@ label = "ta-merged"
 stage2 = false
 [[methods]]
 name = "tsvm"
-""")
+"""))
     exp = load_experiment(tmp_path / "mt.toml")
     run_experiment(exp, lambda line: None)
     mt = {(r["method"], r["order"], r["sources"]): r for r in _rows(exp.output_dir / "multitask.csv")}
