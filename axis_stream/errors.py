@@ -22,11 +22,12 @@ class StateLocked(AxisError):
 
 
 class SourceChanged(AxisError):
-    """A checkpoint changed under its name while it was being opened: not the file's fault, tried again later."""
+    """A checkpoint changed while it was read (replaced before its hash, or written to): not the file's
+    fault, tried again later."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        super().__init__(f"{self.path.name}: changed while it was being opened (replaced or written to); "
+        super().__init__(f"{self.path.name}: changed while it was being read (replaced or written to); "
                          f"nothing was folded from it")
 
 

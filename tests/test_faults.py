@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
 from axis_stream.service.jobs.records import FINAL_STATES, RESTART_ERROR, JobStore
 from axis_stream.service.jobs.runner import JobRunner
 from axis_stream.service.metrics import Metrics
-from axis_stream.store import export, ingest
+from axis_stream.store import export, ingest, readers
 from axis_stream.store.basis import Basis
 from axis_stream.testing import finetuned_like
 
@@ -359,7 +360,7 @@ def test_a_checkpoint_replaced_between_its_open_and_its_hash_is_left_for_a_retry
 
     monkeypatch.setattr(ingest, "checkpoint_sha256", replace_then_hash)
     out = fw.process(path)
-    assert out.result == "error" and "model.safetensors: changed while it was being opened" in out.message, out
+    assert out.result == "error" and "model.safetensors: changed while it was being read" in out.message, out
     assert sha(path) == new and fw.basis.count == 1 and fw.basis.version == 1       # nothing folded or lost
     monkeypatch.undo()
     assert fw.process(path).result == "folded" and not path.exists()
@@ -371,5 +372,35 @@ def test_a_checkpoint_replaced_between_its_open_and_its_hash_is_left_for_a_retry
     (folder / "config.json").write_text("{}")
     shard = sorted(folder.glob("model-*.safetensors"))[0]
     monkeypatch.setattr(ingest, "checkpoint_sha256", lambda p: (os.utime(shard, ns=(1, 1)), real(p))[1])
-    with pytest.raises(errors.SourceChanged, match="hf: changed while it was being opened"):
+    with pytest.raises(errors.SourceChanged, match="hf: changed while it was being read"):
         ingest.read_checkpoint(folder, fw.base_state)
+
+
+def test_a_checkpoint_written_to_while_it_is_read_is_left_for_a_retry_and_one_renamed_over_is_not(
+        worker, tmp_path, monkeypatch):
+    fw, cfg, ckpt = worker
+    inbox = cfg.paths.watch_dir
+    path = ckpt(inbox, 1, "model.safetensors")
+    real = readers.SafetensorsFile.read
+    change = {"write": True}
+
+    def read_then_change(self, key):
+        t = real(self, key)
+        if change:
+            if change.pop("write", False):      # the last 4 bytes (a float of the last tensor) rewritten in place
+                with open(self.path, "r+b") as fh:
+                    fh.seek(-4, os.SEEK_END)
+                    fh.write(struct.pack("<f", 0.123))
+            elif change.pop("rename", False):   # another file renamed over the name: the reader keeps the old one
+                os.replace(ckpt(tmp_path / "staging", 2, "model.safetensors"), self.path)
+        return t
+
+    monkeypatch.setattr(readers.SafetensorsFile, "read", read_then_change)
+    out = fw.process(path)
+    assert out.result == "error" and "model.safetensors: changed while it was being read" in out.message, out
+    assert path.exists() and (fw.basis is None or fw.basis.count == 0)          # nothing folded, file kept
+    written = sha(path)
+    change["rename"] = True
+    out = fw.process(path)                      # folds what it opened (the written file), keeps the new one
+    assert out.result == "folded" and "replaced during the fold" in out.message, out
+    assert [r.sha256 for r in fw.basis.ledger()] == [written] and sha(path) != written

@@ -36,6 +36,7 @@ from axis_stream.store.readers import (
     checkpoint_sha256,
     checkpoint_size,
     open_source,
+    written_in_place,
 )
 
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "image_encoder.")
@@ -137,6 +138,7 @@ class Checkpoint:
     mapping: KeyMapping
     _source: Any = field(repr=False)
     _base: Mapping[str, Tensor] = field(repr=False)
+    _opened: tuple | None = field(default=None, repr=False)   # checkpoint_identity at the open; None: in memory
     _tally: _DeltaTally = field(default_factory=_DeltaTally, repr=False)
 
     @property
@@ -173,7 +175,10 @@ class Checkpoint:
         return math.sqrt(self._tally.delta_sq / self._tally.base_sq) if self._tally.base_sq else 0.0
 
     def finish(self) -> None:
-        """After every tensor went through ``delta``: reject a zero task vector or another base."""
+        """After every tensor went through ``delta``: reject a zero task vector or another base;
+        ``SourceChanged`` if the file was written to while it was read (the tensors may be torn)."""
+        if self._opened is not None and written_in_place(self._opened, checkpoint_identity(self.path)):
+            raise errors.SourceChanged(self.path)
         if self._tally.nonzero == 0:
             raise errors.ZeroDelta(self.path, "identical to the base model (a zero task vector)")
         if self.relative_norm > DIFFERENT_BASE_RELATIVE_NORM:
@@ -204,7 +209,8 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
 
     ``required``: base names that must be present (the basis's matrices). ``base_sha256``: when
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
-    ``SourceChanged`` when it was replaced or written to between its open and its sha256.
+    ``SourceChanged`` when it was replaced or written to between its open and its sha256
+    (``Checkpoint.finish``: written to while it was read).
     """
     path = Path(path)
     opened = checkpoint_identity(path)
@@ -217,7 +223,7 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
         sha, size = checkpoint_sha256(path), checkpoint_size(path)
         if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
             raise errors.SourceChanged(path)
-        return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict)
+        return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened)
     except BaseException:
         source.close()
         raise

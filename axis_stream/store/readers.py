@@ -405,6 +405,15 @@ def checkpoint_identity(path: Path) -> tuple[tuple[int, int, int, int], ...] | N
         return None
 
 
+def written_in_place(opened: tuple[tuple[int, int, int, int], ...], now: tuple[tuple[int, int, int, int], ...] | None
+                     ) -> bool:
+    """Whether a file of ``opened`` (``checkpoint_identity`` at its open) is still there under the same
+    inode with another size or mtime: written to, so what was read of it may mix old and new bytes. A
+    file replaced by a rename or deleted is not: its reader still holds the bytes it opened."""
+    before = {(dev, ino): rest for dev, ino, *rest in opened}
+    return any(before.get((dev, ino), rest) != rest for dev, ino, *rest in now or ())
+
+
 def checkpoint_size(path: Path) -> int:
     """Bytes of a checkpoint: the file, or a Hugging Face folder's weight files."""
     if not path.is_dir():
