@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from safetensors.torch import save_file
 from test_basis import snapshot_equal
 from test_daemon import SERVE, drop, files, read_ledger, start, stop, wait_for, wait_ready, write_config
 from test_jobs import process_gone
 
 from axis_stream import config, errors
+from axis_stream.cli import main
 from axis_stream.service import api
 from axis_stream.service.daemon import REJECT_REASONS, FoldWorker
 from axis_stream.service.jobs.records import FINAL_STATES, RESTART_ERROR, JobStore
@@ -248,14 +250,22 @@ def test_a_full_then_read_only_state_folder_fails_the_fold_keeps_the_file_and_fo
     assert not [p for p in (cfg.paths.basis_dir / "versions").iterdir() if p.name.startswith(".")]
 
     # Starting on a read-only state folder: one line, nothing changed.
+    # and inspecting it there (no daemon, so no -shm beside the ledger, which SQLite cannot create): it reads
     subprocess.run(["mount", "-o", "remount,ro", str(small_state)], check=True)
     try:
         refused = subprocess.run(SERVE + [str(cfg_path)], capture_output=True, text=True, timeout=60)
+        runner, where = CliRunner(), ["--basis", str(cfg.paths.basis_dir)]
+        history = runner.invoke(main, ["basis", "history", *where])
+        show = runner.invoke(main, ["basis", "show", *where])
+        rollback = runner.invoke(main, ["basis", "rollback", "1", *where])
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_state)], check=True)
     assert refused.returncode == 1
     assert refused.stderr.endswith("cannot open the state-folder lock: Read-only file system\n")
     assert refused.stderr.count("\n") == 1
+    assert history.exit_code == 0 and all(s.name in history.output for s in sources), history.output
+    assert show.exit_code == 0 and "share of the kept energy by source" in show.output, show.output
+    assert rollback.exit_code == 1 and rollback.output.strip().endswith("Read-only file system")
 
 
 # -- the watched folder: deleted and recreated, symlinks, hard links, a file replaced mid-fold ----------

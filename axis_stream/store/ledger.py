@@ -20,6 +20,7 @@ row is committed, with ``synchronous=FULL``, before the pointer moves).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -86,9 +87,25 @@ class Ledger:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
             except sqlite3.Error as exc:
-                raise errors.BasisError(f"{self.path}: cannot open the ledger ({exc})") from None
+                if os.access(self.path.parent, os.W_OK) or not self.path.is_file():
+                    raise errors.BasisError(f"{self.path}: cannot open the ledger ({exc})") from None
+                conn = self._read_only()
             self._conn = conn
         return self._conn
+
+    def _read_only(self) -> sqlite3.Connection:
+        """The ledger of a folder this process cannot write (a read-only mount, a backup, another user's
+        state), for reading: SQLite's read-only mode, or, where it cannot keep its ``-shm`` index beside
+        the file, the file as immutable (what it holds now; a writer elsewhere is not seen)."""
+        for query in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, timeout=30,
+                                       check_same_thread=False, isolation_level=None)
+                conn.execute("SELECT count(*) FROM sources").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                error = exc
+        raise errors.BasisError(f"{self.path}: cannot open the ledger, even for reading ({error})")
 
     def close(self) -> None:
         """Close the connection (a later call opens a new one)."""
