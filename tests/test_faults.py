@@ -249,8 +249,8 @@ def test_a_full_then_read_only_state_folder_fails_the_fold_keeps_the_file_and_fo
     assert [e["file"] for e in read_ledger(cfg)] == [s.name for s in sources]
     assert not [p for p in (cfg.paths.basis_dir / "versions").iterdir() if p.name.startswith(".")]
 
-    # Starting on a read-only state folder: one line, nothing changed.
-    # and inspecting it there (no daemon, so no -shm beside the ledger, which SQLite cannot create): it reads
+    # Starting on a read-only state folder: one line, nothing changed. Inspecting it there works (no daemon,
+    # so no -shm beside the ledger, which SQLite cannot create there); a rollback refuses with one line.
     subprocess.run(["mount", "-o", "remount,ro", str(small_state)], check=True)
     try:
         refused = subprocess.run(SERVE + [str(cfg_path)], capture_output=True, text=True, timeout=60)

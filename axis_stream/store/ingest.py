@@ -30,6 +30,7 @@ from axis_stream.store.readers import (
     HF_CONFIG,
     DictSource,
     HFFolder,
+    Identity,
     SafetensorsFile,
     architecture_family,
     checkpoint_identity,
@@ -138,7 +139,7 @@ class Checkpoint:
     mapping: KeyMapping
     _source: Any = field(repr=False)
     _base: Mapping[str, Tensor] = field(repr=False)
-    _opened: tuple | None = field(default=None, repr=False)   # checkpoint_identity at the open; None: in memory
+    _opened: Identity | None = field(default=None, repr=False)   # checkpoint_identity at the open; None: in memory
     _tally: _DeltaTally = field(default_factory=_DeltaTally, repr=False)
 
     @property

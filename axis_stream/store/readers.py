@@ -394,7 +394,11 @@ def checkpoint_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def checkpoint_identity(path: Path) -> tuple[tuple[int, int, int, int], ...] | None:
+Identity = tuple[tuple[int, int, int, int], ...]
+"""(device, inode, size, mtime) per file of a checkpoint: ``checkpoint_identity``."""
+
+
+def checkpoint_identity(path: Path) -> Identity | None:
     """(device, inode, size, mtime) of a checkpoint file, or of each weight file of a Hugging Face
     folder; None when it is gone or not readable as a checkpoint. Equal before a checkpoint is opened
     and after it is hashed: the hash is of the bytes opened."""
@@ -405,8 +409,7 @@ def checkpoint_identity(path: Path) -> tuple[tuple[int, int, int, int], ...] | N
         return None
 
 
-def written_in_place(opened: tuple[tuple[int, int, int, int], ...], now: tuple[tuple[int, int, int, int], ...] | None
-                     ) -> bool:
+def written_in_place(opened: Identity, now: Identity | None) -> bool:
     """Whether a file of ``opened`` (``checkpoint_identity`` at its open) is still there under the same
     inode with another size or mtime: written to, so what was read of it may mix old and new bytes. A
     file replaced by a rename or deleted is not: its reader still holds the bytes it opened."""
