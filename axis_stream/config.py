@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -47,6 +48,8 @@ union is the default for ``[base] kind = "transformers"`` whatever the family.""
 
 HF_BLOCK_MATRICES = [p for patterns in HF_FAMILY_MATRICES.values() for p in patterns]
 BASE_KINDS = ("open_clip", "transformers")
+CALIBRATIONS = ("none", "spectral", "norm", "interference")
+"""``[basis] calibration``: the names of ``core.calibration.CALIBRATIONS`` (a test keeps the two equal)."""
 FOLD_STRATEGIES = ("axis", "opcm", "continual-ta", "continual-ties", "running-average")
 """``[basis] strategy``: the names of ``core.strategies.FOLD_STRATEGIES`` (config imports no core module;
 a test keeps the two equal). The strategy's parameters are checked by that registry when a basis opens."""
@@ -109,9 +112,11 @@ class BasisConfig:
     trust_pickles: bool = False          # allow whole-model pickles in the watched folder
     strategy: str = "axis"               # how a source is folded: one of FOLD_STRATEGIES
     strategy_params: dict[str, float] = field(default_factory=dict)  # the strategy's (alpha, lam, density)
+    calibration: str = "spectral"        # axis: the merged basis's per-matrix factor, one of CALIBRATIONS
 
     def validate(self) -> None:
         _choice("basis.strategy", self.strategy, FOLD_STRATEGIES)
+        _choice("basis.calibration", self.calibration, CALIBRATIONS)
         for name, value in self.strategy_params.items():
             if not math.isfinite(value):
                 raise ConfigError(f"basis.strategy_params.{name}: must be a finite number, got {value!r}")
@@ -194,7 +199,8 @@ class SchedulerConfig:
 @dataclass
 class AdaptConfig:
     n_fraction: float = 0.10             # trainable top-N singular values per matrix, fraction of min(m, n)
-    start_scale: float = 1.0             # trainable Lambda starts at start_scale * s (1.0: the paper's merged start)
+    start_scale: float | str = "auto"    # Lambda starts at start_scale * s (1.0: the paper's merged start); auto:
+                                         # the best of a few starts on validation (adapt/start.py)
     epochs: int = 10
     lr: float = 1e-1
     weight_decay: float = 0.1
@@ -209,9 +215,11 @@ class AdaptConfig:
 
     def validate(self) -> None:
         _range("adapt.n_fraction", self.n_fraction, 0.0, 1.0, low_open=True)
-        if not math.isfinite(self.start_scale) or self.start_scale < 0:
-            raise ConfigError(f"adapt.start_scale: must be a finite number >= 0 (the trainable singular values "
-                              f"start at start_scale * s; 1.0 is the paper's merged start), got {self.start_scale!r}")
+        scale = self.start_scale
+        if scale != "auto" and (isinstance(scale, (bool, str)) or not math.isfinite(scale) or scale < 0):
+            raise ConfigError(f"adapt.start_scale: must be a finite number >= 0 or \"auto\" (the trainable singular "
+                              f"values start at start_scale * s; 1.0 is the paper's merged start; auto scores a "
+                              f"few starts on validation), got {scale!r}")
         _range("adapt.epochs", self.epochs, 1, None)
         _range("adapt.lr", self.lr, 0.0, None, low_open=True)
         _range("adapt.weight_decay", self.weight_decay, 0.0, None)
@@ -347,6 +355,13 @@ def convert_value(hint: Any, value: Any, key: str) -> Any:
     if type(None) in args:  # Optional[X]
         inner = next(a for a in args if a is not type(None))
         return None if value in ("", None) else convert_value(inner, value, key)
+    if isinstance(hint, types.UnionType) and set(args) <= {bool, int, float, str}:  # e.g. float | str
+        if float in args and type(value) is int:
+            return float(value)
+        if type(value) not in args:
+            raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in args)}, "
+                              f"got {type(value).__name__} {value!r}")
+        return value
     if hint is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")

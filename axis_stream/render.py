@@ -138,9 +138,14 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
              + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count")),
              f"strategy {strategy.name}" + (f" ({params})" if params else "") + f": state per matrix {what}, "
              f"{sum(sizes.values()) / 2**20:.2f} MiB at most for the {len(sizes)} matrices"]
+    calib = basis.calibration_summary(man["version"])
+    unknown = sum(c is None for c in calib["factors"].values())
+    lines.append(f"calibration {calib['rule']}: the merged matrices are scaled by {calib['min']:.3g} .. "
+                 f"{calib['max']:.3g} (median {calib['median']:.3g}; 1 = as summed"
+                 + (f"; {unknown} matrices folded before calibration existed keep 1" if unknown else "") + ")")
     width = max(len(n) for n in man["matrices"])
     lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'max state':>10}  {'energy':>7}  "
-                 "top sources")
+                 f"{'calib':>6}  top sources")
     totals = [0.0] * len(records)
     for name, info in man["matrices"].items():
         share = shares[name]
@@ -150,11 +155,12 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
         shape = "x".join(map(str, info["shape"]))
         state = f"{sizes[name] / 1024:,.1f} KiB"
         if strategy.dense:   # a dense state keeps no components: no rank, energy kept or shares to show
-            lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {'-':>4}  {state:>10}  {'-':>7}")
+            lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {'-':>4}  {state:>10}  {'-':>7}  {'-':>6}")
             continue
         kept = info["energy"] / info["source_energy"] if info["source_energy"] else 0.0
+        c = calib["factors"].get(name, 1.0)
         lines.append(f"{name:<{width}}  {shape:>11}  {info['k']:>4}  {info['rank']:>4}  {state:>10}  {kept:>7.1%}  "
-                     + ", ".join(f"{labels[i]} {share[i]:.0%}" for i in order))
+                     f"{'?' if c is None else f'{c:.3f}':>6}  " + ", ".join(f"{labels[i]} {share[i]:.0%}" for i in order))
     if records and not strategy.dense:
         best = sorted(range(len(records)), key=lambda i: -totals[i])[:top_totals]
         more = f", the top {len(best)} of {len(records)}" if len(best) < len(records) else ""

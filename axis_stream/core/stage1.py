@@ -23,13 +23,15 @@ class FoldStats:
 
     ``new_kept``: kept components that came from the new matrix; ``energy_kept``: fraction of the
     new matrix's squared Frobenius norm carried by those components; ``svd_method`` and
-    ``svd_error``: the truncated SVD's path and its certificate (see ``svd.SVDReport``).
+    ``svd_error``: the truncated SVD's path and its certificate (see ``svd.SVDReport``);
+    ``top_sigma``: the new matrix's largest singular value (what ``calibration`` keeps the max of).
     """
 
     new_kept: int
     energy_kept: float
     svd_method: str
     svd_error: float
+    top_sigma: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,10 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
     method = svd if bool(floor.any()) or FIRST_FOLD_SVD is None else FIRST_FOLD_SVD
     U, s, V, report = _svd.top_svd(delta, k, method=method, tol=tol, floor=floor, seed=seed)
     total = float(torch.linalg.matrix_norm(delta) ** 2)
-    return _fold_in(current, parts, (U, s, V), k, total, report.method, report.max_rel_residual)
+    # s is empty when even the top component stays under every floor; its value is still kept (calibration)
+    top = s if s.numel() else _svd.top_svd(delta, 1, method=svd, tol=tol, seed=seed)[1]
+    return _fold_in(current, parts, (U, s, V), k, total, report.method, report.max_rel_residual,
+                    float(top.max()) if top.numel() else 0.0)
 
 
 def fold_factors(current: Factors | None, other: Factors, k: int) -> Factors:
@@ -230,7 +235,8 @@ def fold_factors(current: Factors | None, other: Factors, k: int) -> Factors:
     top = other.s.sort(descending=True, stable=True).indices[:k]
     new = (other.U[:, top].to(dtype), other.s[top].to(dtype), other.V[:, top].to(dtype))
     total = float(other.s.double().square().sum())
-    return _fold_in(current, _current_parts(current, dtype), new, k, total, "factored", 0.0)
+    top = float(other.s.max()) if other.rank else 0.0
+    return _fold_in(current, _current_parts(current, dtype), new, k, total, "factored", 0.0, top)
 
 
 def _current_parts(current: Factors | None, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -240,9 +246,11 @@ def _current_parts(current: Factors | None, dtype: torch.dtype) -> list[tuple[Te
 
 
 def _fold_in(current: Factors | None, parts: list[tuple[Tensor, Tensor, Tensor]],
-             new: tuple[Tensor, Tensor, Tensor], k: int, total: float, method: str, error: float) -> Factors:
+             new: tuple[Tensor, Tensor, Tensor], k: int, total: float, method: str, error: float,
+             top_sigma: float) -> Factors:
     """The shared end of a fold: pool ``current``'s components (``parts``) and the new source's top
-    ones (``new``, of squared norm ``total``), keep the ``k`` largest, re-orthogonalise, with stats."""
+    ones (``new``, of squared norm ``total``, largest singular value ``top_sigma``), keep the ``k``
+    largest, re-orthogonalise, with stats."""
     parts = [*parts, new]
     chosen = _top(_pool(parts), k)
     entered = chosen.source == len(parts) - 1
@@ -251,6 +259,7 @@ def _fold_in(current: Factors | None, parts: list[tuple[Tensor, Tensor, Tensor]]
         energy_kept=float((chosen.s[entered] ** 2).sum()) / total if total > 0 else 0.0,
         svd_method=method,
         svd_error=error,
+        top_sigma=top_sigma,
     )
     if current is not None and stats.new_kept == 0 and chosen.s.numel() == current.rank:
         # the union's top k is the current basis itself (already orthonormal): returned as it is,

@@ -59,10 +59,11 @@ from torch import Tensor
 
 from axis_stream import errors
 from axis_stream.config import BasisConfig, Config
-from axis_stream.core import layout
+from axis_stream.core import calibration, layout
+from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import atomic, ingest, ledger, models, versions
-from axis_stream.store.folding import Folder, FoldState, Progress, checked
+from axis_stream.store.folding import Folder, FoldState, Progress, calibration_stats, checked, stats_entry
 from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
@@ -117,7 +118,8 @@ class Basis:
             shape = tuple(layout.as_matrix(base_state_dict[name]).shape)
             matrices[name] = {"shape": list(shape), "param_shape": list(base_state_dict[name].shape),
                               "k": self._folder.static_k(shape), "rank": 0, "energy": 0.0,
-                              "source_energy": 0.0, "log_scale": 0.0, "reset": 0, "file": None}
+                              "source_energy": 0.0, "log_scale": 0.0, "reset": 0, "file": None,
+                              **stats_entry(SourceStats())}
         manifest = {
             "format_version": FORMAT_VERSION, "version": 0, "parent": None, "restored_from": None,
             "created_at": _now(),
@@ -247,7 +249,8 @@ class Basis:
         merged deltas of the other parameters."""
         state, folder = self._state(version), self._folder
         if not folder.strategy.dense:
-            return BasisSnapshot(state.version, state.matrices, state.vectors, state.scalars.count, state.manifest)
+            return BasisSnapshot(state.version, state.matrices, state.vectors, state.scalars.count, state.manifest,
+                                 self._calibration(state))
         infos = state.manifest["matrices"]
         factors, means = folder.strategy.stage2(_present(state), state.scalars,
                                                 {name: info["k"] for name, info in infos.items()}, folder.params)
@@ -271,6 +274,31 @@ class Basis:
                 tensors = files[info["file"]]
                 out[name] = Factors(tensors[f"{name}::U"], tensors[f"{name}::s"], tensors[f"{name}::V"])
         return FoldState(version, out, versions.read_verified(vdir / MEANS, manifest), manifest)
+
+    def _calibration(self, state: FoldState) -> dict[str, float]:
+        """Per matrix the calibration factor of ``basis.calibration`` (``core/calibration.py``) where
+        it is not 1; a matrix whose statistics are unknown (folded before they were kept) keeps 1."""
+        out = {}
+        for name, info in state.manifest["matrices"].items():
+            f = state.matrices[name]
+            c = calibration.factor(self.settings.calibration, calibration_stats(info), state.scalars.count, f.s)
+            if c is not None and c != 1.0:
+                out[name] = c
+        return out
+
+    def calibration_summary(self, version: int | None = None) -> dict[str, Any]:
+        """A version's calibration at a glance: the rule, each matrix's factor (None: statistics
+        unknown; matrices with no component left out), and the min / median / max of the known ones."""
+        state = self._state(version)
+        if self._folder.strategy.dense:
+            return {"rule": "n/a (a dense strategy scales by its own rule)", "factors": {}, "min": 1.0,
+                    "median": 1.0, "max": 1.0}
+        counted = {name: calibration.factor(self.settings.calibration, calibration_stats(info),
+                                            state.scalars.count, state.matrices[name].s)
+                   for name, info in state.manifest["matrices"].items() if info["rank"]}
+        values = sorted(c for c in counted.values() if c is not None) or [1.0]
+        return {"rule": self.settings.calibration, "factors": counted, "min": values[0],
+                "median": values[len(values) // 2], "max": values[-1]}
 
     def verify(self, version: int | None = None) -> None:
         """Check every file of a version against its manifest (sha256, names, shapes, finiteness) and
@@ -306,6 +334,9 @@ class Basis:
         (a full model state dict for export)."""
         state, folder = self._state(version), self._folder
         merged = folder.strategy.merged(_present(state), state.scalars, folder.params)
+        if not folder.strategy.dense:
+            for name, c in self._calibration(state).items():
+                merged[name] = merged[name] * c
         tau = {name: merged[name].reshape(info["param_shape"]) if name in merged else torch.zeros(info["param_shape"])
                for name, info in state.manifest["matrices"].items()}
         tau.update((name, t) for name, t in merged.items() if name not in tau and bool(t.any()))
@@ -352,6 +383,7 @@ class Basis:
                 relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping))
             scalars = snap.scalars.after(math.sqrt(sq))
             new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
+                       settings=dict(manifest["settings"], calibration=self.settings.calibration),  # the one in force
                        restored_from=None, created_at=record.folded_at, count=scalars.count,
                        mean_norm=scalars.mean_norm, lineage=ledger.extend(manifest["lineage"], version),
                        matrices=matrices, means=sorted(snap.vectors))
@@ -393,12 +425,13 @@ class Basis:
             if not records:
                 return []
             first, version = snap.version + 1, snap.version + len(records)
-            matrices, _, entry, changed, _ = folder.matrices(
+            matrices, stats, entry, changed, _ = folder.matrices(
                 lambda name: theirs.factors[name] if theirs.factors[name].rank else None, snap, first, None,
                 workers, memory_budget)
             for name, info in matrices.items():  # the task matrices behind the other basis's energy
-                info["source_energy"] = manifest["matrices"][name]["source_energy"] + \
-                    theirs.manifest["matrices"][name]["source_energy"]
+                ours, their_info = manifest["matrices"][name], theirs.manifest["matrices"][name]
+                info["source_energy"] = ours["source_energy"] + their_info["source_energy"]
+                info.update(stats_entry(_joined_stats(info, ours, their_info, stats[name]["energy_kept"])))
             folder.vectors(snap, ((name, mean.shape, theirs.means.get(name)) for name, mean in
                                   {**theirs.means, **snap.vectors}.items()), weight=theirs.count)
             names = list(matrices)
@@ -548,6 +581,19 @@ def _now() -> str:
 def _stored(settings: Mapping[str, Any], key: str) -> Any:
     """A manifest's structural setting; a basis written before the setting existed has its default."""
     return settings[key] if key in settings else getattr(BasisConfig(), key)
+
+
+def _joined_stats(folded: Mapping[str, Any], ours: Mapping[str, Any], theirs: Mapping[str, Any],
+                  energy_kept: float) -> SourceStats | None:
+    """A matrix's ``SourceStats`` once another basis (``theirs``) is folded in: the max and the norm
+    sums over both sets of sources; the selected energy as the fold counted it (``folded``, which took
+    the other basis as one source) with what entered weighted by the other's own selected energy
+    over its energy, so that it is counted as its sources gave it."""
+    mine, other, now = calibration_stats(ours), calibration_stats(theirs), calibration_stats(folded)
+    if mine is None or other is None or now is None:
+        return None
+    return SourceStats(max(mine.sigma_max, other.sigma_max), mine.norm_sum + other.norm_sum,
+                       now.selected_energy + energy_kept * (other.selected_energy - theirs["energy"]))
 
 
 def _empty(info: Mapping[str, Any]) -> Factors:

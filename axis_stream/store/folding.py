@@ -15,14 +15,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from axis_stream import errors
 from axis_stream.config import BasisConfig
-from axis_stream.core import layout, stage1
+from axis_stream.core import calibration, layout, stage1
+from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
 from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, FoldStrategy, Scalars, State
 from axis_stream.store.records import entered
@@ -43,6 +44,23 @@ class FoldState:
     @property
     def scalars(self) -> Scalars:
         return Scalars(int(self.manifest["count"]), float(self.manifest.get("mean_norm", 0.0)))
+
+
+STATS_KEYS = ("sigma_max", "norm_sum", "selected_energy")
+"""A matrix's manifest entry holds its ``calibration.SourceStats`` under these keys; a basis folded
+before they were kept has none, and its statistics stay unknown (``None``): its sources are gone."""
+
+
+def calibration_stats(info: Mapping[str, Any]) -> SourceStats | None:
+    """A matrix's ``SourceStats`` from its manifest entry, or None where they are unknown."""
+    if any(info.get(key) is None for key in STATS_KEYS):
+        return None
+    return SourceStats(*(float(info[key]) for key in STATS_KEYS))
+
+
+def stats_entry(stats: SourceStats | None) -> dict[str, float | None]:
+    """The manifest keys of ``stats`` (None: unknown)."""
+    return {key: None if stats is None else getattr(stats, key) for key in STATS_KEYS}
 
 
 def checked(settings: BasisConfig, where: Path) -> BasisConfig:
@@ -90,6 +108,7 @@ class Folder:
         the source's squared norm on it."""
         if self.strategy.dense:
             return self._dense_matrix(info, current, d, count)
+        stats = calibration_stats(info)
         if d is None:
             st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
             e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
@@ -101,13 +120,18 @@ class Folder:
             e_new = fs.energy_kept * delta_energy
             st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
                   "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
+            if stats is not None:
+                held = float(current.s.double().square().sum())
+                stats = stats.after(fs.top_sigma, math.sqrt(delta_energy), e_cur / held if held else 1.0, e_new)
             # stage1.fold hands back the current tensors when no new component entered
             factors = current if new.U is current.U else Factors(new.U, new.s, new.V)
             del new
         log_scale, reset, share = entered(info, e_cur, e_new, version)
         st["rank"] = factors.rank
+        st["calibration"] = calibration.factor(self.settings.calibration, stats, count + 1, factors.s)
         entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
-                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset)
+                     source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset,
+                     **stats_entry(stats))
         return entry, st, [share, log_scale], factors, delta_energy
 
     def _dense_matrix(self, info: dict[str, Any], current: Tensor | None, d: Tensor | Factors | None, count: int

@@ -53,12 +53,21 @@ class FoldRecord:
         """Folded by a dense strategy: no components kept, the statistics are the neutral values."""
         return any(s["svd_method"] == DENSE for s in self.matrices.values())
 
+    @property
+    def calibration(self) -> float | None:
+        """The smallest calibration factor over the matrices after this fold (None: none known, as
+        in a record written before calibration existed or by a dense strategy)."""
+        known = [s["calibration"] for s in self.matrices.values() if s.get("calibration") is not None]
+        return min(known) if known else None
+
     def line(self) -> str:
-        """One line for a log or the CLI (a dense strategy's fold keeps no components: "dense state")."""
+        """One line for a log or the CLI (a dense strategy's fold keeps no components: "dense state");
+        a calibration below 1 says how far the merged basis is scaled down (sources piling up)."""
         kept = "dense state" if self.dense else (f"{self.new_kept_total} new components, "
                                                  f"energy kept {self.energy_kept:.1%}")
-        return (f"folded {self.file} -> version {self.version}: {kept}, |tau|/|base| {self.relative_norm:.3f}, "
-                f"{self.seconds:.1f} s")
+        scaled = f", calibrated down to {c:.3f}" if (c := self.calibration) is not None and c < 1 else ""
+        return (f"folded {self.file} -> version {self.version}: {kept}{scaled}, |tau|/|base| "
+                f"{self.relative_norm:.3f}, {self.seconds:.1f} s")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FoldRecord":
@@ -74,6 +83,9 @@ class BasisSnapshot:
     means: dict[str, Tensor]        # a missing name means an all-zero delta
     count: int                      # number of folded sources
     manifest: dict[str, Any]
+    calibration: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per matrix the basis's calibration factor (``core/calibration.py``): the calibrated merged
+    matrix is ``c * U diag(s) V^T``; a missing name is 1 (no calibration, or statistics unknown)."""
 
 
 def entered(info: Mapping[str, Any], e_cur: float, e_new: float, version: int) -> tuple[float, int, float]:

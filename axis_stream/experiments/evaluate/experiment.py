@@ -53,6 +53,7 @@ class Stage1Options:
     matrix_patterns: list[str] = field(default_factory=lambda: list(VIT_BLOCK_MATRICES))
     conv_as_matrix: bool = False
     k_fractions: list[float] = field(default_factory=lambda: [0.10])   # K sweep (paper Figure 6)
+    calibration: str = config.BasisConfig.calibration  # streaming AXIS's basis.calibration (the daemon's default)
 
 
 @dataclass
@@ -221,5 +222,6 @@ def _validate(exp: Experiment) -> None:
         raise ConfigError("multitask: needs a suite (suite = ...), whose sources are its tasks, and one or more "
                           "Stage 1 merges among the methods")
     exp.adapt.validate()
+    config._choice("stage1.calibration", exp.stage1.calibration, config.CALIBRATIONS)
     config._choice("executor", exp.executor, config.EXECUTORS)
     exp.ray.validate("ray")

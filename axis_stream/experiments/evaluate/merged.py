@@ -4,7 +4,8 @@ after each source of a stream.
 What "the merged delta" is, per method, is what the product would export (``export --merged``):
 
 - AXIS (``axis``, ``axis-global``): the basis as stored, its top-K ``U diag(s) V^T`` per matrix (K from
-  ``stage1.k_fraction``), and the mean of the other parameters' deltas (``Basis.materialize``).
+  ``stage1.k_fraction``) times its calibration factor (streaming AXIS: the real basis's
+  ``basis.calibration``), and the mean of the other parameters' deltas (``Basis.materialize``).
 - the continual rules (``opcm``, ``continual-ta``, ``continual-ties``, ``running-average``): the full
   ``continual.merged`` of their bounded state, with the rule's own scaling (lam, OPCM's norm rescale).
 - the batch merges (``ta``, ``average``, ``ties``, ``dare``, ``tsvm``): their full merged delta, no top-K:
@@ -49,10 +50,12 @@ class Step:
     state_bytes: int            # what the method keeps to take in the next source
 
 
-def dense(factors: Mapping[str, Factors], means: Mapping[str, Tensor], like: Mapping[str, Tensor]
-          ) -> dict[str, Tensor]:
-    """The dense merged delta of a basis ``(factors, means)``, each matrix in the shape of ``like[name]``."""
-    out = {n: f.to_dense().reshape(like[n].shape) for n, f in factors.items() if f.rank}
+def dense(factors: Mapping[str, Factors], means: Mapping[str, Tensor], like: Mapping[str, Tensor],
+          calibration: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+    """The dense merged delta of a basis ``(factors, means)``, each matrix in the shape of ``like[name]``
+    and scaled by its ``calibration`` factor (a basis snapshot's; missing: 1), as ``Basis.materialize``."""
+    calibration = calibration or {}
+    out = {n: (f.to_dense() * calibration.get(n, 1.0)).reshape(like[n].shape) for n, f in factors.items() if f.rank}
     out.update(means)
     return out
 

@@ -68,7 +68,8 @@ class Run:
                  "budget": self.budget, "seed": self.seed, "k": self.k_fraction, "corrupt": self.corrupt,
                  "corrupt_setup": [exp.robustness.corrupt_scale, exp.robustness.corrupt_index],
                  "prune": self.prune_ratio, "train_fraction": self.train_fraction,
-                 "stage1": [exp.stage1.matrix_patterns, exp.stage1.conv_as_matrix]}
+                 "stage1": [exp.stage1.matrix_patterns, exp.stage1.conv_as_matrix]
+                 + ([exp.stage1.calibration] if self.method.name == "axis" else [])}  # only streaming AXIS reads it
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
         name = f"{self.target.name}-{self.method.label}-s{len(self.sources)}-n{self.budget:g}-seed{self.seed}"
         return re.sub(r"[^A-Za-z0-9_.+\-=]", "_", name) + "-" + digest

@@ -153,14 +153,15 @@ class SuiteHarness:
         settings = BasisConfig(matrix_patterns=list(self.exp.stage1.matrix_patterns),
                                conv_as_matrix=self.exp.stage1.conv_as_matrix, k_mode="fraction",
                                k_fraction=run.k_fraction, svd=run.method.params["svd"],
-                               keep_versions=len(pool) + 1)
+                               keep_versions=len(pool) + 1, calibration=self.exp.stage1.calibration)
+        folded_by = {k: v for k, v in dataclasses.asdict(settings).items() if k != "calibration"}  # factors only
         ident = {"pool": pool, "suite": self.exp.suite, "recipe": dataclasses.asdict(self.suite.source_recipe),
-                 "basis": dataclasses.asdict(settings), "prune": run.prune_ratio,
+                 "basis": folded_by, "prune": run.prune_ratio,
                  "corrupt": [corrupted, rb.corrupt_scale if run.corrupt else None]}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
         home = self.exp.output_dir / "bases" / f"axis-{len(pool)}-{digest}"
         try:
-            basis = Basis.open(home / "basis", self.base_sd)
+            basis = Basis.open(home / "basis", self.base_sd, settings=settings)
         except BasisError:
             home.mkdir(parents=True, exist_ok=True)
             atomic_write_json(home / "settings.json", ident)
@@ -193,7 +194,7 @@ class SuiteHarness:
         """The run's merged delta at its stored values (``evaluate.merged``); AXIS streaming: its real basis."""
         if run.method.name == "axis":
             snap = self.daemon_basis(run)
-            return merged.dense(snap.factors, snap.means, self.base_sd)
+            return merged.dense(snap.factors, snap.means, self.base_sd, snap.calibration)
         return merged.merged_delta(run.method.name, self.prepared(run), set(self.matrices),
                                    params=run.method.params, k_fraction=run.k_fraction, seed=run.seed)
 
@@ -212,7 +213,8 @@ class SuiteHarness:
             for t, record in enumerate(records, 1):
                 snap = basis.load(t)
                 kept = sum(f.nbytes for f in snap.factors.values()) + sum(m.nbytes for m in snap.means.values())
-                yield merged.Step(t, merged.dense(snap.factors, snap.means, self.base_sd), record.seconds, kept)
+                yield merged.Step(t, merged.dense(snap.factors, snap.means, self.base_sd, snap.calibration),
+                                  record.seconds, kept)
         finally:
             basis.close()
 
