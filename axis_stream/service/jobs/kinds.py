@@ -46,7 +46,7 @@ def run_adapt(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """The ``adapt`` job: Stage 2 against basis version ``ctx.basis_version``; files go to ``ctx.out_dir``."""
     job = job_settings(params, ctx.config)
     base = models.create_base(ctx.config.base)
-    snapshot = Basis.open(ctx.basis_dir, base.state_dict()).load(ctx.basis_version)
+    snapshot = Basis.open(ctx.basis_dir, base.state_dict(), settings=ctx.config.basis).load(ctx.basis_version)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     return adapt(base, ctx.config.base, snapshot, job, ctx.out_dir, ctx.progress)
 
