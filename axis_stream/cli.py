@@ -21,6 +21,23 @@ class AxisGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+class StartScale(click.ParamType):
+    """``--start-scale``: a number or ``auto`` (the range is checked with the job's other parameters)."""
+
+    name = "number|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return value if isinstance(value, float) else "auto"
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor auto", param, ctx)
+
+
+_START_SCALE = StartScale()
+
+
 @click.group(cls=AxisGroup)
 @click.version_option(__version__, prog_name="axis-stream")
 def main() -> None:
@@ -91,8 +108,9 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
 @_CONFIG_OPTION
 @click.option("--target", required=True, help="Dataset to adapt to, e.g. flowers102, or imagefolder:PATH.")
 @click.option("--n-fraction", type=float, help="Trained top-N singular values per matrix, fraction of min(m, n).")
-@click.option("--start-scale", type=float,
-              help="Start Lambda at this times the merged singular values (1.0: the paper's merged start).")
+@click.option("--start-scale", type=_START_SCALE,
+              help="Start Lambda at this times the merged singular values (1.0: the paper's merged start), "
+                   "or auto (the default: the best of a few starts on the validation split).")
 @click.option("--epochs", type=int, help="Training epochs.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--batch-size", type=int, help="Batch size.")
@@ -108,7 +126,7 @@ def _mapping_lines(value, indent: str = "") -> list[str]:
               help="Your own prompt templates, one per line, with {} where the class name goes.")
 @click.option("--wait", is_flag=True, help="Print progress until the job ends, then its result.")
 @click.option("--local", is_flag=True, help="Run it here in the foreground (no daemon needed), with a progress bar.")
-def adapt(config_path: str | None, target: str, n_fraction: float | None, start_scale: float | None,
+def adapt(config_path: str | None, target: str, n_fraction: float | None, start_scale: float | str | None,
           epochs: int | None, lr: float | None, batch_size: int | None, seed: int | None, data_root: str | None,
           weight_decay: float | None, device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
           classnames_file: str | None, templates_file: str | None, wait: bool, local: bool) -> None:
@@ -179,6 +197,8 @@ class _StageProgress:
             if event["step"] == event["of"]:
                 self.bar.__exit__(None, None, None)
                 self.bar = None
+        elif event["phase"] == "start":
+            click.echo(render.start_line(event))
         elif event["phase"] == "validate":
             best = f" (best {event['best_val_accuracy']:.2%})" if "best_val_accuracy" in event else " (before training)"
             click.echo(f"epoch {event['epoch']}/{event['epochs']}: validation accuracy {event['val_accuracy']:.2%}{best}")

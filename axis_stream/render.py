@@ -61,7 +61,10 @@ def describe(record: dict[str, Any]) -> list[str]:
         lines.append(f"error: {record['error']}")
     if record["result"] is not None:
         lines.append("result:")
-        lines.extend(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in record["result"].items())
+        lines.extend(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}"
+                     for k, v in record["result"].items() if k != "start")
+        if record["result"].get("start"):
+            lines.append(f"  {start_line(record['result']['start'])}")
     lines.append(f"log: {record['log_path']}")
     return lines
 
@@ -98,8 +101,9 @@ def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
     """A finished job's report as the lines ``adapt --local`` prints."""
     mib = result["peak_memory_bytes"] / 2**20
     step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
-    scale = result.get("hyperparameters", {}).get("start_scale", 1.0)
-    start = "merged model" if scale == 1 else f"start Lambda = {scale:g} s"
+    chosen = result.get("start") or {}
+    scale = chosen.get("scale", result.get("hyperparameters", {}).get("start_scale", 1.0))
+    start = "merged model" if scale == 1 else f"start Lambda = {scale:.3g} s"
     lines = [
         f"adapted basis version {result['basis_version']} to {result['target_name']} ({result['num_classes']} classes, "
         f"{result['sizes']['train']} train images) with {result['trainable_params']:,} trainable values "
@@ -110,10 +114,23 @@ def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
         f"{step}, peak memory {mib:,.0f} MiB ({result['peak_memory_kind']}) on {result['device']}, "
         f"{result['seconds']:.0f} s in all",
     ]
+    if chosen.get("candidates"):
+        lines.insert(1, start_line(chosen))
     if "out_dir" in result:
         lines.append(f"saved {LAMBDA_FILE}, {HEAD_FILE} and {REPORT_FILE} in {result['out_dir']}")
         lines.append(f"full weights: axis-stream export --job {result['job_id']} --out model.safetensors")
     return lines
+
+
+def start_line(start: Mapping[str, Any]) -> str:
+    """Where Stage 2 started (``report["start"]``, the ``start`` progress event): the choice and every
+    candidate's validation accuracy, e.g. ``start: calibrated (mean scale 0.42); validation: merged 31.0 %, ...``."""
+    head = f"start: {start['chosen']} (mean scale {start['scale']:.3g})"
+    if not start.get("candidates"):
+        return head
+    n = start["candidates"][0]["n"]
+    scores = ", ".join(f"{c['name']} {c['val_accuracy']:.1%} (scale {c['scale']:.3g})" for c in start["candidates"])
+    return f"{head}; validation accuracy of each start on {n} samples: {scores}"
 
 
 # --- the basis ---

@@ -77,6 +77,17 @@ def test_adapt_start_scale_reaches_the_model_and_the_report(setup):
         assert biggest < 1e-6 if scale == "0" else biggest > 1e-3
     result = runner.invoke(cli.main, args + ["--start-scale", "-0.5"])
     assert result.exit_code == 1 and "start_scale must be a finite number >= 0" in result.output
+    result = runner.invoke(cli.main, args + ["--start-scale", "weak"])
+    assert result.exit_code == 2 and "'weak' is neither a number nor auto" in result.output
+    for given in (["--start-scale", "auto"], []):  # auto is the default: the candidates are scored and printed
+        result = runner.invoke(cli.main, args + given)
+        assert result.exit_code == 0, result.output
+        job_dir = jobs_dir / result.output.split("export --job ")[1].split()[0]
+        report = json.loads((job_dir / "report.json").read_text())
+        assert report["hyperparameters"]["start_scale"] == "auto"
+        assert [c["name"] for c in report["start"]["candidates"]] == ["merged", "half", "zero"]  # 1 source: c = 1
+        assert result.output.count(f"start: {report['start']['chosen']} (mean scale") == 2  # progress and summary
+        assert "validation accuracy of each start on" in result.output
 
 
 def test_cli_errors_are_one_clear_line(setup, tmp_path):

@@ -29,7 +29,7 @@ def snapshot_from_sources(base: dict[str, torch.Tensor], seeds=(0, 1, 2), k_frac
                 factors[name] = stage1.fold(factors.get(name), layout.as_matrix(delta), k)
             elif name.startswith("visual."):
                 means[name] = stage1.update_mean(means.get(name), count, delta)
-    return SimpleNamespace(version=len(seeds), factors=factors, means=means)
+    return SimpleNamespace(version=len(seeds), factors=factors, means=means, calibration={})
 
 
 @pytest.fixture(scope="module")

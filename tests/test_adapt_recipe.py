@@ -77,6 +77,13 @@ def test_report_files_and_progress(seed_runs, snapshot):
     assert train[0] == {**train[0], "epoch": 1, "epochs": 3, "step": 1, "of": 5} and "loss" in train[0]
     assert [e["epoch"] for e in events if e["phase"] == "validate"] == [0, 1, 2, 3]
     assert events[-1] == {"phase": "test", "test_accuracy": report["test_accuracy"]}
+    # start_scale "auto" (the default): every candidate scored on validation, the chosen one is epoch 0
+    start = report["start"]
+    assert report["hyperparameters"]["start_scale"] == "auto" and events[0] == {"phase": "start", **start}
+    assert [c["name"] for c in start["candidates"]] == ["merged", "half", "zero"]  # no calibration in this basis
+    assert all(c["n"] == report["sizes"]["val"] for c in start["candidates"])
+    chosen = next(c for c in start["candidates"] if c["name"] == start["chosen"])
+    assert report["initial_val_accuracy"] == chosen["val_accuracy"] and start["scale"] == chosen["scale"]
 
 
 class Crash(Exception):
@@ -96,6 +103,7 @@ def test_a_crashed_job_resumes_after_its_last_epoch(tiny_base, snapshot, colours
     events = []
     resumed = run(tiny_base, snapshot, tmp_path / "resumed", quick(colours), events.append)
     assert {e["epoch"] for e in events if e["phase"] == "train"} == {2}
+    assert "start" not in {e["phase"] for e in events} and resumed["start"] == whole["start"]  # not re-scored
     assert resumed["history"] == whole["history"] and resumed["test_accuracy"] == whole["test_accuracy"]
     a, b = load_file(tmp_path / "whole" / "lambda.safetensors"), load_file(tmp_path / "resumed" / "lambda.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -130,7 +138,9 @@ def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot
     ({"target": "dtd", "n_fraction": 0}, AdaptError, "n_fraction"),
     ({"target": "dtd", "epochs": "two"}, AdaptError, "epochs: expected int"),
     ({"target": "dtd", "start_scale": -0.3}, AdaptError, "start_scale must be a finite number >= 0"),
-    ({"target": "dtd", "start_scale": "weak"}, AdaptError, "start_scale: expected float"),
+    ({"target": "dtd", "start_scale": "weak"}, AdaptError, "start_scale: expected float or \"auto\""),
+    ({"target": "dtd", "start_scale": True}, AdaptError, "start_scale: expected float or \"auto\""),
+    ({"target": "dtd", "start_scale": "nan"}, AdaptError, "start_scale must be a finite number >= 0 or \"auto\""),
     ({"target": "dtd", "epochs": 0}, ConfigError, "adapt.epochs"),
     ({"target": "dtd", "max_train_samples": -3}, AdaptError, "max_train_samples"),
     ({"target": "dtd", "classnames": "cat dog"}, AdaptError, "classnames: expected a list of strings"),
@@ -143,8 +153,10 @@ def test_bad_job_parameters_are_clear_errors(params, error, message):
 def test_job_parameters_override_the_config():
     job = job_settings({"target": "dtd", "n_fraction": "0.2", "epochs": 3, "data_root": "/data"}, config.Config())
     assert (job.hp.n_fraction, job.hp.epochs, job.hp.lr, job.data_root) == (0.2, 3, 0.1, Path("/data"))
-    assert job.hp.start_scale == 1.0
+    assert job.hp.start_scale == "auto"
     assert job_settings({"target": "dtd", "start_scale": "0.3"}, config.Config()).hp.start_scale == 0.3
+    assert job_settings({"target": "dtd", "start_scale": 1}, config.Config()).hp.start_scale == 1.0
+    assert job_settings({"target": "dtd", "start_scale": "AUTO"}, config.Config()).hp.start_scale == "auto"
 
 
 def test_the_adapt_job_runs_against_a_basis_version_and_exports(tiny_base, make_checkpoint, colours, tmp_path):

@@ -132,12 +132,17 @@ def test_environment_overrides_paths(tmp_path):
     assert config.load(path, env={"AXIS_STREAM_STATE_DIR": ""}).paths.state_dir == tmp_path / "state"
 
 
-def test_start_scale_loads_defaults_to_the_paper_and_says_why_a_negative_is_refused(tmp_path):
-    assert config.AdaptConfig().start_scale == 1.0
-    assert config.load(write(tmp_path, "[adapt]\nstart_scale = 0\n"), env={}).adapt.start_scale == 0.0
+def test_start_scale_defaults_to_auto_loads_a_number_and_says_why_a_bad_one_is_refused(tmp_path):
+    assert config.AdaptConfig().start_scale == "auto"
+    assert config.load(write(tmp_path, "[adapt]\nstart_scale = 'auto'\n"), env={}).adapt.start_scale == "auto"
+    zero = config.load(write(tmp_path, "[adapt]\nstart_scale = 0\n"), env={}).adapt.start_scale
+    assert zero == 0.0 and type(zero) is float
     assert config.load(write(tmp_path, "[adapt]\nstart_scale = 0.3\n"), env={}).adapt.start_scale == 0.3
-    with pytest.raises(ConfigError, match=r"adapt.start_scale: must be a finite number >= 0 .* got -1.0"):
+    with pytest.raises(ConfigError, match=r"adapt.start_scale: must be a finite number >= 0 or \"auto\" .* got -1.0"):
         config.load(write(tmp_path, "[adapt]\nstart_scale = -1\n"), env={})
+    for bad in ("'Auto0'", "true", "[1]", "inf"):
+        with pytest.raises(ConfigError, match=r"adapt.start_scale"):
+            config.load(write(tmp_path, f"[adapt]\nstart_scale = {bad}\n"), env={})
 
 
 def test_a_trigger_table_loads(tmp_path):

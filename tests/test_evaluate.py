@@ -185,12 +185,16 @@ def test_a_methods_start_scale_parses_and_is_where_lambda_starts(tmp_path, tiny_
     exp.targets = exp.targets[:1]
     rows = run_experiment(exp, lambda line: None)
     assert sorted(r["method"] for r in rows) == ["axis", "axis-from-base"]
-    biggest = {}
+    biggest, starts = {}, {}
     for folder in (tmp_path / "tiny" / "evaluation" / "runs").iterdir():
         report = json.loads((folder / "report.json").read_text())
         lam = load_file(folder / "lambda.safetensors")
         biggest[report["hyperparameters"]["start_scale"]] = max(v.abs().max().item() for v in lam.values())
-    assert biggest.keys() == {0.0, 1.0} and biggest[0.0] < 1e-6 < 1e-3 < biggest[1.0]
+        starts[report["hyperparameters"]["start_scale"]] = report["start"]
+    assert biggest.keys() == {0.0, "auto"} and biggest[0.0] < 1e-6  # the default is auto: scored starts
+    assert starts[0.0] == {"chosen": "fixed", "scale": 0.0, "candidates": []}
+    assert [c["name"] for c in starts["auto"]["candidates"]] == ["merged", "half", "zero"]  # no calibration here
+    assert (biggest["auto"] > 1e-3) == (starts["auto"]["chosen"] != "zero")
 
 
 def test_a_merge_without_stage2_is_base_plus_its_merged_delta(tmp_path, tiny_base, one_thread):

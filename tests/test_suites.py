@@ -146,7 +146,7 @@ def test_ci_sized_transfer_beats_the_unadapted_base(tmp_path):
     exp = load_experiment(tmp_path / "exp.toml")
     harness = SuiteHarness(exp, lambda line: None)
     run = next(r for r in plan(exp) if r.method.name == "axis" and r.target.name == "digits")
-    assert run.settings(exp.adapt).start_scale == 1.0
+    assert run.settings(exp.adapt).start_scale == "auto"  # the suites' configs do not set it
     merged = harness.build(run, run.settings(exp.adapt), harness._base())
     from_base = harness.build(run, dataclasses.replace(run.settings(exp.adapt), start_scale=0.0), harness._base())
     assert all(torch.equal(v, torch.zeros_like(v)) for v in from_base.lambdas().values())

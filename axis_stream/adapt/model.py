@@ -17,9 +17,11 @@ Where N exceeds the stored rank K, U and V are completed with orthonormal direct
 job's seed and the matrix name, so a job can be rebuilt exactly) and the extra singular values start
 at 0: what a full SVD of the dense merged matrix would give.
 
-Lambda starts at ``start_scale * s``: 1.0 (the default) is the paper's merged start; a smaller value
-keeps the merged directions but starts them weaker, which helps where interference between sources
-makes the merged model worse than the base. Only Lambda is scaled; the frozen rest keeps ``s``.
+Lambda starts at ``start_scale * s``: 1.0 is the paper's merged start; a smaller value keeps the
+merged directions but starts them weaker, which helps where interference between sources makes the
+merged model worse than the base. Only Lambda is scaled; the frozen rest keeps ``s``. ``"auto"``
+(``adapt.start``) builds the model at the merged start and lets the recipe score the candidate starts
+on validation; ``set_start`` moves Lambda to any ``scale * s``, per matrix where ``scale`` is a mapping.
 """
 
 from __future__ import annotations
@@ -49,12 +51,19 @@ def check_fraction(n_fraction: Any) -> float:
     return float(n_fraction)
 
 
-def check_start_scale(start_scale: Any) -> float:
-    """``start_scale`` as a finite float >= 0, or an ``AdaptError`` saying what is wrong with it."""
+AUTO = "auto"
+"""``start_scale = "auto"``: score the candidate starts on validation and start from the best (``adapt.start``)."""
+
+
+def check_start_scale(start_scale: Any) -> float | str:
+    """``start_scale`` as ``"auto"`` or a finite float >= 0, or an ``AdaptError`` saying what is wrong with it."""
+    if start_scale == AUTO:
+        return AUTO
     if (isinstance(start_scale, bool) or not isinstance(start_scale, (int, float))
             or not math.isfinite(start_scale) or start_scale < 0):
-        raise AdaptError(f"start_scale must be a finite number >= 0 (Lambda starts at start_scale * s; "
-                         f"1.0 is the paper's merged start, e.g. 0.3 starts weaker), got {start_scale!r}")
+        raise AdaptError(f"start_scale must be a finite number >= 0 or \"auto\" (Lambda starts at start_scale * s; "
+                         f"1.0 is the paper's merged start, e.g. 0.3 starts weaker; auto scores a few starts on "
+                         f"validation), got {start_scale!r}")
     return float(start_scale)
 
 
@@ -85,10 +94,11 @@ def completion_generator(seed: int, name: str) -> torch.Generator:
 class Spectrum(nn.Module):
     """One matrix's trainable top-N spectrum: ``delta = U diag(lam) V^T``, reshaped to the parameter."""
 
-    def __init__(self, U: Tensor, lam: Tensor, V: Tensor, shape: torch.Size):
+    def __init__(self, U: Tensor, lam: Tensor, V: Tensor, shape: torch.Size, s: Tensor | None = None):
         super().__init__()
         self.register_buffer("U", U.contiguous())
         self.register_buffer("V", V.contiguous())
+        self.register_buffer("s", (lam if s is None else s).detach().clone(), persistent=False)  # Lambda at scale 1
         self.lam = nn.Parameter(lam.clone())
         self.shape = shape
 
@@ -145,11 +155,14 @@ class SVDAdapted(FunctionalModel):
     get ``means`` added, in place; every base parameter is frozen. ``factors`` are in matrix form
     (conv weights flattened to ``(out, in*kh*kw)``) and keyed by parameter name; a name missing from
     ``means`` is an all-zero delta. Only ``lambdas`` (one ``Spectrum.lam`` per matrix) are trainable;
-    they start at ``start_scale`` times the top-N singular values (1.0: the merged model itself).
+    they start at ``start_scale`` times the top-N singular values (1.0: the merged model itself;
+    ``"auto"`` builds at 1.0 for the recipe to score). ``calibration`` is the basis's factor per matrix
+    (``BasisSnapshot.calibration``, a missing name is 1.0); it only says where the calibrated start is.
     """
 
     def __init__(self, base: nn.Module, factors: Mapping[str, Factors], means: Mapping[str, Tensor],
-                 n_fraction: float, *, seed: int = 0, start_scale: float = 1.0):
+                 n_fraction: float, *, seed: int = 0, start_scale: float | str = 1.0,
+                 calibration: Mapping[str, float] | None = None):
         super().__init__(base)
         n_fraction = check_fraction(n_fraction)
         start_scale = check_start_scale(start_scale)
@@ -162,6 +175,7 @@ class SVDAdapted(FunctionalModel):
         self.start_scale = start_scale
         self.seed = seed
         self.names = [name for name in params if name in factors]  # the module's own order
+        self.calibration = {name: float((calibration or {}).get(name, 1.0)) for name in self.names}
         self.spectra = nn.ModuleList()
         with torch.no_grad():
             for name, mean in means.items():
@@ -180,8 +194,10 @@ class SVDAdapted(FunctionalModel):
         gen = completion_generator(self.seed, name)
         U_n = complete_orthonormal(U, n, gen)
         V_n = complete_orthonormal(V, n, gen)
-        lam = torch.cat([s[:n] * self.start_scale, s.new_zeros(max(0, n - f.rank))])
-        return Spectrum(U_n, lam, V_n, param.shape)
+        top = torch.cat([s[:n], s.new_zeros(max(0, n - f.rank))])
+        scale = 1.0 if self.start_scale == AUTO else self.start_scale
+        lam = torch.cat([s[:n] * scale, s.new_zeros(max(0, n - f.rank))])
+        return Spectrum(U_n, lam, V_n, param.shape, top)
 
     # --- what training and evaluation use ---
 
@@ -199,6 +215,14 @@ class SVDAdapted(FunctionalModel):
 
     def trainable_count(self) -> int:
         return sum(sp.lam.numel() for sp in self.spectra)
+
+    def set_start(self, scale: float | Mapping[str, float]) -> None:
+        """Set Lambda to ``scale * s``: one factor for every matrix, or one per matrix name (a missing
+        name is 1.0). Only Lambda moves; the frozen rest keeps ``s``, completed directions stay 0."""
+        with torch.no_grad():
+            for name, sp in zip(self.names, self.spectra):
+                c = float(scale.get(name, 1.0)) if isinstance(scale, Mapping) else float(scale)
+                sp.lam.copy_(sp.s * c)
 
     def lambdas(self) -> dict[str, Tensor]:
         """The trained values keyed by parameter name (what ``lambda.safetensors`` holds)."""

@@ -4,38 +4,36 @@ Defaults are the paper's (aTLAS protocol, SPEC section 5) and come from ``config
 parameters override them. Every file goes into the job's folder, written crash-safely:
 ``lambda.safetensors`` (the best Lambda), ``head.safetensors`` (the frozen zero-shot head),
 ``report.json``, and ``state.pt``, the per-epoch resumable state: a job started again in the same
-folder with the same settings continues after its last finished epoch.
+folder with the same settings continues after its last finished epoch. Training is ``loop.Loop``
+(shared with the suites' harness) over :class:`ImageData`; ``start_scale = "auto"`` scores the
+candidate starts of ``adapt.start`` on validation first and the report's ``start`` records the choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, get_type_hints
+from typing import Any, Callable, Iterable, Mapping, Protocol, get_type_hints
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
+from axis_stream.adapt.data import Splits, make_splits, resolve_target, transforms_for
 from axis_stream.adapt.device import Amp, Runtime, runtime_for
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE, STATE_FILE
 from axis_stream.adapt.head import logits, zero_shot_head
-from axis_stream.adapt.model import AdaptError, SVDAdapted, check_fraction, check_start_scale
+from axis_stream.adapt.loop import Loop, Progress, accuracy
+from axis_stream.adapt.model import AUTO, AdaptError, SVDAdapted, check_fraction, check_start_scale
 from axis_stream.config import AdaptConfig, BaseConfig, Config
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import models
 from axis_stream.store.atomic import atomic_write, atomic_write_json
-
-Progress = Callable[[dict[str, Any]], None]
-
 
 
 class Snapshot(Protocol):
@@ -44,6 +42,7 @@ class Snapshot(Protocol):
     version: int
     factors: Mapping[str, Factors]
     means: Mapping[str, Tensor]
+    calibration: Mapping[str, float]   # the basis's factor per matrix (a missing name is 1.0): the calibrated start
 
 
 @dataclass(frozen=True)
@@ -94,6 +93,15 @@ def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
 
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if key == "start_scale":  # a number, or "auto"
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        if not isinstance(value, bool):
+            try:
+                return float(value)
+            except (TypeError, ValueError, OverflowError):
+                pass
+        raise AdaptError(f"adapt parameter {key}: expected float or \"auto\", got {value!r:.80}")
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     try:
@@ -139,50 +147,23 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     # 2. the Stage 2 model: only the top-N singular values of every basis matrix train, from start_scale * s
     model = (build(base, hp) if build is not None
              else SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed,
-                             start_scale=hp.start_scale))
-    lambdas = [p for p in model.parameters() if p.requires_grad]
+                             start_scale=hp.start_scale, calibration=snapshot.calibration))
 
     # 3. the data
     train_tf, eval_tf = transforms_for(base)
     splits = make_splits(target, train_tf, eval_tf, val_fraction=hp.val_fraction, val_max=hp.val_max,
                          max_train=job.max_train_samples, max_eval=job.max_eval_samples)
-    steps_per_epoch = math.ceil(len(splits.train) / hp.batch_size)
+    data = ImageData(splits, head, hp.batch_size, hp.num_workers, rt)
 
-    # 4. train: AdamW, cosine over all steps, clipping, AMP on CUDA; keep the best Lambda on validation
-    optimizer = torch.optim.AdamW(lambdas, lr=hp.lr, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * hp.epochs)
+    # 4. the loop (``loop.Loop``): the start (scored on validation for "auto"), then AdamW, cosine over
+    # all steps, clipping, AMP on CUDA, the best Lambda on validation, the state saved after every epoch
     fingerprint = _fingerprint(job, snapshot.version, base_sha256, len(splits.train))
-    state = _load_state(out_dir / STATE_FILE, fingerprint)
-    if state is None:  # epoch 0 is the start (the merged model at start_scale 1): what Stage 2 must beat
-        initial_val = evaluate(model, head, splits.val, hp, device, amp)
-        initial_test = evaluate(model, head, splits.test, hp, device, amp)
-        progress({"phase": "validate", "epoch": 0, "epochs": hp.epochs, "val_accuracy": initial_val})
-        state = {"fingerprint": fingerprint, "epoch": 0, "best_epoch": 0, "best_val": initial_val,
-                 "initial_val": initial_val, "initial_test": initial_test, "best_lambda": model.lambdas(),
-                 "history": [], "step_seconds": []}
-    else:
-        model.load_lambdas(state.pop("lam"), source=str(out_dir / STATE_FILE))
-        optimizer.load_state_dict(state.pop("optimizer"))
-        scheduler.load_state_dict(state.pop("scheduler"))
-        scaler = state.pop("scaler")
-        if scaler:
-            amp.scaler.load_state_dict(scaler)
-    for epoch in range(state["epoch"] + 1, hp.epochs + 1):
-        loss, seconds = train_epoch(model, head, splits.train, optimizer, scheduler, rt, hp, epoch, progress)
-        val = evaluate(model, head, splits.val, hp, device, amp)
-        if val > state["best_val"]:
-            state.update(best_val=val, best_epoch=epoch, best_lambda=model.lambdas())
-        state["history"].append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
-        state["step_seconds"] += seconds
-        state["epoch"] = epoch
-        _save_state(out_dir / STATE_FILE, state, model, optimizer, scheduler, amp)
-        progress({"phase": "validate", "epoch": epoch, "epochs": hp.epochs, "val_accuracy": val,
-                  "best_val_accuracy": state["best_val"]})
+    stage2 = Loop(model, data, hp, rt, progress, state_path=out_dir / STATE_FILE, fingerprint=fingerprint)
+    stage2.setup()
+    state = stage2.train()
 
     # 5. evaluate the best Lambda on the test split
-    model.load_lambdas(state["best_lambda"])
-    test = evaluate(model, head, splits.test, hp, device, amp)
-    progress({"phase": "test", "test_accuracy": test})
+    test = stage2.finish()
 
     # 6. save: the best Lambda, the head, the report
     meta = {"basis_version": str(snapshot.version), "n_fraction": repr(hp.n_fraction), "seed": str(hp.seed),
@@ -198,6 +179,7 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
         "device": str(device), "amp_dtype": amp.dtype_name,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "trainable_params": model.trainable_count(),
+        "start": state["start"],
         "initial_val_accuracy": state["initial_val"], "initial_test_accuracy": state["initial_test"],
         "val_accuracy": state["best_val"],
         "best_epoch": state["best_epoch"], "test_accuracy": test, "history": state["history"],
@@ -209,53 +191,32 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
     return report
 
 
-def train_epoch(model: SVDAdapted, head: Tensor, data: Dataset, optimizer: torch.optim.Optimizer,
-                scheduler: Any, rt: Runtime, hp: AdaptConfig, epoch: int, progress: Progress
-                ) -> tuple[float, list[float]]:
-    """One pass over ``data`` in an order fixed by (seed, epoch); returns mean loss and compute seconds per step."""
-    torch.manual_seed(hp.seed * 100_003 + epoch)  # augmentation draws, so a resumed epoch is the same epoch
-    loader = DataLoader(data, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers,
-                        generator=torch.Generator().manual_seed(hp.seed * 100_003 + epoch),
-                        pin_memory=rt.pin_memory, persistent_workers=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    amp = rt.amp
-    total, count, seconds = 0.0, 0, []
-    model.train()
-    for step, (images, labels) in enumerate(loader, 1):
-        images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
-        tic = time.perf_counter()
-        with amp.autocast():
-            loss = F.cross_entropy(logits(model.call("encode_image", images), head), labels)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(loss).backward()
-        amp.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
-        amp.scaler.step(optimizer)
-        amp.scaler.update()
-        scheduler.step()
-        rt.synchronize()
-        seconds.append(time.perf_counter() - tic)
-        total += float(loss.detach()) * len(labels)
-        count += len(labels)
-        progress({"phase": "train", "epoch": epoch, "epochs": hp.epochs, "step": step, "of": len(loader),
-                  "loss": float(loss.detach())})
-    return total / max(count, 1), seconds
+class ImageData:
+    """``loop.Data`` for the recipe: a target's image splits through ``DataLoader``s, CLIP's image tower
+    and the frozen zero-shot head (``head.logits``)."""
+
+    def __init__(self, splits: Splits, head: Tensor, batch_size: int, num_workers: int, rt: Runtime):
+        self.splits, self.head, self.batch_size, self.num_workers, self.rt = splits, head, batch_size, num_workers, rt
+        self.train_size, self.val_size = len(splits.train), len(splits.val)
+
+    def train_batches(self, order: Tensor, seed: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return DataLoader(self.splits.train, batch_size=self.batch_size, sampler=order.tolist(),
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
+                          pin_memory=self.rt.pin_memory, persistent_workers=False)
+
+    def eval_batches(self, split: str) -> Iterable[tuple[Tensor, Tensor]]:
+        return DataLoader(getattr(self.splits, split), batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def logits(self, model: nn.Module, images: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        images = images.to(self.rt.device, non_blocking=True)
+        return logits(model.call("encode_image", images, weights=weights), self.head)
 
 
-@torch.no_grad()
-def evaluate(model: SVDAdapted, head: Tensor, data: Dataset, hp: AdaptConfig, device: torch.device,
+def evaluate(model: nn.Module, head: Tensor, data: Dataset, hp: AdaptConfig, device: torch.device,
              amp: Amp) -> float:
-    """Top-1 accuracy of ``model`` with ``head`` on ``data``; the matrices are materialised once."""
-    model.eval()
-    weights = model.weights()
-    loader = DataLoader(data, batch_size=hp.batch_size, num_workers=hp.num_workers)
-    correct = seen = 0
-    for images, labels in loader:
-        with amp.autocast():
-            pred = logits(model.call("encode_image", images.to(device), weights=weights), head).argmax(dim=-1)
-        correct += int((pred.cpu() == labels).sum())
-        seen += len(labels)
-    return correct / max(seen, 1)
+    """Top-1 accuracy of ``model`` with ``head`` on the image dataset ``data`` (``loop.accuracy``)."""
+    rt = Runtime(device, amp, None)
+    return accuracy(model, ImageData(Splits(data, data, data), head, hp.batch_size, hp.num_workers, rt), "test", amp)
 
 
 # --- the resumable state ---
@@ -267,23 +228,3 @@ def _fingerprint(job: JobSettings, basis_version: int, base_sha256: str, train_s
                        "max_train": job.max_train_samples, "max_eval": job.max_eval_samples,
                        "basis_version": basis_version, "base": base_sha256, "train_size": train_size},
                       sort_keys=True, default=str)
-
-
-def _save_state(path: Path, state: dict[str, Any], model: SVDAdapted, optimizer: torch.optim.Optimizer,
-                scheduler: Any, amp: Amp) -> None:
-    saved = dict(state, lam=model.lambdas(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 scaler=amp.scaler.state_dict())
-    atomic_write(path, lambda p: torch.save(saved, p))
-
-
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a state we wrote ourselves is atomic; anything else is not ours to guess at
-        raise AdaptError(f"{path}: cannot read the saved Stage 2 state ({exc}); remove it to start over") from None
-    if state.get("fingerprint") != fingerprint:
-        raise AdaptError(f"{path}: saved by a Stage 2 run with other settings, basis or data; "
-                         f"use another job folder or remove it to start over")
-    return state

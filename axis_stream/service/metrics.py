@@ -61,6 +61,9 @@ class Metrics:
         self.last_accuracy = Gauge("axis_stream_last_accuracy_ratio",
                                    "Test accuracy of the last successful adaptation, by target.",
                                    ["target"], registry=r)
+        self.start_scale = Gauge("axis_stream_adapt_start_scale",
+                                 "Mean scale of the start Stage 2 chose (Lambda = scale * s; 1 is the merged "
+                                 "start) in the last successful adaptation, by target.", ["target"], registry=r)
         self.ready = Gauge("axis_stream_ready", "1 once the start-up scan is done (as /readyz), else 0.", registry=r)
         if state_dir is not None:       # read at scrape time; not exported without a state dir
             Gauge("axis_stream_state_dir_free_bytes", "Bytes available to unprivileged users on the "
@@ -104,16 +107,26 @@ class Metrics:
         for state in set(JOB_STATES) | set(counts):
             self.jobs.labels(state).set(counts.get(state, 0))
 
-    def job_finished(self, seconds: float | None, target: str | None, accuracy: float | None) -> None:
-        """A job ended; a successful one may carry the test accuracy of its target."""
+    def job_finished(self, seconds: float | None, target: str | None, accuracy: float | None,
+                     start_scale: float | None = None) -> None:
+        """A job ended; a successful one may carry the test accuracy of its target and the mean scale
+        of the start Stage 2 chose (``result["start"]["scale"]``, :func:`start_scale_of`)."""
         if seconds is not None:
             self.job_duration.observe(seconds)
         if target and accuracy is not None:
             self.last_accuracy.labels(target).set(accuracy)
+        if target and start_scale is not None:
+            self.start_scale.labels(target).set(start_scale)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def start_scale_of(result: dict | None) -> float | None:
+    """The chosen start's mean scale in an adapt job's result, if it records one."""
+    start = (result or {}).get("start")
+    return float(start["scale"]) if isinstance(start, dict) and start.get("scale") is not None else None
 
 
 def _disk_usage(path: Path) -> tuple[float, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -41,6 +41,7 @@ class _Snapshot:
     version: int
     factors: dict[str, stage1.Factors]
     means: dict[str, Tensor]
+    calibration: dict[str, float] = field(default_factory=dict)  # none: every factor 1
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Harness:
         def build(base: nn.Module, hp: AdaptConfig) -> nn.Module:
             if run.method.is_merge:
                 model = SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed,
-                                   start_scale=hp.start_scale)
+                                   start_scale=hp.start_scale, calibration=snapshot.calibration)
             elif run.method.name == "atlas":
                 tvs = self.prepared(run)
                 n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base, tvs, params["scope"]))

@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from axis_stream.adapt.data import validation_split
+from axis_stream.adapt.device import Amp, Runtime
+from axis_stream.adapt.loop import Loop, accuracy
 from axis_stream.adapt.model import SVDAdapted
 from axis_stream.config import AdaptConfig, BasisConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
@@ -40,8 +42,8 @@ from axis_stream.experiments.evaluate.harness import treated
 from axis_stream.experiments.evaluate.multitask import backward_transfer, joined
 from axis_stream.experiments.evaluate.plan import Run
 from axis_stream.experiments.suites import Task, take
+from axis_stream.experiments.suites import train as source_train
 from axis_stream.experiments.suites.prepare import default_root, task_names
-from axis_stream.experiments.suites.train import accuracy
 from axis_stream.experiments.suites.zoo import Suite, text_suite, vision_suite
 from axis_stream.store.atomic import atomic_write, atomic_write_json
 from axis_stream.store.basis import Basis
@@ -83,6 +85,7 @@ class SuiteHarness:
         self.paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
         self.task_vectors = {name: self._delta(load_file(p)) for name, p in self.paths.items()}
         self._basis: tuple[tuple, tuple[dict, dict]] | None = None
+        self._calibration: dict[str, float] = {}
 
     def _delta(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """``theta_i - theta_pre`` of the floating-point tensors that changed."""
@@ -114,7 +117,9 @@ class SuiteHarness:
             if run.method.name == "axis":
                 snap = self.daemon_basis(run)
                 built = (snap.factors, snap.means)
+                self._calibration = dict(snap.calibration)
             else:
+                self._calibration = {}
                 built = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
                                            k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
             self._basis = (key, built)
@@ -132,6 +137,12 @@ class SuiteHarness:
             raise BasisError(f"{basis.directory}: version {snap.version} holds {snap.count} sources, "
                              f"expected {len(names)}")
         return snap
+
+    def calibration(self, run: Any) -> dict[str, float]:
+        """The per-matrix factors of the calibrated Stage 2 start (``adapt.start``): the daemon basis's
+        ``BasisSnapshot.calibration`` for AXIS streaming, none (every factor 1) for the other merges."""
+        self.basis(run)  # the run's basis, loaded once with its calibration
+        return dict(self._calibration)
 
     def folded_basis(self, run: Any) -> Basis:
         """The run's sources folded one checkpoint at a time, in order, by ``Basis.fold_checkpoint``
@@ -234,7 +245,7 @@ class SuiteHarness:
             t = step.count
             model.load_state_dict(merged.with_base(self.base_sd, step.delta))
             model.eval()
-            now = {n: accuracy(model, heads[n], tasks[n].test_x, tasks[n].test_y)
+            now = {n: source_train.accuracy(model, heads[n], tasks[n].test_x, tasks[n].test_y)
                    for n in (names[:t] if t in levels else names[t - 1:t])}
             folded.append(now[names[t - 1]])
             if t not in levels:
@@ -282,7 +293,8 @@ class SuiteHarness:
             return references.Frozen(base)
         if run.method.is_merge:
             factors, means = self.basis(run)
-            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale)
+            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale,
+                              calibration=self.calibration(run))
         if name == "atlas":
             budget = self.budget_count(run.budget)
             tvs = self.prepared(run)
@@ -313,7 +325,8 @@ class SuiteHarness:
         train, val, test = self.splits(run, hp)
         head = self.suite.head(base, train) * self.suite.source_recipe.scale  # scaled, as CLIP's head
         model = self.build(run, hp, base)
-        start_acc = _accuracy(model, head, test, hp)
+        trains = run.method.name not in ("linear-probe", "zeroshot") and not run.method.merged_only
+        start_acc = None if trains else _accuracy(model, head, test, hp)
         if run.method.name == "linear-probe":
             feats = {k: _features(model, d, hp.batch_size) for k, d in (("train", train), ("val", val), ("test", test))}
             tic = time.perf_counter()
@@ -327,7 +340,8 @@ class SuiteHarness:
             val_acc, test_acc = _accuracy(model, head, val, hp), start_acc
             trainable, step_s = 0, None
         else:
-            val_acc, test_acc, step_s = train_stage2(model, head, train, val, test, hp, self.echo)
+            result = train_stage2(model, head, train, val, test, hp, self.echo)
+            start_acc, val_acc, test_acc, step_s = result.initial_test, result.val, result.test, result.step_seconds
             trainable = model.trainable_count()
         dropped = {0.0: test_acc}
         for p in dropouts:
@@ -344,37 +358,71 @@ class SuiteHarness:
                 for row in run.rows(self.exp.robustness.patch_dropout)]
 
 
-def train_stage2(model: nn.Module, head: Tensor, train: Task, val: Task, test: Task, hp: AdaptConfig,
-                 echo: Callable[[str], None]) -> tuple[float, float, float]:
-    """Stage 2's recipe on suite data: returns (best val accuracy, its test accuracy, median step seconds).
+class TaskData:
+    """``adapt.loop.Data`` for a suite: (train, val, test) tasks whose inputs are ``take``-able rows
+    (strings or image tensors), the model's ``call`` (``forward``: features, L2-normalised by the
+    suite's encoders) times the frozen ``head`` with the logit scale folded in, as CLIP's zero-shot head."""
 
-    ``head`` is the frozen ``[C, D]`` classifier with the logit scale folded in, as CLIP's zero-shot head."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(train.train_y) / hp.batch_size)
-    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch * hp.epochs)
-    best_val, best = _accuracy(model, head, val, hp), model.lambdas()
-    seconds = []
-    for epoch in range(1, hp.epochs + 1):
-        model.train()
-        gen = torch.Generator().manual_seed(hp.seed * 100_003 + epoch)
-        for idx in torch.randperm(len(train.train_y), generator=gen).split(hp.batch_size):
-            tic = time.perf_counter()
-            feats = model(take(train.train_x, idx))
-            loss = F.cross_entropy(feats @ head.T, train.train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
-            opt.step()
-            sched.step()
-            seconds.append(time.perf_counter() - tic)
-        acc = _accuracy(model, head, val, hp)
-        echo(f"    epoch {epoch}/{hp.epochs}: val {acc:.2%}")
-        if acc > best_val:
-            best_val, best = acc, model.lambdas()
-    model.load_lambdas(best)
-    seconds.sort()
-    return best_val, _accuracy(model, head, test, hp), seconds[len(seconds) // 2] if seconds else None
+    def __init__(self, train: Task, val: Task, test: Task, head: Tensor, batch_size: int,
+                 eval_batch_size: int | None = None, call: str = "forward",
+                 scores: Callable[[Tensor, Tensor], Tensor] | None = None):
+        self.splits = {"train": train, "val": val, "test": test}
+        self.head, self.batch_size, self.call = head, batch_size, call
+        self.eval_batch_size = eval_batch_size or max(batch_size, 128)
+        self.scores = scores or (lambda feats, head: feats @ head.T)
+        self.train_size, self.val_size = len(train.train_y), len(val.train_y)
+
+    def train_batches(self, order: Tensor, seed: int) -> Iterator[tuple[Any, Tensor]]:
+        train = self.splits["train"]
+        for idx in order.split(self.batch_size):
+            yield take(train.train_x, idx), train.train_y[idx]
+
+    def eval_batches(self, split: str) -> Iterator[tuple[Any, Tensor]]:
+        data, bs = self.splits[split], self.eval_batch_size
+        for i in range(0, len(data.train_y), bs):
+            yield data.train_x[i:i + bs], data.train_y[i:i + bs]
+
+    def logits(self, model: nn.Module, inputs: Any, weights: Any = None) -> Tensor:
+        return self.scores(model.call(self.call, inputs, weights=weights), self.head)
+
+
+CPU = Runtime(torch.device("cpu"), Amp(torch.device("cpu"), None), None)
+"""Where the suites train: their models and data stay on the CPU, without mixed precision."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Result:
+    """What ``train_stage2`` measured: the start (epoch 0), the best epoch's validation and test
+    accuracy, the median step time, and the start's record (``adapt.start``; None without a spectrum)."""
+
+    initial_val: float
+    initial_test: float
+    val: float
+    test: float
+    step_seconds: float | None
+    start: dict[str, Any] | None
+    best_epoch: int
+
+
+def train_stage2(model: nn.Module, head: Tensor, train: Task, val: Task, test: Task, hp: AdaptConfig,
+                 echo: Callable[[str], None], data: TaskData | None = None) -> Stage2Result:
+    """Stage 2 on suite data through the daemon's own loop (``adapt.loop.Loop``) with :class:`TaskData`
+    (``data`` replaces the default adapter of ``train``/``val``/``test`` and ``head``)."""
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["phase"] == "validate" and event["epoch"] > 0:
+            echo(f"    epoch {event['epoch']}/{event['epochs']}: val {event['val_accuracy']:.2%}")
+        elif event["phase"] == "start":
+            echo("    " + ", ".join(f"{c['name']} {c['val_accuracy']:.2%}" for c in event["candidates"])
+                 + f": Stage 2 starts from {event['chosen']}")
+
+    stage2 = Loop(model, data or TaskData(train, val, test, head, hp.batch_size), hp, CPU, progress)
+    state = stage2.setup()
+    stage2.train()
+    test_acc = stage2.finish()
+    seconds = sorted(state["step_seconds"])
+    return Stage2Result(state["initial_val"], state["initial_test"], state["best_val"], test_acc,
+                        seconds[len(seconds) // 2] if seconds else None, state["start"], state["best_epoch"])
 
 
 @torch.no_grad()
@@ -387,8 +435,8 @@ def _features(model: nn.Module, data: Task, batch_size: int) -> tuple[Tensor, Te
 
 
 def _accuracy(model: nn.Module, head: Tensor, data: Task, hp: AdaptConfig) -> float:
-    feats, labels = _features(model, data, max(hp.batch_size, 128))
-    return float(((feats @ head.T).argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+    """Top-1 accuracy of ``model`` on one suite split, through ``adapt.loop.accuracy``."""
+    return accuracy(model, TaskData(data, data, data, head, hp.batch_size), "test")
 
 
 def _peak(model: nn.Module, head: Tensor, train: Task, batch_size: int) -> int:

@@ -15,7 +15,7 @@ from axis_stream.experiments.evaluate.experiment import load_experiment
 from axis_stream.experiments.evaluate.plan import plan
 from axis_stream.experiments.evaluate.results import KEY, RESULTS
 from axis_stream.experiments.evaluate.runner import run_experiment
-from axis_stream.experiments.suites.harness import SuiteHarness, _accuracy, make_suite, train_stage2
+from axis_stream.experiments.suites.harness import SuiteHarness, make_suite, train_stage2
 from axis_stream.experiments.suites.prepare import prepare
 from axis_stream.experiments.suites.train import accuracy
 from axis_stream.store.atomic import atomic_write_bytes
@@ -196,9 +196,8 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
             train, val, test = harness.splits(run, hp)
             head = harness.suite.head(base, train) * harness.suite.source_recipe.scale
             model = harness.build(run, hp, base)
-            start = _accuracy(model, head, test, hp)
-            _, after, _ = train_stage2(model, head, train, val, test, hp, lambda line: None)
-            acc.setdefault((run.target.name, c), []).append((start, after))
+            result = train_stage2(model, head, train, val, test, hp, lambda line: None)
+            acc.setdefault((run.target.name, c), []).append((result.initial_test, result.test))
     out = ["| start | " + " | ".join(f"{t}: before → after Stage 2" for t in targets) + " |",
            "|---|" + "---|" * len(targets)]
     for c in scales:

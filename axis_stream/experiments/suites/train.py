@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from axis_stream.adapt.loop import top1
 from axis_stream.experiments.suites import Task, take
 from axis_stream.store.atomic import atomic_write, atomic_write_json
 
@@ -87,13 +88,15 @@ def fit(forward: Callable[[object], Tensor], params: list[Tensor], head: Tensor,
 
 @torch.no_grad()
 def accuracy(forward: Callable[[object], Tensor], head: Tensor, x, y: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the cosine classifier ``forward(x) @ head.T`` (evaluation mode is the caller's)."""
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        feats = forward(x[i:i + batch_size])
-        pred = (feats @ head.to(feats.device).T).argmax(-1).cpu()
-        correct += int((pred == y[i:i + batch_size]).sum())
-    return correct / max(1, len(y))
+    """Top-1 accuracy of the cosine classifier ``forward(x) @ head.T`` (evaluation mode is the caller's);
+    Stage 2's own counting (``adapt.loop.top1``), for a plain module without Stage 2's ``weights()``."""
+    batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
+
+    def scores(inputs: object) -> Tensor:
+        feats = forward(inputs)
+        return feats @ head.to(feats.device).T
+
+    return top1(batches, scores)
 
 
 def finetune(module: nn.Module, head: Tensor, task: Task, recipe: Recipe,
