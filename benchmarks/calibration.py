@@ -37,6 +37,7 @@ def run(suite: str, orders: list[int], rules: list[str], tables_only: bool) -> l
     exp = load_experiment(CONFIGS[suite])
     out = ROOT / "benchmarks" / "results" / f"suite-{suite}" / "calibration"
     exp = dataclasses.replace(exp, orders=orders, output_dir=out)
+    out.mkdir(parents=True, exist_ok=True)
     results = Results(out / multitask.MULTITASK, multitask.KEY, multitask.COLUMNS)
     levels = [n for n in (exp.levels or range(1, len(exp.sources) + 1)) if n <= len(exp.sources)]
     axis = next(m for m in exp.methods if m.name == "axis")

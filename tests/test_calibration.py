@@ -219,3 +219,31 @@ def test_folding_a_basis_joins_the_statistics(tiny_base, tmp_path):
         assert got.norm_sum == pytest.approx(want.norm_sum, rel=1e-6)
         assert got.selected_energy == pytest.approx(want.selected_energy, rel=1e-4)
         assert math.isclose(left.load().calibration.get(n, 1.0), whole.load().calibration.get(n, 1.0), rel_tol=1e-4)
+
+
+def test_a_basis_folded_before_calibration_keeps_factor_one_and_says_so(tiny_base, tmp_path):
+    import json
+
+    from axis_stream import render
+    from axis_stream.store import versions
+
+    _, base = tiny_base
+    basis = make_basis(tiny_base, tmp_path, "old")
+    paths, _ = low_rank_checkpoints(base, list(basis.manifest["matrices"]), 3, tmp_path, aligned=True)
+    basis.fold_checkpoint(paths[0])
+    # what an older axis-stream wrote: no statistics in the manifest
+    path = versions.vdir(tmp_path / "old", basis.version) / versions.MANIFEST
+    manifest = json.loads(path.read_text())
+    for info in manifest["matrices"].values():
+        for key in ("sigma_max", "norm_sum", "selected_energy"):
+            del info[key]
+    path.write_text(json.dumps(manifest))
+    old = Basis.open(tmp_path / "old", base)
+    for p in paths[1:]:
+        old.fold_checkpoint(p)     # its earlier source is gone: the statistics stay unknown
+    assert old.load().calibration == {}
+    summary = old.calibration_summary()
+    assert set(summary["factors"].values()) == {None}
+    assert all(info["sigma_max"] is None for info in old.manifest["matrices"].values())
+    text = "\n".join(render.basis_summary_lines(old))
+    assert "folded before calibration existed keep 1" in text

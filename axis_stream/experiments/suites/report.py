@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -170,9 +171,10 @@ def run_benchmark(suite_name: str, configs: Sequence[Path], out: Path, tables_on
     return "\n".join(text)
 
 
-def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[float] = (1.0, 0.3, 0.0),
+def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[float | str] = (1.0, 0.3, 0.0, "auto"),
                       budget: float = 0.1) -> list[str]:
-    """AXIS at N = ``budget`` from its merged start (Lambda = s, the default) and from scaled starts (Lambda = c * s).
+    """AXIS at N = ``budget`` from its merged start (Lambda = s), from scaled starts (Lambda = c * s) and
+    from the start ``auto`` chooses on validation (the default; the row says which it chose, per run).
 
     Each start is Stage 2's ``start_scale`` option (``adapt.start_scale = c``); same splits, head and
     recipe as the experiment's runs. A markdown table of test accuracy before and after Stage 2, per
@@ -187,7 +189,8 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
     harness = SuiteHarness(exp, lambda line: None)
     runs = [r for r in plan(exp) if r.method.name == "axis" and r.budget == budget
             and r.target.name in targets and not r.corrupt]
-    acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    acc: dict[tuple[str, float | str], list[tuple[float, float]]] = {}
+    chosen: dict[float | str, list[str]] = {}
     for run in runs:
         for c in scales:
             hp = dataclasses.replace(run.settings(exp.adapt), start_scale=c)
@@ -198,6 +201,8 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
             model = harness.build(run, hp, base)
             result = train_stage2(model, head, train, val, test, hp, lambda line: None)
             acc.setdefault((run.target.name, c), []).append((result.initial_test, result.test))
+            if result.start and result.start["candidates"]:
+                chosen.setdefault(c, []).append(result.start["chosen"])
     out = ["| start | " + " | ".join(f"{t}: before → after Stage 2" for t in targets) + " |",
            "|---|" + "---|" * len(targets)]
     for c in scales:
@@ -207,6 +212,8 @@ def start_scale_study(config: Path, targets: Sequence[str], scales: Sequence[flo
             before = 100 * statistics.fmean(p[0] for p in pairs) if pairs else float("nan")
             after = 100 * statistics.fmean(p[1] for p in pairs) if pairs else float("nan")
             cells.append(f"{before:.1f} → {after:.1f} ({len(pairs)})")
-        label = "Lambda = s (merged, default)" if c == 1 else f"Lambda = {c:g} s"
+        picks = ", ".join(f"{name} {n}x" for name, n in Counter(chosen.get(c, [])).items())
+        label = (f"auto (chose {picks})" if isinstance(c, str) else
+                 "Lambda = s (merged)" if c == 1 else f"Lambda = {c:g} s")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
