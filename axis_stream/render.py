@@ -15,7 +15,7 @@ from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
 from axis_stream.core.strategies import FOLD_STRATEGIES
 
 if TYPE_CHECKING:
-    from axis_stream.service.daemon import Outcome
+    from axis_stream.service.foldworker import Outcome
     from axis_stream.store.basis import Basis
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from axis_stream import errors
 from axis_stream.config import Config
 from axis_stream.service.backfill_ray import backfill_on_ray
-from axis_stream.service.daemon import FoldWorker, Outcome
+from axis_stream.service.foldworker import FoldWorker, Outcome
 from axis_stream.service.watcher import is_candidate
 from axis_stream.store.models import load_base
 from axis_stream.store.statelock import lock_state

@@ -35,7 +35,7 @@ from axis_stream.cluster import connect
 from axis_stream.config import Config, RayConfig
 from axis_stream.core import stage1
 from axis_stream.errors import AxisError, first_line
-from axis_stream.service.daemon import FoldWorker, Outcome
+from axis_stream.service.foldworker import FoldWorker, Outcome
 from axis_stream.store import readers
 from axis_stream.store.basis import CURRENT, Basis
 from axis_stream.store.models import load_base

@@ -1,0 +1,243 @@
+"""The one writer's work on one file: fold it into the basis, then discard it (folded) or move it into
+the quarantine with a ``<name>.reason`` beside it (rejected); the file moves (``move_into``,
+``free_name``, ``remove``) that do it crash-safely. The daemon, ``backfill`` and ``backfill_ray`` share it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from axis_stream import errors
+from axis_stream.config import Config
+from axis_stream.service.api import one_line
+from axis_stream.service.metrics import Metrics
+from axis_stream.store import readers
+from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
+from axis_stream.store.basis import CURRENT, Basis
+from axis_stream.store.records import FoldRecord
+
+log = logging.getLogger("axis_stream.service.daemon")
+
+REJECT_REASONS = sorted({cls.reason for cls in vars(errors).values()
+                         if isinstance(cls, type) and issubclass(cls, errors.CheckpointError)}
+                        | {"internal_error"})
+
+
+@dataclass
+class Outcome:
+    """What processing one file did. ``result``: folded, rejected (quarantined), error (internal:
+    quarantined; environment: left in place for a retry), already_folded (a restart found a file
+    whose fold was durable but whose discard was not), vanished (gone before its turn)."""
+
+    file: str
+    result: str
+    message: str
+    reason: str | None = None
+    version: int | None = None
+    seconds: float = 0.0
+
+
+class FoldWorker:
+    """Folds one file into the basis, then discards it (folded) or quarantines it (rejected).
+
+    The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
+    ``fold_workers`` matrices fold at once within ``memory_budget`` bytes (the same basis); ``keep``
+    leaves folded files in place and ``quarantine=False`` rejected ones (``axis-stream backfill``).
+    """
+
+    def __init__(self, config: Config, base_state: Mapping[str, torch.Tensor], identity: Mapping[str, str],
+                 metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None, *,
+                 fold_workers: int = 1, memory_budget: float = math.inf, keep: bool = False,
+                 quarantine: bool = True):
+        self.fold_workers, self.memory_budget = fold_workers, memory_budget
+        self.keep, self.quarantine = keep, quarantine
+        self.config = config
+        self.paths = config.paths
+        self.base_state = base_state
+        self.identity = dict(identity)
+        self.metrics = metrics
+        self._progress = progress
+        self.basis: Basis | None = None
+        if (self.paths.basis_dir / CURRENT).exists():
+            self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
+
+    def process(self, path: Path) -> Outcome:
+        """Fold ``path``, then discard it (folded) or quarantine it (rejected); never raises for a bad file.
+
+        A symlink is quarantined unread (the link moves, its target is untouched). A file replaced under
+        the same name while it was folded is not discarded: the new file is folded at the next rescan."""
+        if path.is_symlink():
+            return self._reject(path, errors.Symlink.reason, "a symbolic link, not followed: move or copy the "
+                                "checkpoint itself into the folder")
+        if not (path.is_file() or path.is_dir()):
+            return self._report(Outcome(path.name, "vanished", "gone before its turn"))
+        identity = readers.checkpoint_identity(path)
+        t0 = time.monotonic()
+        try:
+            record = self._fold(path)
+        except errors.Duplicate as exc:
+            if self._folded_before_restart(path):
+                self._discard(path)
+                return self._report(Outcome(path.name, "already_folded", "in the ledger under this name already"
+                                            if self.keep else "its fold was durable before a restart, only "
+                                            "the discard was missing; discarded now"))
+            return self._reject(path, exc.reason, exc.message)
+        except errors.CheckpointError as exc:
+            return self._reject(path, exc.reason, exc.message)
+        except (OSError, errors.BasisError, errors.SourceChanged) as exc:
+            # Not the file's fault (disk full, permissions, a broken basis, a writer not done): keep it for a retry.
+            if self.metrics:
+                self.metrics.fold_failed()
+            return self._report(Outcome(path.name, "error", f"left in place for a retry: {exc}"))
+        except Exception as exc:
+            log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
+            return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
+        seconds = time.monotonic() - t0
+        now = readers.checkpoint_identity(path)
+        replaced = now is not None and now != identity
+        if not replaced:
+            self._discard(path)
+        if self.metrics:
+            # a dense strategy keeps no components: the gauge says "not defined" (NaN), which no alert reads as low
+            self.metrics.fold_succeeded(seconds, math.nan if record.dense else float(record.energy_kept), time.time())
+            self.metrics.basis_state(*self.basis_stats())
+        kept = "dense state" if record.dense else f"energy kept {float(record.energy_kept):.1%}"
+        return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s ({kept})"
+                                    + ("; it was replaced during the fold: the new file stays for the next "
+                                       "rescan" if replaced else ""), version=record.version, seconds=seconds))
+
+    def basis_stats(self) -> tuple[int, int, int]:
+        """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
+        if self.basis is None:
+            return 0, 0, 0
+        return self.basis.version, self.basis.count, self.basis.nbytes()
+
+    def _fold(self, path: Path) -> FoldRecord:
+        if self.basis is None:
+            self.basis = Basis.create(self.paths.basis_dir, self.base_state, self.config.basis, self.identity)
+        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(),
+                                          workers=self.fold_workers, memory_budget=self.memory_budget)
+
+    def _folded_before_restart(self, path: Path) -> bool:
+        """Decided with the ledger: the same bytes under the same name are already folded."""
+        record = self.basis.has_source(readers.checkpoint_sha256(path))
+        return record is not None and record.file == path.name
+
+    def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:
+        try:
+            if self._quarantine(path, reason, message) is None:
+                return self._report(Outcome(path.name, "vanished", "gone before it could be quarantined"))
+        except OSError as exc:
+            if self.metrics:
+                self.metrics.fold_failed()
+            return self._report(Outcome(path.name, "error", f"rejected ({reason}: {message}) but could not be "
+                                        f"quarantined, left in place: {exc}", reason=reason))
+        if self.metrics:
+            self.metrics.fold_rejected(reason, internal=internal)
+        return self._report(Outcome(path.name, "error" if internal else "rejected", message, reason=reason))
+
+    def _quarantine(self, path: Path, reason: str, message: str) -> Path | None:
+        """Move ``path`` into the quarantine with ``<name>.reason`` beside it (reason file first); with
+        ``quarantine`` off, leave it. None when it is gone."""
+        if not self.quarantine:
+            return path if path.exists() else None
+        folder = self.paths.quarantine
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = free_name(folder, path.name)
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        note = dest.with_name(dest.name + ".reason")
+        atomic_write_bytes(note, f"{one_line(message)} [reason={reason}] [time={stamp}]\n".encode())
+        try:
+            move_into(path, dest)
+        except FileNotFoundError:
+            note.unlink(missing_ok=True)
+            return None
+        return dest
+
+    def _discard(self, path: Path) -> None:
+        """After the new version is durable: delete, or move into the archive. A failure leaves the
+        file for the next rescan, which finds it in the ledger and discards it then."""
+        if self.keep:
+            return
+        try:
+            if self.config.watch.discard == "archive":
+                move_into(path, free_name(self.paths.archive, path.name))
+            else:
+                remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("folded %s but could not %s it (retried at the next rescan): %s",
+                      path.name, self.config.watch.discard, exc)
+
+    @staticmethod
+    def _report(outcome: Outcome) -> Outcome:
+        level = {"rejected": logging.WARNING, "error": logging.ERROR}.get(outcome.result, logging.INFO)
+        verb = {"folded": "folded %s %s", "rejected": "rejected %s: %s", "error": "failed on %s: %s",
+                "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
+        log.log(level, verb, outcome.file, outcome.message)
+        return outcome
+
+
+def free_name(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/<stem>-N<suffix>`` for the first N that is not taken."""
+    dest = folder / name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    n = 1
+    while dest.exists() or dest.with_name(dest.name + ".reason").exists():
+        n += 1
+        dest = folder / f"{stem}-{n}{suffix}"
+    return dest
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a model folder renamed to a dot-name first (which the watcher ignores), so that
+    a crash mid-way never leaves a half-deleted model where a checkpoint is expected."""
+    if path.is_dir():
+        trash = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+        shutil.rmtree(trash)
+    else:
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+def move_into(src: Path, dest: Path) -> None:
+    """Move a file or a model folder crash-safely: a rename when on one filesystem, else copy, fsync,
+    rename, remove."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        if src.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    fsync_file(Path(root) / name)
+                fsync_dir(Path(root))
+        else:
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        remove(src)
+    fsync_dir(dest.parent)
+    fsync_dir(src.parent)
