@@ -9,7 +9,9 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
+import sqlite3
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from safetensors import SafetensorError
 
 from axis_stream import errors
 from axis_stream.config import Config
@@ -96,12 +99,12 @@ class FoldWorker:
             return self._reject(path, exc.reason, exc.message)
         except errors.CheckpointError as exc:
             return self._reject(path, exc.reason, exc.message)
-        except (OSError, errors.BasisError, errors.SourceChanged) as exc:
-            # Not the file's fault (disk full, permissions, a broken basis, a writer not done): keep it for a retry.
-            if self.metrics:
-                self.metrics.fold_failed()
-            return self._report(Outcome(path.name, "error", f"left in place for a retry: {exc}"))
         except Exception as exc:
+            if (cause := retry_cause(exc)) is not None:
+                # Not the file's fault (disk full, permissions, a broken basis, a writer not done): keep it for a retry.
+                if self.metrics:
+                    self.metrics.fold_failed(cause)
+                return self._report(Outcome(path.name, "error", f"left in place for a retry ({cause}): {exc}"))
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         seconds = time.monotonic() - t0
@@ -141,7 +144,7 @@ class FoldWorker:
                 return self._report(Outcome(path.name, "vanished", "gone before it could be quarantined"))
         except OSError as exc:
             if self.metrics:
-                self.metrics.fold_failed()
+                self.metrics.fold_failed(retry_cause(exc) or "environment")
             return self._report(Outcome(path.name, "error", f"rejected ({reason}: {message}) but could not be "
                                         f"quarantined, left in place: {exc}", reason=reason))
         if self.metrics:
@@ -164,6 +167,9 @@ class FoldWorker:
         except FileNotFoundError:
             note.unlink(missing_ok=True)
             return None
+        except BaseException:       # disk full, permissions: the file stays where it was, no orphan note
+            note.unlink(missing_ok=True)
+            raise
         return dest
 
     def _discard(self, path: Path) -> None:
@@ -189,6 +195,31 @@ class FoldWorker:
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
         log.log(level, verb, outcome.file, outcome.message)
         return outcome
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def retry_cause(exc: BaseException) -> str | None:
+    """Why a fold failed for a reason outside the file, so the file stays for a retry: ``no_space``
+    (ENOSPC or a quota, however it arrives: ``OSError``, the safetensors writer's ``SafetensorError``
+    "... (os error 28)", SQLite's "database or disk is full"), ``environment`` (any other I/O error),
+    ``basis`` (a damaged or locked basis) or ``source_changed`` (a writer not done); None for a bug."""
+    if isinstance(exc, errors.SourceChanged):
+        return "source_changed"
+    if isinstance(exc, errors.BasisError):
+        return "basis"
+    if isinstance(exc, OSError):
+        return "no_space" if exc.errno in NO_SPACE else "environment"
+    if isinstance(exc, SafetensorError) and (found := re.search(r"os error (\d+)", str(exc))):
+        return "no_space" if int(found[1]) in NO_SPACE else "environment"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if "disk is full" in text:
+            return "no_space"
+        if any(w in text for w in ("disk i/o", "unable to open", "readonly", "locked")):
+            return "environment"
+    return None
 
 
 def free_name(folder: Path, name: str) -> Path:
@@ -226,17 +257,24 @@ def move_into(src: Path, dest: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.tmp")
-        if src.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            for root, _, files in os.walk(tmp):
-                for name in files:
-                    fsync_file(Path(root) / name)
-                fsync_dir(Path(root))
-        else:
-            shutil.copyfile(src, tmp)
-            fsync_file(tmp)
-        os.replace(tmp, dest)
+        try:
+            if src.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                for root, _, files in os.walk(tmp):
+                    for name in files:
+                        fsync_file(Path(root) / name)
+                    fsync_dir(Path(root))
+            else:
+                shutil.copyfile(src, tmp)
+                fsync_file(tmp)
+            os.replace(tmp, dest)
+        except BaseException:       # e.g. the destination's disk is full: no partial copy left behind
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(dest.parent)
         remove(src)
     fsync_dir(dest.parent)

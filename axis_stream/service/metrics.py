@@ -25,6 +25,7 @@ from axis_stream import __version__
 log = logging.getLogger(__name__)
 
 FOLD_RESULTS = ("folded", "rejected", "error")
+RETRY_CAUSES = ("no_space", "environment", "basis", "source_changed")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -41,6 +42,9 @@ class Metrics:
         self.fold_duration = Histogram(
             "axis_stream_fold_duration_seconds", "Time to fold one checkpoint until its basis version is durable.",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        self.retries = Counter("axis_stream_fold_retries", "Folds that failed for a reason outside the file, "
+                               "which stays in the folder for a retry, by cause (no_space, environment: "
+                               "another I/O error, basis, source_changed).", ["cause"], registry=r)
         self.basis_version = Gauge("axis_stream_basis_version", "Current basis version.", registry=r)
         self.sources_folded = Gauge("axis_stream_sources_folded",
                                     "Sources folded into the current basis version.", registry=r)
@@ -77,6 +81,8 @@ class Metrics:
             self.folds.labels(result)
         for reason in reject_reasons:
             self.rejects.labels(reason)
+        for cause in RETRY_CAUSES:
+            self.retries.labels(cause)
         for state in JOB_STATES:
             self.jobs.labels(state)
 
@@ -92,9 +98,11 @@ class Metrics:
         self.folds.labels("error" if internal else "rejected").inc()
         self.rejects.labels(reason).inc()
 
-    def fold_failed(self) -> None:
-        """A fold failed for a reason outside the file (disk, permissions); the file stays for a retry."""
+    def fold_failed(self, cause: str = "environment") -> None:
+        """A fold failed for a reason outside the file (``cause``: disk full, permissions, ...); the file
+        stays for a retry."""
         self.folds.labels("error").inc()
+        self.retries.labels(cause).inc()
 
     def basis_state(self, version: int, sources: int, size_bytes: int) -> None:
         """The current basis version, how many sources it holds, and its size on disk."""

@@ -1,0 +1,148 @@
+"""service/foldworker.py without the daemon around it: what each thing a folder can hold or a disk can
+do makes of a file (folded, left for a retry, quarantined and why), with faults injected where they
+happen (the safetensors writer, the quarantine move) and the clock driven by hand."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from axis_stream import config
+from axis_stream.service import foldworker
+from axis_stream.service.foldworker import REJECT_REASONS, FoldWorker, retry_cause
+from axis_stream.service.metrics import Metrics
+from axis_stream.testing import finetuned_like
+
+# what the safetensors writer raises on a full disk (as seen on a 1 MB tmpfs)
+ENOSPC_FROM_WRITER = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def write_config(root: Path, base_cfg: config.BaseConfig, **watch) -> Path:
+    lines = "\n".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in watch.items())
+    path = root / "axis-stream.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{root / 'state'}"
+watch_dir = "{root / 'incoming'}"
+[base]
+model = "{base_cfg.model}"
+pretrained = "{base_cfg.pretrained}"
+model_config = "{base_cfg.model_config}"
+[basis]
+svd = "exact"
+[watch]
+{lines}
+""")
+    return path
+
+
+@pytest.fixture
+def worker_setup(tiny_base, tmp_path):
+    """``make(**watch) -> (worker, cfg)`` and ``ckpt(seed, name) -> path`` in the watched folder."""
+    base_cfg, base = tiny_base
+
+    def make(**watch) -> tuple[FoldWorker, config.Config]:
+        cfg = config.load(write_config(tmp_path, base_cfg, **watch), env={})
+        cfg.paths.watch_dir.mkdir(parents=True, exist_ok=True)
+        return FoldWorker(cfg, base, {"name": "axis-tiny", "pretrained": ""}, Metrics(REJECT_REASONS)), cfg
+
+    def ckpt(cfg: config.Config, seed: int, name: str) -> Path:
+        path = cfg.paths.watch_dir / name
+        save_file(finetuned_like(base, seed), path)
+        return path
+
+    return make, ckpt
+
+
+def quarantine_entries(cfg: config.Config) -> list[str]:
+    q = cfg.paths.quarantine
+    return sorted(os.listdir(q)) if q.exists() else []
+
+
+# -- 1. disk full -----------------------------------------------------------------------------------
+
+def test_disk_full_in_the_safetensors_writer_leaves_the_file_for_a_retry(worker_setup, monkeypatch):
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    assert worker.process(ckpt(cfg, 1, "a.safetensors")).result == "folded"
+    version = worker.basis.version
+
+    def full(*args, **kwargs):
+        raise SafetensorError(ENOSPC_FROM_WRITER)
+
+    monkeypatch.setattr("axis_stream.store.basis.save_file", full)
+    b = ckpt(cfg, 2, "b.safetensors")
+    out = worker.process(b)
+    assert (out.result, out.reason) == ("error", None) and b.exists(), out
+    assert "no_space" in out.message and "os error 28" in out.message
+    assert quarantine_entries(cfg) == []
+    m = worker.metrics
+    assert m.retries.labels("no_space")._value.get() == 1 and m.rejects.labels("internal_error")._value.get() == 0
+    monkeypatch.undo()
+    assert worker.process(b).result == "folded" and worker.basis.version == version + 1    # the retry folds it
+
+
+@pytest.mark.parametrize("exc, cause", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no_space"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "no_space"),
+    (PermissionError(errno.EACCES, "Permission denied"), "environment"),
+    (SafetensorError(ENOSPC_FROM_WRITER), "no_space"),
+    (SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)"), "environment"),
+    (sqlite3.OperationalError("database or disk is full"), "no_space"),
+    (sqlite3.OperationalError("disk I/O error"), "environment"),
+    (RuntimeError("a bug"), None),
+    (SafetensorError("invalid header"), None),
+])
+def test_retry_cause_names_every_environmental_failure(exc, cause):
+    assert retry_cause(exc) == cause
+
+
+def test_a_failed_quarantine_move_leaves_no_debris_and_the_file_in_place(worker_setup, monkeypatch):
+    """An internal error whose quarantine is on another filesystem that is full: no partial ``.X.tmp``,
+    no orphan ``.reason``, the file stays where it was (counted as a retry)."""
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    a = ckpt(cfg, 1, "a.safetensors")
+    monkeypatch.setattr(worker, "_fold", lambda path: (_ for _ in ()).throw(RuntimeError("a bug")))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == a:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    def copyfile(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(foldworker.os, "replace", replace)
+    monkeypatch.setattr(foldworker.shutil, "copyfile", copyfile)
+    out = worker.process(a)
+    assert out.result == "error" and a.exists() and "could not be quarantined" in out.message
+    assert quarantine_entries(cfg) == []
+    assert worker.metrics.retries.labels("no_space")._value.get() == 1
+
+
+def test_a_folder_copied_across_filesystems_into_a_full_quarantine_leaves_no_partial_copy(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "q").mkdir()
+    real_replace = os.replace
+    monkeypatch.setattr(foldworker.os, "replace", lambda s, d: (_ for _ in ()).throw(
+        OSError(errno.EXDEV, "cross-device")) if Path(s) == src else real_replace(s, d))
+
+    def copytree(s, d):
+        Path(d).mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(foldworker.shutil, "copytree", copytree)
+    with pytest.raises(OSError):
+        foldworker.move_into(src, tmp_path / "q" / "model")
+    assert os.listdir(tmp_path / "q") == [] and (src / "model.safetensors").exists()
