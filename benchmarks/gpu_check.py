@@ -90,8 +90,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
     jobs = workdir / "jobs"
     for s in AXIS_SOURCES:
         factors, means = bases[s]
-        rows.append(stage2_job("AXIS", s, base_cfg, base, SimpleNamespace(version=s, factors=factors, means=means),
-                               None, params, args.device, jobs))
+        snapshot = SimpleNamespace(version=s, factors=factors, means=means, calibration={})
+        rows.append(stage2_job("AXIS", s, base_cfg, base, snapshot, None, params, args.device, jobs))
     budget = rows[-1]["trainable"]
     for s in ATLAS_SOURCES:
         sources = [SyntheticSource(base_sd, i, dtype=torch.float16) for i in range(s)]
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
             p = atlas.p_for_budget(budget, len(sources), n_2d, n_other)
             return atlas.ATLAS(model, sources, p, dtype=torch.float16, seed=hp.seed)
 
-        rows.append(stage2_job("aTLAS", s, base_cfg, base, SimpleNamespace(version=0, factors={}, means={}), build,
-                               params, args.device, jobs))
+        none = SimpleNamespace(version=0, factors={}, means={}, calibration={})
+        rows.append(stage2_job("aTLAS", s, base_cfg, base, none, build, params, args.device, jobs))
     return rows
 
 
