@@ -140,11 +140,12 @@ class WatchConfig:
     stable_interval_s: float = 2.0       # size and mtime unchanged this long = complete
     rescan_interval_s: float = 60.0      # periodic full rescan (inotify overflow, network filesystems)
     discard: str = "delete"              # delete | archive
+    incomplete_timeout_s: float = 600.0  # a short file / incomplete folder waits this long unchanged, then quarantine
 
     def validate(self) -> None:
         _choice("watch.observer", self.observer, ("auto", "inotify", "polling"))
         _choice("watch.discard", self.discard, ("delete", "archive"))
-        for name in ("poll_interval_s", "stable_interval_s", "rescan_interval_s"):
+        for name in ("poll_interval_s", "stable_interval_s", "rescan_interval_s", "incomplete_timeout_s"):
             _range(f"watch.{name}", getattr(self, name), 0.0, None, low_open=True)
 
 

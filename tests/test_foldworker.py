@@ -146,3 +146,56 @@ def test_a_folder_copied_across_filesystems_into_a_full_quarantine_leaves_no_par
     with pytest.raises(OSError):
         foldworker.move_into(src, tmp_path / "q" / "model")
     assert os.listdir(tmp_path / "q") == [] and (src / "model.safetensors").exists()
+
+
+# -- 2. a file written slowly in place -------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_file_written_slowly_in_place_waits_and_folds_once_whole(worker_setup):
+    """Pauses longer than stable_interval_s: every look at the short file says "waiting", never
+    quarantined while it keeps growing, even past incomplete_timeout_s in all; folded once whole."""
+    make, ckpt = worker_setup
+    worker, cfg = make(incomplete_timeout_s=30.0)
+    worker.wait_incomplete, worker.clock = True, Clock()
+    whole = ckpt(cfg, 1, "slow.safetensors").read_bytes()
+    path = cfg.paths.watch_dir / "slow.safetensors"
+    for n in range(1, 10):                   # 9 chunks, 20 s apart: 180 s > incomplete_timeout_s in all
+        path.write_bytes(whole[: len(whole) * n // 10])
+        out = worker.process(path)
+        assert (out.result, out.reason) == ("waiting", "truncated") and path.exists(), out
+        assert "slow.safetensors" in worker.waiting()
+        worker.clock.now += 20
+    assert quarantine_entries(cfg) == [] and worker.metrics.rejects.labels("truncated")._value.get() == 0
+    path.write_bytes(whole)
+    assert worker.process(path).result == "folded" and worker.waiting() == {}
+
+
+def test_a_short_file_unchanged_for_incomplete_timeout_s_is_quarantined_as_truncated(worker_setup):
+    make, ckpt = worker_setup
+    worker, cfg = make(incomplete_timeout_s=30.0)
+    worker.wait_incomplete, worker.clock = True, Clock()
+    path = ckpt(cfg, 1, "cut.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    assert worker.process(path).result == "waiting"
+    worker.clock.now += 29
+    assert worker.process(path).result == "waiting" and worker.waiting() == {"cut.safetensors": 29.0}
+    worker.clock.now += 1
+    out = worker.process(path)
+    assert (out.result, out.reason) == ("rejected", "truncated") and not path.exists()
+    assert "watch.incomplete_timeout_s" in (cfg.paths.quarantine / "cut.safetensors.reason").read_text()
+    assert worker.waiting() == {}
+
+
+def test_backfill_and_other_callers_without_wait_incomplete_quarantine_a_short_file_at_once(worker_setup):
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    path = ckpt(cfg, 1, "cut.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    assert (worker.process(path).result, cfg.watch.incomplete_timeout_s) == ("rejected", 600.0)

@@ -100,7 +100,7 @@ class Daemon:
         self.current: str | None = None
         self.last: Outcome | None = None
         self.last_error: str | None = None
-        self.counts = {"folded": 0, "rejected": 0, "error": 0, "already_folded": 0, "vanished": 0}
+        self.counts = {"folded": 0, "rejected": 0, "error": 0, "already_folded": 0, "vanished": 0, "waiting": 0}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._tick = min(1.0, self.watchdog.interval or 1.0)
@@ -130,7 +130,8 @@ class Daemon:
         except (OSError, RuntimeError, ValueError) as exc:
             raise errors.ConfigError(f"base: cannot build {self.config.base.model} with weights "
                                      f"{self.config.base.pretrained or '(random init)'}: {one_line(str(exc))}") from None
-        self.worker = FoldWorker(self.config, base, identity, self.metrics, progress=self.watchdog.ping)
+        self.worker = FoldWorker(self.config, base, identity, self.metrics, progress=self.watchdog.ping,
+                                 wait_incomplete=True)
         self.metrics.basis_state(*self.worker.basis_stats())
         self._start_jobs()
         self.metrics.queue_depth.set_function(lambda: len(self.queue))

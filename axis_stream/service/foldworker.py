@@ -42,7 +42,8 @@ REJECT_REASONS = sorted({cls.reason for cls in vars(errors).values()
 class Outcome:
     """What processing one file did. ``result``: folded, rejected (quarantined), error (internal:
     quarantined; environment: left in place for a retry), already_folded (a restart found a file
-    whose fold was durable but whose discard was not), vanished (gone before its turn)."""
+    whose fold was durable but whose discard was not), vanished (gone before its turn), waiting
+    (shorter than its header says: left in place and looked at again, until ``incomplete_timeout_s``)."""
 
     file: str
     result: str
@@ -58,12 +59,16 @@ class FoldWorker:
     The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
     ``fold_workers`` matrices fold at once within ``memory_budget`` bytes (the same basis); ``keep``
     leaves folded files in place and ``quarantine=False`` rejected ones (``axis-stream backfill``).
+    ``wait_incomplete`` (the daemon): a file shorter than its header says may still be written in
+    place, so it is left ("waiting") until it has stayed short and unchanged for
+    ``watch.incomplete_timeout_s`` by ``clock``, then quarantined as truncated.
     """
 
     def __init__(self, config: Config, base_state: Mapping[str, torch.Tensor], identity: Mapping[str, str],
                  metrics: Metrics | None = None, progress: Callable[[], None] = lambda: None, *,
                  fold_workers: int = 1, memory_budget: float = math.inf, keep: bool = False,
-                 quarantine: bool = True):
+                 quarantine: bool = True, wait_incomplete: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self.fold_workers, self.memory_budget = fold_workers, memory_budget
         self.keep, self.quarantine = keep, quarantine
         self.config = config
@@ -72,6 +77,8 @@ class FoldWorker:
         self.identity = dict(identity)
         self.metrics = metrics
         self._progress = progress
+        self.wait_incomplete, self.clock = wait_incomplete, clock
+        self._short: dict[Path, tuple[float, readers.Identity | None]] = {}   # first seen short, as it was
         self.basis: Basis | None = None
         if (self.paths.basis_dir / CURRENT).exists():
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
@@ -97,6 +104,8 @@ class FoldWorker:
                                             if self.keep else "its fold was durable before a restart, only "
                                             "the discard was missing; discarded now"))
             return self._reject(path, exc.reason, exc.message)
+        except errors.TruncatedFile as exc:
+            return self._short_file(path, identity, exc)
         except errors.CheckpointError as exc:
             return self._reject(path, exc.reason, exc.message)
         except Exception as exc:
@@ -107,6 +116,7 @@ class FoldWorker:
                 return self._report(Outcome(path.name, "error", f"left in place for a retry ({cause}): {exc}"))
             log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
+        self._short.pop(path, None)
         seconds = time.monotonic() - t0
         now = readers.checkpoint_identity(path)
         replaced = now is not None and now != identity
@@ -120,6 +130,29 @@ class FoldWorker:
         return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s ({kept})"
                                     + ("; it was replaced during the fold: the new file stays for the next "
                                        "rescan" if replaced else ""), version=record.version, seconds=seconds))
+
+    def _short_file(self, path: Path, identity: readers.Identity | None, exc: errors.CheckpointError) -> Outcome:
+        """A file shorter than its header says: waiting while it may still be written (it changed
+        since it was first seen short, or not for ``incomplete_timeout_s`` yet), else quarantined."""
+        if not self.wait_incomplete:
+            return self._reject(path, exc.reason, exc.message)
+        now, timeout = self.clock(), self.config.watch.incomplete_timeout_s
+        since, seen = self._short.get(path, (now, identity))
+        if seen != identity:            # it grew (or was replaced) since: the writer is not done
+            since = now
+        if now - since < timeout:
+            self._short[path] = (since, identity)
+            return self._report(Outcome(path.name, "waiting", f"{exc.message}: still being written? looked at "
+                                        f"again later; quarantined if unchanged for {timeout:g} s "
+                                        f"(watch.incomplete_timeout_s)", reason=exc.reason))
+        self._short.pop(path, None)
+        return self._reject(path, exc.reason, f"{exc.message} (unchanged for {now - since:.0f} s, "
+                                              "watch.incomplete_timeout_s)")
+
+    def waiting(self) -> dict[str, float]:
+        """Short files left waiting, by name -> seconds since they last changed."""
+        now = self.clock()
+        return {path.name: now - since for path, (since, _) in list(self._short.items())}
 
     def basis_stats(self) -> tuple[int, int, int]:
         """(version, sources folded, bytes on disk) of the current basis; zeros before the first fold."""
@@ -192,6 +225,7 @@ class FoldWorker:
     def _report(outcome: Outcome) -> Outcome:
         level = {"rejected": logging.WARNING, "error": logging.ERROR}.get(outcome.result, logging.INFO)
         verb = {"folded": "folded %s %s", "rejected": "rejected %s: %s", "error": "failed on %s: %s",
+                "waiting": "waiting for %s: %s",
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
         log.log(level, verb, outcome.file, outcome.message)
         return outcome
