@@ -199,3 +199,52 @@ def test_backfill_and_other_callers_without_wait_incomplete_quarantine_a_short_f
     path = ckpt(cfg, 1, "cut.safetensors")
     path.write_bytes(path.read_bytes()[:-100])
     assert (worker.process(path).result, cfg.watch.incomplete_timeout_s) == ("rejected", 600.0)
+
+
+# -- 3. an incomplete Hugging Face folder ---------------------------------------------------------
+
+def test_an_incomplete_folder_is_shown_waiting_with_its_cause_then_quarantined(worker_setup, tmp_path):
+    """config.json and no weights, copied in without a rename: listed as waiting (status, the gauge)
+    with the real cause, reported after incomplete_timeout_s, and quarantined naming it."""
+    from axis_stream.service.daemon import Daemon
+    from axis_stream.service.watcher import Watcher
+
+    make, _ = worker_setup
+    worker, cfg = make(incomplete_timeout_s=30.0)
+    folder = cfg.paths.watch_dir / "half-copied"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "clip"}')
+    clock = Clock()
+    arrived: list[Path] = []
+    w = Watcher(cfg.paths.watch_dir, arrived.append, stable_interval_s=2.0, rescan_interval_s=1e9,
+                incomplete_timeout_s=30.0, clock=clock)
+    w.scan()
+    clock.now += 3
+    w.tick()
+    assert arrived == [] and w.waiting()["half-copied"]["cause"].startswith("no weights: none of model.safetensors")
+    daemon = Daemon(cfg, env={})
+    daemon.watcher, daemon.worker = w, worker
+    assert daemon.status()["waiting"]["half-copied"]["cause"].startswith("no weights")
+    daemon.metrics.waiting.set_function(lambda: len(daemon.waiting()))
+    assert b"axis_stream_watch_waiting 1.0" in daemon.metrics.exposition()
+    clock.now += 28                  # unchanged 31 s: the stable interval + 29 s
+    w.tick()
+    assert arrived == []
+    clock.now += 1
+    w.tick()
+    assert arrived == [folder] and w.waiting() == {}
+    out = worker.process(folder)
+    assert (out.result, out.reason) == ("rejected", "not_a_checkpoint") and "no weights" in out.message
+    assert (cfg.paths.quarantine / "half-copied.reason").read_text().startswith("no weights")
+
+
+def test_a_folder_lacking_config_json_says_so(tmp_path, tiny_base):
+    from axis_stream.store import readers
+
+    _, base = tiny_base
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(finetuned_like(base, 1), folder / "model.safetensors")
+    assert readers.hf_folder_incomplete(folder) == "no config.json"
+    (folder / "config.json").write_text("{}")
+    assert readers.hf_folder_incomplete(folder) is None and readers.hf_folder_complete(folder)

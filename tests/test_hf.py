@@ -294,9 +294,9 @@ def test_folders_arrive_as_a_unit(hf_bases, tmp_path, caplog):
     w.tick()
     w.tick()
     assert arrived == ["a"]                              # stable, but a shard is missing: waits
-    assert [r.getMessage() for r in caplog.records].count(
-        "b: unchanged, but its weights are incomplete (a shard its index names is missing or short, "
-        "or no config.json); waiting for them") == 1
+    assert [r.getMessage().startswith("b: unchanged, but its weights are incomplete (model.safetensors.index.json "
+                                      "names shard 'model-") for r in caplog.records].count(True) == 1
+    assert w.waiting()["b"]["cause"].endswith(f"which is not in the folder ({len(shards)} shards named)")
     shutil.copy(shards[-1], incoming / "b")
     w.tick()
     assert arrived == ["a"]                              # it just changed: the clock restarted

@@ -137,7 +137,8 @@ class Daemon:
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.watcher = Watcher(p.watch_dir, self.arrived, observer=w.observer, poll_interval_s=w.poll_interval_s,
                                stable_interval_s=w.stable_interval_s, rescan_interval_s=w.rescan_interval_s,
-                               is_pending=lambda path: path in self.queue)
+                               incomplete_timeout_s=w.incomplete_timeout_s, is_pending=lambda path: path in self.queue)
+        self.metrics.waiting.set_function(lambda: len(self.waiting()))
         self.watcher.start()
         self.ready = True
         version, sources, _ = self.worker.basis_stats()
@@ -258,10 +259,19 @@ class Daemon:
                 "basis": {"version": version, "sources": sources, "bytes": nbytes,
                           "versions": self.worker.basis.versions() if self.worker and self.worker.basis else []},
                 "queue": {"depth": len(self.queue), "current": self.current},
+                "waiting": self.waiting(),
                 "folds": dict(self.counts),
                 "last": asdict(self.last) if self.last else None,
                 "last_error": self.last_error,
             }
+
+    def waiting(self) -> dict[str, dict[str, Any]]:
+        """Entries left in the folder because they are incomplete (a short file, a folder lacking
+        weights), by name: seconds unchanged and the cause; quarantined after watch.incomplete_timeout_s."""
+        out = dict(self.watcher.waiting()) if self.watcher else {}
+        for name, seconds in (self.worker.waiting() if self.worker else {}).items():
+            out[name] = {"seconds": seconds, "cause": "shorter than its header says (still being written?)"}
+        return out
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """The daemon's own control-API ops, merged with the job runner's."""

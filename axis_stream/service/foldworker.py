@@ -134,7 +134,7 @@ class FoldWorker:
     def _short_file(self, path: Path, identity: readers.Identity | None, exc: errors.CheckpointError) -> Outcome:
         """A file shorter than its header says: waiting while it may still be written (it changed
         since it was first seen short, or not for ``incomplete_timeout_s`` yet), else quarantined."""
-        if not self.wait_incomplete:
+        if not self.wait_incomplete or path.is_dir():     # a folder has waited in the watcher already
             return self._reject(path, exc.reason, exc.message)
         now, timeout = self.clock(), self.config.watch.incomplete_timeout_s
         since, seen = self._short.get(path, (now, identity))
@@ -152,6 +152,8 @@ class FoldWorker:
     def waiting(self) -> dict[str, float]:
         """Short files left waiting, by name -> seconds since they last changed."""
         now = self.clock()
+        for path in [p for p in list(self._short) if not p.exists()]:      # deleted while it waited
+            self._short.pop(path, None)
         return {path.name: now - since for path, (since, _) in list(self._short.items())}
 
     def basis_stats(self) -> tuple[int, int, int]:

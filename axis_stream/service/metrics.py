@@ -57,6 +57,10 @@ class Metrics:
                                        "Unix time of the last successful fold.", registry=r)
         self.queue_depth = Gauge("axis_stream_watch_queue_depth",
                                  "Checkpoints that have arrived and wait to be folded.", registry=r)
+        self.waiting = Gauge("axis_stream_watch_waiting",
+                             "Entries left in the watched folder because they are incomplete (a file shorter than "
+                             "its header, a model folder lacking weights), quarantined after "
+                             "watch.incomplete_timeout_s.", registry=r)
         self.jobs = Gauge("axis_stream_jobs", "Adaptation jobs known to the scheduler, by state.",
                           ["state"], registry=r)
         self.job_duration = Histogram(

@@ -16,7 +16,9 @@ A subfolder directly in the folder is one checkpoint (a Hugging Face model folde
 unit: renamed into place (``name.partial/`` -> ``name/``, the safe way) it arrives at once; otherwise
 (copied in, found by a rescan) once its weights are complete (``readers.hf_folder_complete``: the
 index names shards that are all present and whole) and nothing in it, recursively, changed size or
-mtime for ``stable_interval_s``. Files written inside a subfolder give no events here (the observer
+mtime for ``stable_interval_s``. A folder unchanged but incomplete is listed by ``waiting()`` (with
+what it lacks) and, once unchanged for ``incomplete_timeout_s`` more, reported anyway, so that the
+fold rejects it into the quarantine with its real cause instead of it waiting forever unseen. Files written inside a subfolder give no events here (the observer
 is not recursive), so the timer polls such folders. Dot-folders and ``*.partial``/``*.tmp`` folders
 are ignored. The observer starts before the first listing, and the folder is
 rescanned periodically, because inotify drops events when its queue overflows.
@@ -48,7 +50,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from axis_stream.store.readers import hf_folder_complete
+from axis_stream.store.readers import hf_folder_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class _Seen:
     size: int
     mtime_ns: int
     since: float        # clock time at which this (size, mtime) was first observed
-    waiting: bool = False   # a stable folder whose weights are incomplete was logged once
+    lacks: str | None = None    # a stable folder whose weights are incomplete: what it lacks (logged once)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -107,13 +109,14 @@ class Watcher:
     def __init__(self, folder: Path, on_arrival: Callable[[Path], None], *,
                  observer: str = "auto", poll_interval_s: float = 1.0, stable_interval_s: float = 2.0,
                  rescan_interval_s: float = 60.0, is_pending: Callable[[Path], bool] = lambda p: False,
-                 clock: Callable[[], float] = time.monotonic):
+                 incomplete_timeout_s: float = float("inf"), clock: Callable[[], float] = time.monotonic):
         self.folder = Path(folder).resolve()
         self.on_arrival = on_arrival
         self.observer_kind = observer
         self.poll_interval_s = poll_interval_s
         self.stable_interval_s = stable_interval_s
         self.rescan_interval_s = rescan_interval_s
+        self.incomplete_timeout_s = incomplete_timeout_s
         self.is_pending = is_pending
         self.clock = clock
         self._seen: dict[Path, _Seen] = {}
@@ -221,13 +224,21 @@ class Watcher:
                 elif st != (seen.size, seen.mtime_ns):
                     self._seen[path] = _Seen(*st, since=now)
                 elif now - seen.since >= self.stable_interval_s:
-                    if not path.is_dir() or hf_folder_complete(path):
-                        ready.append((seen.mtime_ns, path.name, path))
-                    elif not seen.waiting:
-                        seen.waiting = True
-                        log.warning("%s: unchanged, but its weights are incomplete (a shard its index names is "
-                                    "missing or short, or no config.json); waiting for them", path.name)
+                    lacks = hf_folder_incomplete(path) if path.is_dir() else None
+                    if lacks is None or now - seen.since >= self.stable_interval_s + self.incomplete_timeout_s:
+                        ready.append((seen.mtime_ns, path.name, path))     # (the fold rejects what still lacks)
+                    elif seen.lacks != lacks:
+                        seen.lacks = lacks
+                        log.warning("%s: unchanged, but its weights are incomplete (%s); waiting for them, "
+                                    "quarantined if unchanged for %g s (watch.incomplete_timeout_s)",
+                                    path.name, lacks, self.incomplete_timeout_s)
         self._arrive([p for _, _, p in sorted(ready)])
+
+    def waiting(self) -> dict[str, dict[str, float | str]]:
+        """Folders unchanged but incomplete, by name: seconds unchanged and what they lack."""
+        now = self.clock()
+        with self._lock:
+            return {p.name: {"seconds": now - s.since, "cause": s.lacks} for p, s in self._seen.items() if s.lacks}
 
     def _arrive(self, paths: list[Path]) -> None:
         with self._lock:

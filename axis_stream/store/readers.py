@@ -276,15 +276,23 @@ def _is_file(path: Path) -> bool:
 
 def hf_folder_complete(folder: Path) -> bool:
     """True when the folder's weights are all there and complete (headers and sizes only, no tensor data)."""
+    return hf_folder_incomplete(folder) is None
+
+
+def hf_folder_incomplete(folder: Path) -> str | None:
+    """What a Hugging Face folder still lacks (a shard missing or short, no weights at all, no
+    ``config.json``), in one line; None when its weights are all there and complete."""
     try:
         for name in hf_weight_files(folder):
             if name.endswith(".safetensors"):
                 SafetensorsFile(folder / name).close()
             else:
                 torch_file_kind(folder / name)
-        return (folder / HF_CONFIG).is_file()
-    except (errors.CheckpointError, OSError):
-        return False
+    except errors.CheckpointError as exc:
+        return exc.message
+    except OSError as exc:
+        return f"unreadable ({first_line(exc)})"
+    return None if (folder / HF_CONFIG).is_file() else f"no {HF_CONFIG}"
 
 
 def architecture_family(config: Mapping[str, Any]) -> str:
