@@ -124,7 +124,8 @@ def test_export_merged_writes_the_base_plus_the_basis_at_its_stored_values(setup
             want = b.double()
             if name in snap.factors:
                 f = snap.factors[name]
-                want = want + ((f.U.double() * f.s.double()) @ f.V.double().mT).reshape(b.shape)
+                c = snap.calibration.get(name, 1.0)   # the merged basis as calibrated (README "Calibration")
+                want = want + c * ((f.U.double() * f.s.double()) @ f.V.double().mT).reshape(b.shape)
             elif name in snap.means:
                 want = want + snap.means[name].double()
             assert (weights[name].double() - want).abs().max() < 1e-5, name

@@ -59,11 +59,11 @@ from torch import Tensor
 
 from axis_stream import errors
 from axis_stream.config import BasisConfig, Config
-from axis_stream.core import calibration, layout
+from axis_stream.core import layout
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
 from axis_stream.store import atomic, ingest, ledger, models, versions
-from axis_stream.store.folding import Folder, FoldState, Progress, calibration_stats, checked, stats_entry
+from axis_stream.store.folding import Folder, FoldState, Progress, checked, joined_stats, stats_entry
 from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
 
@@ -276,29 +276,19 @@ class Basis:
         return FoldState(version, out, versions.read_verified(vdir / MEANS, manifest), manifest)
 
     def _calibration(self, state: FoldState) -> dict[str, float]:
-        """Per matrix the calibration factor of ``basis.calibration`` (``core/calibration.py``) where
-        it is not 1; a matrix whose statistics are unknown (folded before they were kept) keeps 1."""
-        out = {}
-        for name, info in state.manifest["matrices"].items():
-            f = state.matrices[name]
-            c = calibration.factor(self.settings.calibration, calibration_stats(info), state.scalars.count, f.s)
-            if c is not None and c != 1.0:
-                out[name] = c
-        return out
+        """Per matrix the calibration factor of ``basis.calibration`` where it is not 1 (a matrix whose
+        statistics are unknown, folded before they were kept, keeps 1)."""
+        return {name: c for name, c in self._folder.calibration(state).items() if c is not None and c != 1.0}
 
     def calibration_summary(self, version: int | None = None) -> dict[str, Any]:
         """A version's calibration at a glance: the rule, each matrix's factor (None: statistics
         unknown; matrices with no component left out), and the min / median / max of the known ones."""
-        state = self._state(version)
-        if self._folder.strategy.dense:
-            return {"rule": "n/a (a dense strategy scales by its own rule)", "factors": {}, "min": 1.0,
-                    "median": 1.0, "max": 1.0}
-        counted = {name: calibration.factor(self.settings.calibration, calibration_stats(info),
-                                            state.scalars.count, state.matrices[name].s)
-                   for name, info in state.manifest["matrices"].items() if info["rank"]}
-        values = sorted(c for c in counted.values() if c is not None) or [1.0]
-        return {"rule": self.settings.calibration, "factors": counted, "min": values[0],
-                "median": values[len(values) // 2], "max": values[-1]}
+        state, folder = self._state(version), self._folder
+        factors = folder.calibration(state)
+        values = sorted(c for c in factors.values() if c is not None) or [1.0]
+        rule = "n/a (a dense strategy scales by its own rule)" if folder.strategy.dense else self.settings.calibration
+        return {"rule": rule, "factors": factors, "min": values[0], "median": values[len(values) // 2],
+                "max": values[-1]}
 
     def verify(self, version: int | None = None) -> None:
         """Check every file of a version against its manifest (sha256, names, shapes, finiteness) and
@@ -431,7 +421,7 @@ class Basis:
             for name, info in matrices.items():  # the task matrices behind the other basis's energy
                 ours, their_info = manifest["matrices"][name], theirs.manifest["matrices"][name]
                 info["source_energy"] = ours["source_energy"] + their_info["source_energy"]
-                info.update(stats_entry(_joined_stats(info, ours, their_info, stats[name]["energy_kept"])))
+                info.update(stats_entry(joined_stats(info, ours, their_info, stats[name]["energy_kept"])))
             folder.vectors(snap, ((name, mean.shape, theirs.means.get(name)) for name, mean in
                                   {**theirs.means, **snap.vectors}.items()), weight=theirs.count)
             names = list(matrices)
@@ -581,19 +571,6 @@ def _now() -> str:
 def _stored(settings: Mapping[str, Any], key: str) -> Any:
     """A manifest's structural setting; a basis written before the setting existed has its default."""
     return settings[key] if key in settings else getattr(BasisConfig(), key)
-
-
-def _joined_stats(folded: Mapping[str, Any], ours: Mapping[str, Any], theirs: Mapping[str, Any],
-                  energy_kept: float) -> SourceStats | None:
-    """A matrix's ``SourceStats`` once another basis (``theirs``) is folded in: the max and the norm
-    sums over both sets of sources; the selected energy as the fold counted it (``folded``, which took
-    the other basis as one source) with what entered weighted by the other's own selected energy
-    over its energy, so that it is counted as its sources gave it."""
-    mine, other, now = calibration_stats(ours), calibration_stats(theirs), calibration_stats(folded)
-    if mine is None or other is None or now is None:
-        return None
-    return SourceStats(max(mine.sigma_max, other.sigma_max), mine.norm_sum + other.norm_sum,
-                       now.selected_energy + energy_kept * (other.selected_energy - theirs["energy"]))
 
 
 def _empty(info: Mapping[str, Any]) -> Factors:

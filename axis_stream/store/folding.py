@@ -63,6 +63,19 @@ def stats_entry(stats: SourceStats | None) -> dict[str, float | None]:
     return {key: None if stats is None else getattr(stats, key) for key in STATS_KEYS}
 
 
+def joined_stats(folded: Mapping[str, Any], ours: Mapping[str, Any], theirs: Mapping[str, Any],
+                 energy_kept: float) -> SourceStats | None:
+    """A matrix's ``SourceStats`` once another basis (``theirs``) is folded in (``Basis.fold_basis``):
+    the max and the norm sums over both sets of sources; the selected energy as the fold counted it
+    (``folded``, which took the other basis as one source) with what entered weighted by the other's
+    own selected energy over its energy, so that it is counted as its sources gave it."""
+    mine, other, now = calibration_stats(ours), calibration_stats(theirs), calibration_stats(folded)
+    if mine is None or other is None or now is None:
+        return None
+    return SourceStats(max(mine.sigma_max, other.sigma_max), mine.norm_sum + other.norm_sum,
+                       now.selected_energy + energy_kept * (other.selected_energy - theirs["energy"]))
+
+
 def checked(settings: BasisConfig, where: Path) -> BasisConfig:
     """``settings`` with ``strategy_params`` over the strategy's defaults (so equal choices compare
     equal); an unknown parameter is a ``BasisError`` naming ``where``."""
@@ -176,6 +189,16 @@ class Folder:
             else:
                 state.vectors.pop(name, None)
         return sq
+
+    def calibration(self, state: FoldState) -> dict[str, float | None]:
+        """Per matrix holding components its factor under ``settings.calibration`` (None: statistics
+        unknown); none for a dense strategy, which scales by its own rule."""
+        if self.strategy.dense:
+            return {}
+        count = state.scalars.count
+        return {name: calibration.factor(self.settings.calibration, calibration_stats(info), count,
+                                         state.matrices[name].s)
+                for name, info in state.manifest["matrices"].items() if info["rank"]}
 
     def static_k(self, shape: tuple[int, int]) -> int:
         s = self.settings
