@@ -9,6 +9,7 @@ import click
 
 from axis_stream import __version__, render
 from axis_stream.errors import AxisError
+from axis_stream.text import printable
 
 
 class AxisGroup(click.Group):
@@ -89,7 +90,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Show the running daemon's status."""
 
     reply = _call(_socket(config_path), "status")
-    click.echo(json.dumps(reply, indent=2) if as_json else "\n".join(_mapping_lines(reply)))
+    click.echo(json.dumps(reply, indent=2) if as_json else "\n".join(map(printable, _mapping_lines(reply))))
 
 
 def _mapping_lines(value, indent: str = "") -> list[str]:
@@ -144,7 +145,7 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, start_
     socket_path = _socket(config_path)
     record = _call(socket_path, "adapt", hint="start `axis-stream serve` or rerun with --local",
                    **{k: v for k, v in given.items() if v is not None})
-    click.echo(f"queued job {record['id']}: adapt {target}")
+    click.echo(printable(f"queued job {record['id']}: adapt {target}"))
     if not wait:
         click.echo(f"follow it with `axis-stream jobs show {record['id']}` "
                    f"or `axis-stream jobs logs --follow {record['id']}`")
@@ -368,13 +369,13 @@ def fold(paths: tuple[str, ...], config_path: str | None, basis_dir: str | None)
         total, rejected = len(target.manifest["matrices"]), 0
         for path in paths:
             try:
-                with click.progressbar(length=total, label=Path(path).name) as bar:
+                with click.progressbar(length=total, label=printable(Path(path).name)) as bar:
                     record = target.fold_checkpoint(path, progress=lambda done, _: bar.update(done - bar.pos))
             except CheckpointError as exc:
                 rejected += 1
-                click.echo(f"rejected {exc} ({exc.reason})", err=True)
+                click.echo(printable(f"rejected {exc} ({exc.reason})"), err=True)
                 continue
-            click.echo(record.line())
+            click.echo(printable(record.line()))
     if rejected:
         raise SystemExit(1)
 
@@ -461,7 +462,7 @@ def backfill(paths: tuple[str, ...], workers: int | None, memory_mib: int | None
         with click.progressbar(length=len(files), label="backfill", file=sys.stderr, show_eta=True,
                                item_show_func=lambda rate: rate) as bar:
             def done(outcome) -> None:
-                click.echo(render.outcome_line(outcome))
+                click.echo(printable(render.outcome_line(outcome)))
                 bar.update(1, f"{(bar.pos + 1) / max(time.monotonic() - start, 1e-9) * 60:.1f} files/min")
 
             counts = bf.backfill(config.load(config_path), files, done, workers=workers, quarantine=quarantine,

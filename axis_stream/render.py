@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
 from axis_stream.core.strategies import FOLD_STRATEGIES
+from axis_stream.text import printable
 
 if TYPE_CHECKING:
     from axis_stream.service.foldworker import Outcome
@@ -204,7 +205,7 @@ def history_lines(basis: Basis, offset: int | None = None, limit: int = 50) -> l
         lines.append(f"sources {offset + 1}-{offset + len(records)} of {count} (--offset, --limit for others)")
     for r in records:
         kept = "dense state" if r.dense else f"new components {r.new_kept_total}, energy kept {r.energy_kept:.1%}"
-        lines.append(f"v{r.version:<5} {r.folded_at}  {r.file}  sha256 {r.sha256[:12]}  "
+        lines.append(f"v{r.version:<5} {r.folded_at}  {printable(r.file)}  sha256 {r.sha256[:12]}  "
                      f"{r.size / 2**20:.1f} MiB  {kept}, |tau|/|base| {r.relative_norm:.3f}, {r.seconds:.1f} s")
     return lines
 
@@ -214,7 +215,7 @@ def history_lines(basis: Basis, offset: int | None = None, limit: int = 50) -> l
 def outcome_line(outcome: Outcome) -> str:
     """One file of ``axis-stream backfill``: what happened to it."""
     reason = f" [{outcome.reason}]" if outcome.reason else ""
-    return f"{outcome.result.replace('_', ' ')} {outcome.file}: {outcome.message}{reason}"
+    return printable(f"{outcome.result.replace('_', ' ')} {outcome.file}: {outcome.message}{reason}")
 
 
 def backfill_summary(counts: Mapping[str, int], seconds: float) -> str:

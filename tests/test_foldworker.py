@@ -248,3 +248,40 @@ def test_a_folder_lacking_config_json_says_so(tmp_path, tiny_base):
     assert readers.hf_folder_incomplete(folder) == "no config.json"
     (folder / "config.json").write_text("{}")
     assert readers.hf_folder_incomplete(folder) is None and readers.hf_folder_complete(folder)
+
+
+# -- 4. a file name that is not UTF-8 --------------------------------------------------------------
+
+def test_a_file_name_that_is_not_utf8_folds_and_is_stored_and_logged_safely(worker_setup, tmp_path, caplog):
+    import logging
+
+    from axis_stream.service.daemon import setup_logging
+    from axis_stream.store.ledger import FILE
+
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    raw = b"\xff\xfe\x80good.safetensors"
+    tmp = ckpt(cfg, 1, ".tmp-upload")
+    os.rename(tmp, os.path.join(os.fsencode(cfg.paths.watch_dir), raw))
+    path = cfg.paths.watch_dir / os.fsdecode(raw)
+    log_file = tmp_path / "axis.log"
+    cfg.paths.log_file = log_file
+    setup_logging(cfg, stderr=False)
+    try:
+        out = worker.process(path)
+        logging.getLogger().handlers[0].flush()
+    finally:
+        logging.getLogger().handlers.clear()
+    assert out.result == "folded", out
+    assert not os.path.exists(os.path.join(os.fsencode(cfg.paths.watch_dir), raw))
+    (record,) = worker.basis.ledger()
+    assert record.file == os.fsdecode(raw)                     # the ledger's JSON keeps the name exactly
+    rows = sqlite3.connect(next(cfg.paths.basis_dir.rglob(FILE))).execute("SELECT file FROM sources").fetchall()
+    assert rows == [("\\xff\\xfe\\x80good.safetensors",)]
+    assert "folded \\xff\\xfe\\x80good.safetensors into v1" in log_file.read_text(encoding="utf-8")
+    # the same bytes under the same name again (a discard lost to a crash): found in the ledger
+    ckpt(cfg, 1, ".tmp-upload").rename(path)
+    assert worker.process(path).result == "already_folded"
+    from axis_stream import render
+
+    assert "\\xff\\xfe\\x80good.safetensors" in "\n".join(render.history_lines(worker.basis))

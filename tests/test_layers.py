@@ -16,7 +16,7 @@ import axis_stream
 PACKAGE = Path(axis_stream.__file__).parent
 LAYERS = (
     ("foundation", ("axis_stream", "axis_stream.errors", "axis_stream.config", "axis_stream.cluster",
-                    "axis_stream.testing")),
+                    "axis_stream.testing", "axis_stream.text")),
     ("core", ("axis_stream.core",)),
     ("store", ("axis_stream.store",)),
     ("adapt", ("axis_stream.adapt",)),

@@ -40,6 +40,7 @@ from axis_stream.service.metrics import Metrics, MetricsServer
 from axis_stream.service.watcher import Watcher
 from axis_stream.store.models import load_base
 from axis_stream.store.statelock import StateLock, lock_state
+from axis_stream.text import printable
 
 log = logging.getLogger("axis_stream.service.daemon")
 
@@ -168,10 +169,10 @@ class Daemon:
                 self._fold_one(path)
             except FoldAbandoned:
                 log.warning("abandoned the fold of %s: the basis keeps its last version and the file "
-                            "stays in %s for the next start", path.name, self.config.paths.watch_dir)
+                            "stays in %s for the next start", printable(path.name), self.config.paths.watch_dir)
                 break
             except Exception:           # a bug here must not stop the queue; the file is retried later
-                log.exception("processing %s failed", path.name)
+                log.exception("processing %s failed", printable(path.name))
             finally:
                 self.queue.done(path)
 
@@ -194,7 +195,7 @@ class Daemon:
     def arrived(self, path: Path) -> None:
         """The watcher's callback: a complete file is in the folder."""
         if not self._stop.is_set() and self.queue.put(path):
-            log.debug("arrived: %s (queue depth %d)", path.name, len(self.queue))
+            log.debug("arrived: %s (queue depth %d)", printable(path.name), len(self.queue))
 
     def request_stop(self, why: str = "stop requested") -> None:
         """Stop taking files; the fold in progress finishes. Safe from a signal handler."""
@@ -295,7 +296,8 @@ def setup_logging(config: Config, stderr: bool = True) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)] if stderr else []
     if config.paths.log_file is not None:
         config.paths.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(config.paths.log_file))
+        # (names are escaped by text.printable; backslashreplace so that nothing missed loses a line)
+        handlers.append(logging.FileHandler(config.paths.log_file, encoding="utf-8", errors="backslashreplace"))
     logging.basicConfig(level=config.log.level.upper(), handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

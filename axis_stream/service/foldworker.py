@@ -30,6 +30,7 @@ from axis_stream.store import readers
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis
 from axis_stream.store.records import FoldRecord
+from axis_stream.text import printable
 
 log = logging.getLogger("axis_stream.service.daemon")
 
@@ -114,7 +115,8 @@ class FoldWorker:
                 if self.metrics:
                     self.metrics.fold_failed(cause)
                 return self._report(Outcome(path.name, "error", f"left in place for a retry ({cause}): {exc}"))
-            log.error("internal error folding %s:\n%s", path.name, traceback.format_exc().rstrip())
+            log.error("internal error folding %s:\n%s", printable(path.name),
+                      "\n".join(map(printable, traceback.format_exc().rstrip().splitlines())))
             return self._reject(path, "internal_error", f"{type(exc).__name__}: {exc}", internal=True)
         self._short.pop(path, None)
         seconds = time.monotonic() - t0
@@ -196,7 +198,7 @@ class FoldWorker:
         dest = free_name(folder, path.name)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         note = dest.with_name(dest.name + ".reason")
-        atomic_write_bytes(note, f"{one_line(message)} [reason={reason}] [time={stamp}]\n".encode())
+        atomic_write_bytes(note, f"{printable(one_line(message))} [reason={reason}] [time={stamp}]\n".encode())
         try:
             move_into(path, dest)
         except FileNotFoundError:
@@ -221,7 +223,7 @@ class FoldWorker:
             pass
         except OSError as exc:
             log.error("folded %s but could not %s it (retried at the next rescan): %s",
-                      path.name, self.config.watch.discard, exc)
+                      printable(path.name), self.config.watch.discard, printable(exc))
 
     @staticmethod
     def _report(outcome: Outcome) -> Outcome:
@@ -229,7 +231,7 @@ class FoldWorker:
         verb = {"folded": "folded %s %s", "rejected": "rejected %s: %s", "error": "failed on %s: %s",
                 "waiting": "waiting for %s: %s",
                 "already_folded": "already folded %s: %s", "vanished": "skipped %s: %s"}[outcome.result]
-        log.log(level, verb, outcome.file, outcome.message)
+        log.log(level, verb, printable(outcome.file), printable(outcome.message))
         return outcome
 
 

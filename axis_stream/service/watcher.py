@@ -51,6 +51,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from axis_stream.store.readers import hf_folder_incomplete
+from axis_stream.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Watcher:
                         seen.lacks = lacks
                         log.warning("%s: unchanged, but its weights are incomplete (%s); waiting for them, "
                                     "quarantined if unchanged for %g s (watch.incomplete_timeout_s)",
-                                    path.name, lacks, self.incomplete_timeout_s)
+                                    printable(path.name), printable(lacks), self.incomplete_timeout_s)
         self._arrive([p for _, _, p in sorted(ready)])
 
     def waiting(self) -> dict[str, dict[str, float | str]]:

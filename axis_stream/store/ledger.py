@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from axis_stream import errors
 from axis_stream.store import atomic
+from axis_stream.text import storable
 
 FILE = "ledger.sqlite"
 Lineage = Sequence[Sequence[int]]  # [[first, last], ...] fold versions, ascending
@@ -140,7 +141,7 @@ class Ledger:
         pointer moves): one for a checkpoint, every source of a basis folded in (``fold_basis``)."""
         self._write([stmt for record, shares in entries for stmt in (
             ("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?, ?)",
-             (record["version"], record["file"], record["sha256"], record["size"], record["folded_at"],
+             (record["version"], storable(record["file"]), record["sha256"], record["size"], record["folded_at"],
               json.dumps(record))),
             ("INSERT OR REPLACE INTO shares VALUES (?, ?, ?)", (base, record["version"], json.dumps(shares))))])
 
@@ -149,7 +150,7 @@ class Ledger:
         """Add records and one share base that may exist already (migrating a format-1 basis)."""
         self._write(
             [("INSERT OR IGNORE INTO sources VALUES (?, ?, ?, ?, ?, ?)",
-              (r["version"], r["file"], r["sha256"], r["size"], r["folded_at"], json.dumps(r))) for r in records]
+              (r["version"], storable(r["file"]), r["sha256"], r["size"], r["folded_at"], json.dumps(r))) for r in records]
             + [("INSERT OR IGNORE INTO shares VALUES (?, ?, ?)", (base, v, json.dumps(s))) for v, s in shares])
 
     def drop_after(self, version: int) -> None:
