@@ -92,6 +92,12 @@ class Symlink(CheckpointError):
     reason = "symlink"
 
 
+class SpecialFile(CheckpointError):
+    """A FIFO, socket or device under a checkpoint's name: never opened (a FIFO would block the reader)."""
+
+    reason = "special_file"
+
+
 def first_line(exc: BaseException, limit: int | None = 160) -> str:
     """An exception's first message line (cut at ``limit`` characters), for a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

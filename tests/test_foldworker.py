@@ -285,3 +285,40 @@ def test_a_file_name_that_is_not_utf8_folds_and_is_stored_and_logged_safely(work
     from axis_stream import render
 
     assert "\\xff\\xfe\\x80good.safetensors" in "\n".join(render.history_lines(worker.basis))
+
+
+# -- 5. a name at NAME_MAX, 6. a FIFO -------------------------------------------------------------
+
+def test_a_bad_file_with_a_255_byte_name_is_quarantined_under_a_name_that_fits(worker_setup):
+    make, _ = worker_setup
+    worker, cfg = make()
+    name = "é" * 60 + "x" * (255 - 120 - len(".safetensors")) + ".safetensors"
+    assert len(os.fsencode(name)) == 255
+    path = cfg.paths.watch_dir / name
+    path.write_bytes(b"not a checkpoint at all" * 10)
+    for _ in range(2):                       # the second of the same name gets its own shortened name
+        out = worker.process(path)
+        assert (out.result, out.reason) == ("rejected", "not_a_checkpoint") and not path.exists(), out
+        path.write_bytes(b"not a checkpoint at all" * 10)
+    names = quarantine_entries(cfg)
+    assert len(names) == 4 and all(len(os.fsencode(n)) <= 255 - 14 for n in names), names
+    notes = [n for n in names if n.endswith(".reason")]
+    assert all(n.endswith(".safetensors.reason") and "~" in n for n in notes)
+    assert all(f"[name={name}]" in (cfg.paths.quarantine / n).read_text() for n in notes)
+    assert foldworker.fit_name(cfg.paths.quarantine, "short.pt") == "short.pt"
+
+
+def test_a_fifo_named_like_a_checkpoint_is_quarantined_unread(worker_setup):
+    from axis_stream.service.watcher import Watcher
+
+    make, _ = worker_setup
+    worker, cfg = make()
+    path = cfg.paths.watch_dir / "pipe.safetensors"
+    os.mkfifo(path)
+    arrived: list[Path] = []
+    Watcher(cfg.paths.watch_dir, arrived.append, rescan_interval_s=1e9).scan()
+    assert arrived == [path]                 # reported, not left on the stability clock forever
+    out = worker.process(path)               # (opening a FIFO for reading would block this test)
+    assert (out.result, out.reason) == ("rejected", "special_file") and "FIFO" in out.message
+    assert quarantine_entries(cfg) == ["pipe.safetensors", "pipe.safetensors.reason"]
+    assert os.path.exists(cfg.paths.quarantine / "pipe.safetensors") and not os.path.lexists(path)

@@ -6,12 +6,14 @@ the quarantine with a ``<name>.reason`` beside it (rejected); the file moves (``
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import math
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import time
 import traceback
 from dataclasses import dataclass
@@ -92,6 +94,8 @@ class FoldWorker:
         if path.is_symlink():
             return self._reject(path, errors.Symlink.reason, "a symbolic link, not followed: move or copy the "
                                 "checkpoint itself into the folder")
+        if (kind := special_kind(path)) is not None:
+            return self._reject(path, errors.SpecialFile.reason, f"a {kind}, not a regular file: never opened")
         if not (path.is_file() or path.is_dir()):
             return self._report(Outcome(path.name, "vanished", "gone before its turn"))
         identity = readers.checkpoint_identity(path)
@@ -198,7 +202,8 @@ class FoldWorker:
         dest = free_name(folder, path.name)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         note = dest.with_name(dest.name + ".reason")
-        atomic_write_bytes(note, f"{printable(one_line(message))} [reason={reason}] [time={stamp}]\n".encode())
+        named = f" [name={printable(path.name)}]" if dest.name != path.name else ""
+        atomic_write_bytes(note, f"{printable(one_line(message))} [reason={reason}] [time={stamp}]{named}\n".encode())
         try:
             move_into(path, dest)
         except FileNotFoundError:
@@ -260,15 +265,39 @@ def retry_cause(exc: BaseException) -> str | None:
     return None
 
 
+# the longest addition to a quarantined or archived name: ".<name>.reason" + mkstemp's "XXXXXXXX.tmp"
+NAME_ROOM = len("..reason.") + 8 + len(".tmp")
+
+
 def free_name(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``folder/<stem>-N<suffix>`` for the first N that is not taken."""
-    dest = folder / name
+    """``folder/name``, or ``folder/<stem>-N<suffix>`` for the first N that is not taken; a name too long
+    for ``folder``'s filesystem once ``.reason`` (and a temporary name) is added is shortened to
+    ``<stem...>~<sha256 of the name, 8 hex><suffix>``, so that the quarantine never fails on it."""
+    dest = folder / fit_name(folder, name)
     stem, suffix = Path(name).stem, Path(name).suffix
     n = 1
     while dest.exists() or dest.with_name(dest.name + ".reason").exists():
         n += 1
-        dest = folder / f"{stem}-{n}{suffix}"
+        dest = folder / fit_name(folder, f"{stem}-{n}{suffix}")
     return dest
+
+
+def fit_name(folder: Path, name: str) -> str:
+    """``name``, shortened (bytes, on a UTF-8 boundary) when it and ``NAME_ROOM`` exceed NAME_MAX."""
+    try:
+        name_max = os.pathconf(folder if folder.exists() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    raw, limit = os.fsencode(name), name_max - NAME_ROOM
+    if len(raw) <= limit:
+        return name
+    suffix = os.fsencode(Path(name).suffix)
+    suffix = suffix if len(suffix) <= 16 else b""
+    tag = b"~" + hashlib.sha256(raw).hexdigest()[:8].encode()
+    keep = max(0, limit - len(tag) - len(suffix))
+    while 0 < keep < len(raw) and raw[keep] & 0xC0 == 0x80:       # not inside a UTF-8 sequence
+        keep -= 1
+    return os.fsdecode(raw[:keep] + tag + suffix)
 
 
 def remove(path: Path) -> None:
@@ -285,6 +314,21 @@ def remove(path: Path) -> None:
         fsync_dir(path.parent)
 
 
+def special_kind(path: Path) -> str | None:
+    """"FIFO", "socket", "device" for such a file (not followed), else None (also when it is gone)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
 def move_into(src: Path, dest: Path) -> None:
     """Move a file or a model folder crash-safely: a rename when on one filesystem, else copy, fsync,
     rename, remove."""
@@ -294,6 +338,10 @@ def move_into(src: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+        if special_kind(src) is not None:    # a FIFO or device has no bytes to copy: its note stands for it
+            os.unlink(src)
+            fsync_dir(src.parent)
+            return
         tmp = dest.with_name(f".{dest.name}.tmp")
         try:
             if src.is_dir():

@@ -50,6 +50,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from axis_stream.service.foldworker import special_kind
 from axis_stream.store.readers import hf_folder_incomplete
 from axis_stream.text import printable
 
@@ -193,6 +194,8 @@ class Watcher:
             return
         st = _stat(path)
         if st is None:
+            if special_kind(path) is not None:     # a FIFO or device never completes: the fold quarantines it
+                self._arrive([path])
             return
         with self._lock:
             seen = self._seen.get(path)
