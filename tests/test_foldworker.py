@@ -322,3 +322,35 @@ def test_a_fifo_named_like_a_checkpoint_is_quarantined_unread(worker_setup):
     assert (out.result, out.reason) == ("rejected", "special_file") and "FIFO" in out.message
     assert quarantine_entries(cfg) == ["pipe.safetensors", "pipe.safetensors.reason"]
     assert os.path.exists(cfg.paths.quarantine / "pipe.safetensors") and not os.path.lexists(path)
+
+
+# -- 7. log injection -------------------------------------------------------------------------------
+
+def test_printable_escapes_what_could_forge_a_line_or_drive_a_terminal():
+    from axis_stream.text import printable
+
+    assert printable("cars.safetensors") == "cars.safetensors" and printable("été.pt") == "été.pt"
+    assert printable("a\nINFO x: folded FAKE") == "a\\nINFO x: folded FAKE"
+    assert printable("\x1b[31mred\r\t\u202e") == "\\x1b[31mred\\r\\t\\u202e"
+    assert printable(os.fsdecode(b"\xffa")) == "\\xffa"
+
+
+def test_a_newline_or_ansi_escape_in_a_file_name_reaches_no_log_line_raw(worker_setup, caplog):
+    from axis_stream import render
+
+    make, ckpt = worker_setup
+    worker, cfg = make()
+    forged = "x.safetensors\nINFO axis_stream.service.daemon: folded FAKE.safetensors \x1b[2J.safetensors"
+    bad = cfg.paths.watch_dir / forged
+    bad.write_bytes(b"garbage" * 20)
+    good = ckpt(cfg, 1, "ok\x1b[31m\n.safetensors")
+    with caplog.at_level("INFO", logger="axis_stream"):
+        assert worker.process(bad).result == "rejected"
+        assert worker.process(good).result == "folded"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and not any("\n" in m or "\x1b" in m for m in messages), messages
+    assert any(m.startswith("rejected x.safetensors\\nINFO axis_stream") for m in messages)
+    history = "\n".join(render.history_lines(worker.basis))
+    assert "ok\\x1b[31m\\n.safetensors" in history and "\x1b" not in history
+    notes = [n for n in quarantine_entries(cfg) if n.endswith(".reason")]
+    assert all("\n" not in (cfg.paths.quarantine / n).read_text().rstrip("\n") for n in notes)

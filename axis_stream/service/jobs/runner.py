@@ -36,6 +36,7 @@ from axis_stream.service.jobs.records import (
     JobRecord,
     JobStore,
 )
+from axis_stream.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class JobRunner:
         record = self._store.insert(lambda job_id: JobRecord(
             id=job_id, kind=kind, target=str(params.get("target", "")), params=dict(params), state="queued",
             created_at=now, log_path=str(self.jobs_dir / job_id / "job.log"), origin=origin), now)
-        log.info("job %s: queued %s %s (%s)", record.id, kind, record.target, origin)
+        log.info("job %s: queued %s %s (%s)", record.id, kind, printable(record.target), printable(origin))
         self._changed(record.id)
         self._dispatch(record)
         return record.id
@@ -219,12 +220,13 @@ class JobRunner:
         target = self.config.scheduler.triggers[index].target
         waiting = [r.id for r in self._store.list(states=("queued",)) if r.kind == "adapt" and r.target == target]
         if waiting:
-            log.info("trigger %s for %s: job %s is still queued, not queuing another", origin, target, waiting[0])
+            log.info("trigger %s for %s: job %s is still queued, not queuing another", origin, printable(target),
+                     waiting[0])
             return
         try:
             self.submit("adapt", adapt_params({"target": target}, self.config), origin=origin)
         except AxisError as exc:
-            log.error("trigger %s for %s: %s", origin, target, exc)
+            log.error("trigger %s for %s: %s", origin, printable(target), printable(exc))
 
     def _dispatch(self, record: JobRecord) -> None:
         """Hand a queued job to APScheduler; dispatching twice is harmless (only one run leaves "queued")."""
@@ -266,7 +268,7 @@ class JobRunner:
                 return
             self._running[job_id] = run
         try:
-            log.info("job %s: running %s %s on basis version %s", job_id, record.kind, record.target, version)
+            log.info("job %s: running %s %s on basis version %s", job_id, record.kind, printable(record.target), version)
             self._changed(job_id)
             try:
                 state, error, result = self._supervise(self._store.get(job_id), run)
