@@ -354,3 +354,67 @@ def test_a_newline_or_ansi_escape_in_a_file_name_reaches_no_log_line_raw(worker_
     assert "ok\\x1b[31m\\n.safetensors" in history and "\x1b" not in history
     notes = [n for n in quarantine_entries(cfg) if n.endswith(".reason")]
     assert all("\n" not in (cfg.paths.quarantine / n).read_text().rstrip("\n") for n in notes)
+
+
+# -- 8. file modes and byte-identical exports ------------------------------------------------------
+
+def test_state_files_get_owner_and_group_modes_whatever_the_umask(worker_setup):
+    from axis_stream.service.jobs.records import JobStore
+    from axis_stream.store.statelock import lock_state
+
+    make, ckpt = worker_setup
+    old = os.umask(0o022)
+    try:
+        worker, cfg = make()
+        assert worker.process(ckpt(cfg, 1, "a.safetensors")).result == "folded"
+        bad = cfg.paths.watch_dir / "bad.safetensors"
+        bad.write_bytes(b"garbage" * 20)
+        assert worker.process(bad).result == "rejected"
+        JobStore(cfg.paths.state_dir / "jobs.sqlite")
+        with lock_state(cfg.paths.state_dir, "test"):
+            pass
+    finally:
+        os.umask(old)
+    basis = cfg.paths.basis_dir
+    # (a version's manifest.json is written by store/versions.py under the umask serve sets: next test)
+    files = [next(basis.rglob("ledger.sqlite")), basis / "CURRENT",
+             cfg.paths.quarantine / "bad.safetensors.reason", cfg.paths.state_dir / "jobs.sqlite",
+             cfg.paths.state_dir / "axis-stream.lock"]
+    modes = {str(f.relative_to(cfg.paths.state_dir)): oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o640"}, modes
+
+
+def test_exports_of_the_same_tensors_and_metadata_are_byte_identical(tmp_path):
+    import hashlib
+
+    import torch
+
+    from axis_stream.store.export import save_sorted
+
+    state = {"b": torch.ones(3), "a": torch.zeros(2, 2)}
+    meta = {"format": "pt", "basis_version": "3", "base_sha256": "ab" * 32, "calibration": "spectral"}
+    digests = set()
+    for i in range(8):
+        save_sorted(state, tmp_path / f"{i}.safetensors", dict(reversed(meta.items())) if i % 2 else meta)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), torch.ones(3))
+
+
+def test_serve_chooses_its_umask_before_it_creates_anything(monkeypatch, tmp_path):
+    from axis_stream.service import daemon
+
+    calls = []
+
+    def stop(config, stderr=True):
+        calls.append("logging")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(daemon.os, "umask", lambda mask: calls.append(oct(mask)) or 0o022)
+    monkeypatch.setattr(daemon, "setup_logging", stop)
+    with pytest.raises(SystemExit):
+        daemon.serve(config.Config())
+    assert calls == ["0o27", "logging"]

@@ -304,6 +304,7 @@ def setup_logging(config: Config, stderr: bool = True) -> None:
 
 def serve(config: Config) -> int:
     """Run the daemon in this process until SIGTERM/SIGINT; returns the exit status."""
+    os.umask(0o027)     # chosen, not inherited: what it creates is the owner's and the service group's only
     setup_logging(config)
     daemon = Daemon(config)
 

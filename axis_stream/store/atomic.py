@@ -29,14 +29,29 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync it, and rename it over ``path``; readers see old or new, never half."""
+FILE_MODE = 0o640      # every state file: the owner writes, the service group reads, others nothing
+DIR_MODE = 0o750
+
+
+def own_mode(path: str | Path, mode: int = FILE_MODE) -> None:
+    """Set ``path``'s mode explicitly (not by the umask); a file of another owner is left as it is."""
+    try:
+        os.chmod(path, mode)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
+    """Call ``write(tmp_path)``, fsync it, and rename it over ``path``; readers see old or new, never half.
+    The file gets ``mode`` (owner and group read, by default), whatever the umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        if tmp_path.is_file():
+            os.chmod(tmp_path, mode)
         fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
@@ -60,7 +75,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
     """An exclusive ``flock`` on ``path`` (created if missing), released by the kernel if the process dies;
     yields whether it was got (always True when ``blocking``). Raises ``OSError`` if ``path`` cannot be opened."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    own_mode(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

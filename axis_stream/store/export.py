@@ -47,7 +47,7 @@ def export_merged(cfg: Config, out: str | Path, version: int | None = None,
     if cfg.base.kind != "transformers":
         if out.suffix != ".safetensors":
             raise BasisError(f"{out}: an open_clip export is one file ending in .safetensors")
-        return atomic.atomic_write(out, lambda p: save_file(state, str(p), metadata={"format": "pt", **meta}))
+        return atomic.atomic_write(out, lambda p: save_sorted(state, p, {"format": "pt", **meta}))
     return write_hf_folder(state, models.hf_model_dir(cfg.base), out, meta, max_shard_bytes)
 
 
@@ -63,8 +63,10 @@ def write_hf_folder(state: dict[str, Tensor], base_dir: Path, out: Path, metadat
         _copy_non_weights(base_dir, tmp)
         write_hf_weights(state, tmp, {"format": "pt", **metadata}, max_shard_bytes)
         for path in tmp.rglob("*"):
+            atomic.own_mode(path, atomic.FILE_MODE if path.is_file() else atomic.DIR_MODE)   # group-readable
             if path.is_file():
                 atomic.fsync_file(path)
+        atomic.own_mode(tmp, atomic.DIR_MODE)
         atomic.fsync_dir(tmp)
         os.rename(tmp, out)
     except BaseException:
@@ -99,13 +101,32 @@ def write_hf_weights(state: dict[str, Tensor], folder: Path, metadata: dict[str,
         shards[-1].append(name)
         size += nbytes
     if len(shards) == 1:
-        save_file({k: state[k].contiguous() for k in shards[0]}, str(folder / "model.safetensors"), metadata=metadata)
+        save_sorted({k: state[k].contiguous() for k in shards[0]}, folder / "model.safetensors", metadata)
         return
     weight_map = {}
     for i, names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in names}, str(folder / file), metadata=metadata)
+        save_sorted({k: state[k].contiguous() for k in names}, folder / file, metadata)
         weight_map.update({k: file for k in names})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def save_sorted(state: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, then the header's ``__metadata__`` rewritten in key order, in place: the writer
+    keeps metadata in a hash map, so its order (and the file's bytes) changed from one run to the next;
+    now two exports of the same version are byte-identical. The rewrite has the same length (the same
+    keys and values), so nothing else in the file moves."""
+    save_file(state, str(path), metadata=dict(sorted(metadata.items())))
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))

@@ -87,6 +87,9 @@ class Ledger:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                for name in (FILE, FILE + "-wal", FILE + "-shm"):      # not by the umask (SQLite copies it)
+                    if (p := self.path.with_name(name)).exists():
+                        atomic.own_mode(p)
             except sqlite3.Error as exc:
                 if os.access(self.path.parent, os.W_OK) or not self.path.is_file():
                     raise errors.BasisError(f"{self.path}: cannot open the ledger ({exc})") from None

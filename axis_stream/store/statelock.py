@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from axis_stream.errors import StateLocked
+from axis_stream.store import atomic
 
 LOCK_FILE = "axis-stream.lock"
 
@@ -50,7 +51,8 @@ def lock_state(state_dir: str | Path, command: str, hint: str = "") -> StateLock
     path = state_dir / LOCK_FILE
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, atomic.FILE_MODE)
+        atomic.own_mode(path)
     except OSError as exc:
         raise StateLocked(f"{path}: cannot open the state-folder lock: {exc.strerror}") from None
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from axis_stream.errors import AxisError
+from axis_stream.store.atomic import own_mode
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class JobStore:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):   # not by the umask
+                if p.exists():
+                    own_mode(p)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > self.SCHEMA_VERSION:
                 raise AxisError(f"{self.path}: jobs schema version {version} is newer than this axis-stream "
