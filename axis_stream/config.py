@@ -188,9 +188,11 @@ class SchedulerConfig:
     executor: str = "local"              # local child processes | ray tasks on a Ray cluster
     ray: RayConfig = field(default_factory=RayConfig)
     triggers: list[TriggerConfig] = field(default_factory=list)
+    max_queued_jobs: int = 100           # a submit beyond this many queued jobs is refused
 
     def validate(self) -> None:
         _range("scheduler.gpu_slots", self.gpu_slots, 1, None)
+        _range("scheduler.max_queued_jobs", self.max_queued_jobs, 1, None)
         _choice("scheduler.executor", self.executor, EXECUTORS)
         self.ray.validate("scheduler.ray")
         for t in self.triggers:

@@ -327,3 +327,16 @@ def test_progress_line_and_table_render_records():
     header, row = render.table([record])
     assert row.split()[:5] == ["j1", "succeeded", "adapt", "cars", "v3"]
     assert "1:02:05" in row and row.endswith("val_accuracy 0.5000  test_accuracy 0.2500")
+
+
+def test_a_submit_beyond_max_queued_jobs_is_refused_with_the_key_named(start_runner):
+    runner = start_runner()
+    runner.config.scheduler.max_queued_jobs = 2
+    running = runner.submit("selftest", {"mode": "hang"})
+    wait_for(lambda: runner.get(running).state == "running", what="the first job to run")
+    queued = [runner.submit("selftest", {"steps": 1}) for _ in range(2)]
+    with pytest.raises(AxisError, match=r"2 jobs are queued already \(scheduler.max_queued_jobs\)"):
+        runner.submit("selftest", {"steps": 1})
+    assert [runner.get(j).state for j in queued] == ["queued", "queued"] and len(runner.list()) == 3
+    runner.cancel(queued[0])
+    runner.submit("selftest", {"steps": 1})          # room again

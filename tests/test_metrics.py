@@ -89,3 +89,30 @@ def test_parse_address():
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert parse_address("[::1]:9464") == ("::1", 9464)
     assert parse_address("0.0.0.0:80") == ("0.0.0.0", 80)
+
+
+def test_metrics_server_caps_connections_and_drops_idle_ones():
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: True, max_connections=2, idle_timeout_s=0.5).start()
+    try:
+        host, port = server.address
+        before = threading.active_count()
+        idle = [socket.create_connection((host, port), timeout=5) for _ in range(6)]
+        time.sleep(0.2)
+        assert threading.active_count() - before <= 2            # 6 idle clients hold at most 2 threads
+        closed = 0
+        for s in idle:
+            s.settimeout(3)
+            closed += s.recv(1) == b""                            # beyond the cap at once, the rest when idle
+        assert closed == 6
+        for s in idle:
+            s.close()
+        time.sleep(0.1)
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as r:
+            assert r.status == 200                               # a scraper still gets in
+    finally:
+        server.stop()

@@ -165,6 +165,33 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+MAX_CONNECTIONS = 16     # connections served at once; more are closed at once (a scraper needs one)
+IDLE_TIMEOUT_S = 10.0    # a connection that sends no request within this is closed
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A ``ThreadingHTTPServer`` with at most ``slots`` connections (threads) at once: one beyond them is
+    closed unanswered, so idle clients cannot pile up threads."""
+
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class MetricsServer:
     """/metrics, /healthz (the process answers: 200) and /readyz (200 once ``ready()``, else 503).
 
@@ -172,15 +199,18 @@ class MetricsServer:
     ``start_http_server`` cannot serve extra routes.
     """
 
-    def __init__(self, address: str, metrics: Metrics, ready: Callable[[], bool]):
+    def __init__(self, address: str, metrics: Metrics, ready: Callable[[], bool], *,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S):
         host, port = parse_address(address)
         metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
         handler = _handler(metrics, ready)
-        server_cls = type("_Server", (ThreadingHTTPServer,), {
+        handler.timeout = idle_timeout_s          # a client that sends nothing is dropped after this
+        server_cls = type("_Server", (_BoundedServer,), {
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
             "daemon_threads": True,
         })
         self._server = server_cls((host, port), handler)
+        self._server.slots = threading.BoundedSemaphore(max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 
     @property

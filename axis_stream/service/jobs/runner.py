@@ -138,6 +138,10 @@ class JobRunner:
             raise AxisError(f"unknown job kind {kind!r}; known: {', '.join(sorted(JOB_KINDS))}")
         if self._stopping:
             raise AxisError("the daemon is shutting down; no new jobs are accepted")
+        limit = self.config.scheduler.max_queued_jobs
+        if len(self._store.list(limit=limit, states=("queued",))) >= limit:
+            raise AxisError(f"{limit} jobs are queued already (scheduler.max_queued_jobs); not queuing another "
+                            "until some have run: `axis-stream jobs list`, `axis-stream jobs cancel ID`")
         now = time.time()
         record = self._store.insert(lambda job_id: JobRecord(
             id=job_id, kind=kind, target=str(params.get("target", "")), params=dict(params), state="queued",
