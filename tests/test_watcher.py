@@ -210,3 +210,23 @@ def test_stop_is_prompt(tmp_path, observer):
     t0 = time.monotonic()
     w.stop()
     assert time.monotonic() - t0 < 5
+
+
+def test_the_start_up_backlog_arrives_oldest_first_before_a_file_renamed_in_after_the_start(tmp_path):
+    """Files found by the start-up listing and untouched for stable_interval_s (by mtime) arrive at
+    start, oldest mtime first, not a stable interval later behind a file renamed in meanwhile."""
+    arrivals = Arrivals()
+    w = make_watcher(tmp_path, arrivals, observer="inotify", stable_interval_s=120.0)
+    now = time.time()
+    for name, age in (("newer.pt", 300), ("oldest.pt", 900), ("middle.pt", 600)):
+        (w.folder / name).write_bytes(b"x" * 10)
+        os.utime(w.folder / name, (now - age, now - age))
+    (w.folder / "fresh.pt").write_bytes(b"y")            # just written: waits for the stable interval
+    w.start()
+    try:
+        outside = tmp_path.parent / f"{tmp_path.name}-late.pt"
+        outside.write_bytes(b"z")
+        os.rename(outside, w.folder / "late.pt")
+        assert arrivals.wait_for(4) == ["oldest.pt", "middle.pt", "newer.pt", "late.pt"]
+    finally:
+        w.stop()

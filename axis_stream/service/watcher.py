@@ -134,6 +134,7 @@ class Watcher:
         """Start the observer, then list the folder (so nothing falls between), then the stability timer."""
         self._observer = self._make_observer()
         self.scan()
+        self._arrive_settled()
         self._timer = threading.Thread(target=self._run_timer, name="watch-timer", daemon=True)
         self._timer.start()
 
@@ -212,6 +213,17 @@ class Watcher:
             return
         for entry in entries:
             self.observe(Path(entry.path))
+
+    def _arrive_settled(self) -> None:
+        """At start, report at once (oldest mtime first) what the first listing found untouched for
+        ``stable_interval_s`` already by its mtime, so that a file renamed in just after the start does
+        not overtake the backlog; the rest waits on the stability clock as usual."""
+        now = time.time()
+        with self._lock:
+            settled = [(seen.mtime_ns, path.name, path) for path, seen in self._seen.items()
+                       if now - seen.mtime_ns / 1e9 >= self.stable_interval_s]
+        self._arrive([p for _, _, p in sorted(settled)
+                      if not p.is_dir() or hf_folder_incomplete(p) is None])
 
     def tick(self) -> None:
         """Report files (and complete folders) whose size and mtime have not changed for the stable
