@@ -311,7 +311,8 @@ class SuiteHarness:
 
         On the text suite ``robustness.patch_dropout`` drops tokens (``text.token_dropout``); the
         vision suites' encoder has no patch dropout, so they refuse it. ``out_dir/run.json`` records
-        the test accuracy of the run's model before Stage 2 (the merged model, for a merge).
+        the test accuracy of the run's model before Stage 2 (at the start Stage 2 took, for a merge) and
+        that start (``adapt.start``'s record: the chosen candidate and each one's validation accuracy).
         """
         dropouts = [p for p in self.exp.robustness.patch_dropout if p]
         if dropouts and not self.suite.is_text:
@@ -327,6 +328,7 @@ class SuiteHarness:
         model = self.build(run, hp, base)
         trains = run.method.name not in ("linear-probe", "zeroshot") and not run.method.merged_only
         start_acc = None if trains else _accuracy(model, head, test, hp)
+        start = None
         if run.method.name == "linear-probe":
             feats = {k: _features(model, d, hp.batch_size) for k, d in (("train", train), ("val", val), ("test", test))}
             tic = time.perf_counter()
@@ -342,6 +344,7 @@ class SuiteHarness:
         else:
             result = train_stage2(model, head, train, val, test, hp, self.echo)
             start_acc, val_acc, test_acc, step_s = result.initial_test, result.val, result.test, result.step_seconds
+            start = result.start
             trainable = model.trainable_count()
         dropped = {0.0: test_acc}
         for p in dropouts:
@@ -352,7 +355,8 @@ class SuiteHarness:
         peak = _peak(model, head, train, hp.batch_size)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "run.json", {"start_test_accuracy": start_acc, "test_accuracy": test_acc,
-                                                 "val_accuracy": val_acc, "dropout_test_accuracy": dropped})
+                                                 "val_accuracy": val_acc, "dropout_test_accuracy": dropped,
+                                                 "start": start})
         return [dict(row, trainable_params=trainable, val_accuracy=val_acc, test_accuracy=dropped[row["patch_dropout"]],
                      peak_memory_mb=peak / 2**20, step_seconds=step_s, seconds=time.monotonic() - started)
                 for row in run.rows(self.exp.robustness.patch_dropout)]
