@@ -42,6 +42,7 @@ def test_quickstart_runs_the_whole_product(tmp_path):
     assert 'axis_stream_folds_total{result="folded"} 3.0' in text
     assert "axis_stream_basis_version 3.0" in text
     assert re.search(r'axis_stream_last_accuracy_ratio\{target="target-mixed"\} [0-9.]+', text), text
+    assert re.search(r'axis_stream_adapt_start_scale\{target="target-mixed"\} [0-9.]+', text), text   # auto's choice
     assert 'axis_stream_jobs{state="succeeded"} 1.0' in text
     assert not any((ws / "incoming").iterdir()) and not any((ws / "state" / "quarantine").iterdir())
     (job_dir,) = [p for p in (ws / "state" / "jobs").iterdir() if p.is_dir()]

@@ -36,7 +36,7 @@ from axis_stream.service.foldworker import (  # noqa: F401  (re-exported: the da
 )
 from axis_stream.service.jobs.control import handlers
 from axis_stream.service.jobs.runner import JobRunner
-from axis_stream.service.metrics import Metrics, MetricsServer
+from axis_stream.service.metrics import Metrics, MetricsServer, start_scale_of
 from axis_stream.service.watcher import Watcher
 from axis_stream.store.models import load_base
 from axis_stream.store.statelock import StateLock, lock_state
@@ -245,8 +245,9 @@ class Daemon:
         if record.state in ("succeeded", "failed", "cancelled") and record.finished_at:
             seconds = record.finished_at - record.started_at if record.started_at else None
             result = record.result or {}
-            accuracy = result.get("test_accuracy") if record.state == "succeeded" else None
-            self.metrics.job_finished(seconds, target_label(record.target), accuracy)
+            done = record.state == "succeeded"
+            self.metrics.job_finished(seconds, target_label(record.target), result.get("test_accuracy") if done else None,
+                                      start_scale=start_scale_of(result) if done else None)
 
     def status(self) -> dict[str, Any]:
         """What ``axis-stream status`` shows."""

@@ -196,7 +196,7 @@ METRICS_SHOWN = ("axis_stream_folds_total", "axis_stream_basis_version", "axis_s
                  "axis_stream_basis_size_bytes", "axis_stream_last_fold_energy_kept_ratio",
                  "axis_stream_fold_duration_seconds_count", "axis_stream_fold_duration_seconds_sum",
                  "axis_stream_watch_queue_depth", "axis_stream_jobs", "axis_stream_job_duration_seconds_count",
-                 "axis_stream_last_accuracy_ratio", "axis_stream_build_info")
+                 "axis_stream_last_accuracy_ratio", "axis_stream_adapt_start_scale", "axis_stream_build_info")
 
 
 def metrics_excerpt(address: str) -> list[str]:
