@@ -14,8 +14,8 @@ best peer of that level.
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -94,7 +94,9 @@ def tables(rows: list[dict[str, str]], title: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    if "--tables-only" not in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables-only", action="store_true", help="only the tables, from what has finished")
+    if not parser.parse_args().tables_only:
         for path in FILES.values():
             run_experiment(load_experiment(path))
     peers = load_experiment(FILES["calibrated-peers"])   # its seeds only (rows of an earlier, longer plan left out)

@@ -28,7 +28,7 @@ AXIS, OPCM, continual TA / TIES / averaging and batch TSV-M / TIES / TA over 3 a
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from axis_stream.experiments.suites.continual import run_continual
@@ -40,16 +40,22 @@ CONFIGS = [ROOT / "config" / f"suite-text{part}.toml" for part in ("", "-noisy",
 RESULTS = ROOT / "benchmarks" / "results" / "suite-text"
 
 if __name__ == "__main__":
-    tables_only = "--tables-only" in sys.argv[1:]
-    if "--continual" in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--continual", action="store_true", help="the streaming peers (suite-text-continual.toml)")
+    parser.add_argument("--stage2", action="store_true", help="with --continual: the transfer runs too")
+    parser.add_argument("--dry-run", action="store_true", help="with --continual: print what would run")
+    parser.add_argument("--sources-sweep", action="store_true", help="the many-sources study")
+    parser.add_argument("--tables-only", action="store_true", help="only the tables, from what has finished")
+    args = parser.parse_args()
+    if args.continual:
         print(run_continual(ROOT / "config" / "suite-text-continual.toml", RESULTS / "continual-tables.md",
-                            stage2="--stage2" in sys.argv[1:], tables_only=tables_only,
-                            dry_run="--dry-run" in sys.argv[1:]))
-    elif "--sources-sweep" in sys.argv[1:]:
+                            stage2=args.stage2, tables_only=args.tables_only, dry_run=args.dry_run))
+    elif args.sources_sweep:
         print(run_sweep(ROOT / "config" / "suite-text-sweep.toml", ROOT / "config" / "suite-text-robust.toml",
-                        RESULTS / "sweep-tables.md", tables_only=tables_only,
+                        RESULTS / "sweep-tables.md", tables_only=args.tables_only,
                         more=[ROOT / "config" / "suite-text-sweep-start.toml"]))
         print(run_sweep(ROOT / "config" / "suite-text-sweep-long.toml", None, RESULTS / "sweep-long-tables.md",
-                        tables_only=tables_only, selection=False))
+                        tables_only=args.tables_only, selection=False))
     else:
-        print(run_benchmark("text", CONFIGS, RESULTS / "tables.md", tables_only=tables_only))
+        print(run_benchmark("text", CONFIGS, RESULTS / "tables.md", tables_only=args.tables_only))
