@@ -53,7 +53,8 @@ def free_port() -> int:
 
 def write_config(root: Path, base_cfg: config.BaseConfig, **watch) -> Path:
     port = free_port()
-    watch = {"stable_interval_s": 0.3, "poll_interval_s": 0.1, "rescan_interval_s": 2.0, **watch}
+    watch = {"stable_interval_s": 0.3, "poll_interval_s": 0.1, "rescan_interval_s": 2.0,
+             "incomplete_timeout_s": 0.5, **watch}   # a short file is quarantined at the next look
     text = f"""
 [paths]
 state_dir = "{root / 'state'}"
