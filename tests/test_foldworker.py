@@ -376,12 +376,13 @@ def test_state_files_get_owner_and_group_modes_whatever_the_umask(worker_setup):
     finally:
         os.umask(old)
     basis = cfg.paths.basis_dir
-    # (a version's manifest.json is written by store/versions.py under the umask serve sets: next test)
-    files = [next(basis.rglob("ledger.sqlite")), basis / "CURRENT",
+    version = next(basis.rglob("manifest.json")).parent      # the manifest and the version's tensor files
+    files = [next(basis.rglob("ledger.sqlite")), basis / "CURRENT", *version.iterdir(),
              cfg.paths.quarantine / "bad.safetensors.reason", cfg.paths.state_dir / "jobs.sqlite",
              cfg.paths.state_dir / "axis-stream.lock"]
     modes = {str(f.relative_to(cfg.paths.state_dir)): oct(f.stat().st_mode & 0o777) for f in files}
-    assert set(modes.values()) == {"0o640"}, modes
+    assert len(files) > 6 and set(modes.values()) == {"0o640"}, modes
+    assert oct(version.stat().st_mode & 0o777) == "0o750"
 
 
 def test_exports_of_the_same_tensors_and_metadata_are_byte_identical(tmp_path):

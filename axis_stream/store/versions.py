@@ -116,9 +116,12 @@ def write_version(directory: Path, manifest: dict[str, Any], write_files: Callab
     manifest["files"] = {}
     for p in sorted(tmp.iterdir()):
         if p.name not in linked:
+            atomic.own_mode(p)          # chosen, not by the umask (a linked file has its mode already)
             atomic.fsync_file(p)
         manifest["files"][p.name] = linked.get(p.name) or {"sha256": readers.file_sha256(p), "size": p.stat().st_size}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic.own_mode(tmp / MANIFEST)
+    atomic.own_mode(tmp, atomic.DIR_MODE)
     atomic.fsync_file(tmp / MANIFEST)
     atomic.fsync_dir(tmp)
     os.rename(tmp, root / name)
