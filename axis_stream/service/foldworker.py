@@ -62,6 +62,7 @@ class FoldWorker:
     The basis is created at the first fold, so "no basis yet" means nothing was folded yet.
     ``fold_workers`` matrices fold at once within ``memory_budget`` bytes (the same basis); ``keep``
     leaves folded files in place and ``quarantine=False`` rejected ones (``axis-stream backfill``).
+    ``progress()`` after each matrix folded and each chunk hashed or read (the daemon's watchdog ping).
     ``wait_incomplete`` (the daemon): a file shorter than its header says may still be written in
     place, so it is left ("waiting") until it has stayed short and unchanged for
     ``watch.incomplete_timeout_s`` by ``clock``, then quarantined as truncated.
@@ -171,12 +172,12 @@ class FoldWorker:
     def _fold(self, path: Path) -> FoldRecord:
         if self.basis is None:
             self.basis = Basis.create(self.paths.basis_dir, self.base_state, self.config.basis, self.identity)
-        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(),
+        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(), tick=self._progress,
                                           workers=self.fold_workers, memory_budget=self.memory_budget)
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
-        record = self.basis.has_source(readers.checkpoint_sha256(path))
+        record = self.basis.has_source(readers.checkpoint_sha256(path, self._progress))
         return record is not None and record.file == path.name
 
     def _reject(self, path: Path, reason: str, message: str, internal: bool = False) -> Outcome:

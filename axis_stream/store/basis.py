@@ -339,8 +339,9 @@ class Basis:
     # --- changing ---
 
     def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None, workers: int = 1,
-                        memory_budget: float = math.inf) -> FoldRecord:
-        """Read, validate and fold one checkpoint, write the new version, move the pointer.
+                        memory_budget: float = math.inf, tick: Callable[[], None] | None = None) -> FoldRecord:
+        """Read, validate and fold one checkpoint, write the new version, move the pointer (``tick``:
+        called while it is hashed and read, ``ingest.read_checkpoint``).
 
         Raises an ``errors.CheckpointError`` subclass, with nothing changed, on bad input. Reads the
         checkpoint one tensor at a time; once this returns, the checkpoint is no longer needed.
@@ -355,7 +356,7 @@ class Basis:
             manifest = snap.manifest
             with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles,
                                         required=manifest["matrices"],
-                                        base_sha256=manifest["identity"]["sha256"]) as ckpt:
+                                        base_sha256=manifest["identity"]["sha256"], tick=tick) as ckpt:
                 if (entry := self.has_source(ckpt.sha256)) is not None:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")

@@ -32,6 +32,7 @@ from axis_stream.store.readers import (
     HFFolder,
     Identity,
     SafetensorsFile,
+    Tick,
     architecture_family,
     checkpoint_identity,
     checkpoint_sha256,
@@ -141,6 +142,7 @@ class Checkpoint:
     _base: Mapping[str, Tensor] = field(repr=False)
     _opened: Identity | None = field(default=None, repr=False)   # checkpoint_identity at the open; None: in memory
     _tally: _DeltaTally = field(default_factory=_DeltaTally, repr=False)
+    _tick: Tick = field(default=lambda: None, repr=False)     # after each tensor read (a mapped torch file's pages)
 
     @property
     def names(self) -> list[str]:
@@ -151,6 +153,7 @@ class Checkpoint:
         t = self._source.read(self.mapping.names[name])
         if not all_finite(t):
             raise errors.NonFinite(self.path, f"{name} contains NaN or Inf")
+        self._tick()
         return t
 
     def delta(self, name: str) -> Tensor | None:
@@ -205,26 +208,28 @@ def all_finite(t: Tensor) -> bool:
 
 def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
                     trust_pickles: bool = False, required: Iterable[str] = (),
-                    base_sha256: str | None = None) -> Checkpoint:
+                    base_sha256: str | None = None, tick: Tick | None = None) -> Checkpoint:
     """Open ``path`` and check its structure against the base; tensors are read later, lazily.
 
     ``required``: base names that must be present (the basis's matrices). ``base_sha256``: when
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
+    ``tick()`` after each chunk hashed or read (``readers.Tick``: the daemon's watchdog).
     ``SourceChanged`` when it was replaced or written to between its open and its sha256
     (``Checkpoint.finish``: written to while it was read).
     """
-    path = Path(path)
+    path, tick = Path(path), tick or (lambda: None)
     opened = checkpoint_identity(path)
-    source = open_source(path, trust_pickles)
+    source = open_source(path, trust_pickles, tick)
     try:
         if isinstance(source, HFFolder):
             _check_architecture(path, source.config, getattr(base_state_dict, "config", None))
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
         fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
-        sha, size = checkpoint_sha256(path), checkpoint_size(path)
+        sha, size = checkpoint_sha256(path, tick), checkpoint_size(path)
         if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
             raise errors.SourceChanged(path)
-        return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened)
+        return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened,
+                          _tick=tick)
     except BaseException:
         source.close()
         raise

@@ -18,7 +18,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -37,16 +37,26 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model")
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _HASH_CHUNK = 4 * 2**20
+_READ_CHUNK = 64 * 2**20
+Tick = Callable[[], None]
+"""Called after each chunk hashed or read, so that a long read of a large file shows it is alive (the
+daemon's systemd watchdog ping, which rate-limits itself)."""
+
+
+def _no_tick() -> None:
+    pass
+
 
 class SafetensorsFile:
     """A safetensors file read with ``readinto`` per tensor: no mmap, so nothing stays resident.
 
     Raises ``TruncatedFile`` when the header or data end before the header says they do, and
-    ``NotACheckpoint`` when the file is not safetensors at all.
+    ``NotACheckpoint`` when the file is not safetensors at all. ``tick`` after each chunk read.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tick: Tick = _no_tick):
         self.path = Path(path)
+        self.tick = tick
         self._fh = open(self.path, "rb")
         try:
             self._parse()
@@ -118,8 +128,11 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[key]
         buf = torch.empty(end - begin, dtype=torch.uint8)
         self._fh.seek(self._data_start + begin)
-        if end > begin and self._fh.readinto(memoryview(buf.numpy())) != end - begin:
-            raise errors.TruncatedFile(self.path, f"tensor {key!r} ends past the end of the file")
+        view = memoryview(buf.numpy())
+        for at in range(0, end - begin, _READ_CHUNK):
+            if self._fh.readinto(view[at:at + _READ_CHUNK]) != len(view[at:at + _READ_CHUNK]):
+                raise errors.TruncatedFile(self.path, f"tensor {key!r} ends past the end of the file")
+            self.tick()
         return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -182,8 +195,9 @@ class HFFolder:
     the folder has no ``config.json`` or no weights.
     """
 
-    def __init__(self, path: str | Path, trust_pickles: bool = False):
+    def __init__(self, path: str | Path, trust_pickles: bool = False, tick: Tick = _no_tick):
         self.path = Path(path)
+        self.tick = tick
         self.config = hf_config(self.path)
         self.files = hf_weight_files(self.path)
         self._shards: dict[str, Any] = {}
@@ -208,7 +222,7 @@ class HFFolder:
     def _open_shard(self, name: str, trust_pickles: bool) -> Any:
         """One shard, its errors naming the folder (what is quarantined) and the shard."""
         try:
-            return open_source(self.path / name, trust_pickles)
+            return open_source(self.path / name, trust_pickles, self.tick)
         except errors.CheckpointError as exc:
             raise type(exc)(self.path, f"{name}: {exc.message}") from None
 
@@ -371,10 +385,11 @@ def unnest_state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
     raise errors.NotACheckpoint(path, f"holds a {type(obj).__name__} without tensors, not a state dict")
 
 
-def open_source(path: Path, trust_pickles: bool) -> Any:
-    """The reader for ``path`` chosen by its kind: a Hugging Face folder, safetensors or a torch file."""
+def open_source(path: Path, trust_pickles: bool, tick: Tick = _no_tick) -> Any:
+    """The reader for ``path`` chosen by its kind: a Hugging Face folder, safetensors or a torch file
+    (``tick``: see ``Tick``; a torch file is mapped, its pages read when its tensors are checked)."""
     if path.is_dir():
-        return HFFolder(path, trust_pickles)
+        return HFFolder(path, trust_pickles, tick)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -383,22 +398,22 @@ def open_source(path: Path, trust_pickles: bool) -> Any:
         raise errors.TruncatedFile(path, "empty file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return SafetensorsFile(path)
+        return SafetensorsFile(path, tick)
     if suffix in TORCH_SUFFIXES:
         return open_torch(path, trust_pickles)
     raise errors.NotACheckpoint(path, f"unsupported file type {suffix or '(none)'!r}; "
                                       f"expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a model folder")
 
 
-def checkpoint_sha256(path: str | Path) -> str:
+def checkpoint_sha256(path: str | Path, tick: Tick = _no_tick) -> str:
     """A checkpoint's identity: a file's sha256, or for a Hugging Face folder the sha256 of its weight
     files' names and sha256s (config, tokenizer and other files do not count)."""
     path = Path(path)
     if not path.is_dir():
-        return file_sha256(path)
+        return file_sha256(path, tick)
     h = hashlib.sha256()
     for name in sorted(hf_weight_files(path)):
-        h.update(f"{name}\0{file_sha256(path / name)}\n".encode())
+        h.update(f"{name}\0{file_sha256(path / name, tick)}\n".encode())
     return h.hexdigest()
 
 
@@ -432,10 +447,11 @@ def checkpoint_size(path: Path) -> int:
     return sum((path / name).stat().st_size for name in hf_weight_files(path))
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
+def file_sha256(path: str | Path, tick: Tick = _no_tick) -> str:
+    """sha256 of a file's bytes, read in chunks (``tick`` after each: a 50 GB file takes a minute)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             h.update(chunk)
+            tick()
     return h.hexdigest()
