@@ -18,20 +18,14 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from axis_stream import config
 from axis_stream.config import VIT_BLOCK_MATRICES, AdaptConfig, BaseConfig, ConfigError, RayConfig
 from axis_stream.core import merges
+from axis_stream.experiments.methods import METHODS, Method
 
 Echo = Callable[[str], None]
 """Where progress lines go (``print``, or a CLI's echo)."""
 
-SOURCE_FREE = ("zeroshot", "linear-probe", "lora")
-METHOD_PARAMS = {"atlas": {"partitions": 0, "scope": "visual."}, "lora": {"rank": 0, "alpha": 0.0},
-                 "zeroshot": {}, "linear-probe": {}}
-"""Parameters of the methods that are not Stage 1 merges (0 = matched to the budget, alpha 0 = rank)."""
 HP_KEYS = ("lr", "epochs", "weight_decay", "batch_size", "grad_clip", "start_scale")
 MERGE_ONLY_HP = ("start_scale",)
 """Stage 2 settings of a merged basis (Lambda's start): a method without one (aTLAS, LoRA, ...) refuses them."""
-HP_DEFAULTS = {"lora": {"lr": 1e-3}, "linear-probe": {"lr": 1e-3}}
-"""Per-method learning rates: Stage 2's 1e-1 is for singular values and aTLAS's coefficients, not for
-LoRA factors or a head. A method's own ``lr`` in the experiment file wins."""
 
 
 @dataclass
@@ -75,8 +69,13 @@ class MethodSpec:
     stage2: bool = True                  # False (a merge only): the merged model itself is measured, nothing trains
 
     @property
+    def entry(self) -> Method:
+        """The registry's entry (``experiments.methods``): defaults, what it needs, how it is built."""
+        return METHODS[self.name]
+
+    @property
     def is_merge(self) -> bool:
-        return self.name in merges.METHODS
+        return self.entry.is_merge
 
     @property
     def merged_only(self) -> bool:
@@ -84,8 +83,18 @@ class MethodSpec:
         return self.is_merge and not self.stage2
 
     @property
+    def trains(self) -> bool:
+        """Stage 2's loop trains the run's model (not a zero-shot, a linear probe or a merge measured as is)."""
+        return self.entry.trained and not self.merged_only
+
+    @property
+    def fits(self) -> bool:
+        """The run learns from the target's train split (its seeds and train fractions matter)."""
+        return self.entry.fits and not self.merged_only
+
+    @property
     def uses_sources(self) -> bool:
-        return self.name not in SOURCE_FREE
+        return self.entry.uses_sources
 
 
 @dataclass
@@ -141,14 +150,14 @@ def _method(table: dict, index: int) -> MethodSpec:
     where = f"methods[{index}]"
     table = dict(table)
     name = table.pop("name", None)
-    known = sorted(merges.METHODS) + list(METHOD_PARAMS)
-    if name not in known:
-        raise ConfigError(f"{where}.name: {name!r} is not one of {', '.join(known)}")
+    if name not in METHODS:
+        raise ConfigError(f"{where}.name: {name!r} is not one of {', '.join(METHODS)}")
+    method = METHODS[name]
     label = table.pop("label", name)
     stage2 = table.pop("stage2", True)
     if not isinstance(stage2, bool):
         raise ConfigError(f"{where}.stage2: expected true or false, got {stage2!r}")
-    if not stage2 and name not in merges.METHODS:
+    if not stage2 and not method.is_merge:
         raise ConfigError(f"{where}.stage2: only a Stage 1 merge ({', '.join(sorted(merges.METHODS))}) can be "
                           f"measured without Stage 2, not {name!r}")
     trained = [k for k in HP_KEYS if k in table]
@@ -157,10 +166,10 @@ def _method(table: dict, index: int) -> MethodSpec:
     if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.+\-=\[\],]+", label):
         raise ConfigError(f"{where}.label: {label!r} must be a short name without spaces")
     hints = get_type_hints(AdaptConfig)
-    hp = {**HP_DEFAULTS.get(name, {}),
+    hp = {**method.hp,
           **{k: config.convert_value(hints[k], table.pop(k), f"{where}.{k}") for k in HP_KEYS if k in table}}
     for key in MERGE_ONLY_HP:
-        if key in hp and name not in merges.METHODS:
+        if key in hp and not method.is_merge:
             raise ConfigError(f"{where}.{key}: applies only to a Stage 1 merge followed by Stage 2 "
                               f"({', '.join(sorted(merges.METHODS))}), not to {name!r}")
     try:
@@ -168,13 +177,7 @@ def _method(table: dict, index: int) -> MethodSpec:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     try:
-        if name in merges.METHODS:
-            params = merges.METHODS[name].check(table)
-        else:
-            unknown = sorted(set(table) - set(METHOD_PARAMS[name]))
-            if unknown:
-                raise ValueError(f"method {name!r} has no parameter(s) {', '.join(unknown)}")
-            params = {**METHOD_PARAMS[name], **table}
+        params = method.check(table)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return MethodSpec(name, label, params, hp, stage2)

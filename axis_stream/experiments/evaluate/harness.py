@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised only on Python 3.10
-    pass
 
 import torch
 import torch.nn.functional as F
@@ -21,27 +15,17 @@ from torch import Tensor, nn
 from axis_stream.adapt.data import make_splits, resolve_target, transforms_for
 from axis_stream.adapt.device import allocator_for, amp_for, pick_device
 from axis_stream.adapt.head import logits, zero_shot_head
-from axis_stream.adapt.model import SVDAdapted
 from axis_stream.adapt.recipe import HEAD_FILE, JobSettings, adapt, evaluate
 from axis_stream.config import AdaptConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
 from axis_stream.errors import AxisError
-from axis_stream.experiments.baselines import atlas, references
+from axis_stream.experiments.baselines import references
 from axis_stream.experiments.baselines.memory import step_peak_bytes
 from axis_stream.experiments.evaluate import merged
 from axis_stream.experiments.evaluate.experiment import Echo, Experiment, Robustness, SourceSpec
 from axis_stream.experiments.evaluate.plan import Run
+from axis_stream.experiments.methods import Snapshot
 from axis_stream.store import ingest, models
-
-
-@dataclass
-class _Snapshot:
-    """The ``adapt.recipe.Snapshot`` an alternative basis hands Stage 2 (no basis version on disk: 0)."""
-
-    version: int
-    factors: dict[str, stage1.Factors]
-    means: dict[str, Tensor]
-    calibration: dict[str, float] = field(default_factory=dict)  # none: every factor 1
 
 
 @dataclass
@@ -86,7 +70,7 @@ class Harness:
                               f"{exp.stage1.matrix_patterns}")
         self.shapes = [tuple(layout.as_matrix(self.base_sd[n]).shape) for n in self.matrices]
         self._task_vectors: dict[str, dict[str, Tensor]] = {}
-        self._basis: tuple[tuple, _Snapshot] | None = None
+        self._basis: tuple[tuple, Snapshot] | None = None
         self._train_sizes: dict[str, int] = {}
 
     def task_vector(self, source: SourceSpec) -> dict[str, Tensor]:
@@ -102,13 +86,13 @@ class Harness:
         """The run's source task vectors after the robustness treatment (corruption, pruning)."""
         return treated(run, [self.task_vector(s) for s in run.sources], self.exp.robustness, self.matrices)
 
-    def basis(self, run: Run) -> _Snapshot:
+    def basis(self, run: Run) -> Snapshot:
         """The run's merged basis, built once for all the budgets and data fractions that share it."""
         key = run.basis_key()
         if self._basis is None or self._basis[0] != key:
             factors, means = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
                                                 k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
-            self._basis = (key, _Snapshot(0, factors, means))
+            self._basis = (key, Snapshot(0, factors, means))
         return self._basis[1]
 
     def budget_count(self, n_fraction: float) -> int:
@@ -140,7 +124,7 @@ class Harness:
         hp = run.settings(self.exp.adapt)
         base = models.create_base(self.exp.base).to(self.device)
         max_train = self.max_train(run, hp, base)
-        if run.method.name in ("zeroshot", "linear-probe") or run.method.merged_only:
+        if not run.method.trains:
             outcome = self._reference(run, hp, max_train, base)
         else:
             outcome = self._stage2(run, hp, max_train, base, out_dir)
@@ -162,26 +146,12 @@ class Harness:
         """Stage 2's recipe, unchanged, on the run's model: a merged basis, aTLAS, or LoRA."""
         from safetensors.torch import load_file
 
-
         built: list[nn.Module] = []
-        snapshot = self.basis(run) if run.method.is_merge else _Snapshot(0, {}, {})
-        budget = self.budget_count(run.budget)
-        params = run.method.params
+        snapshot = self.basis(run) if run.method.is_merge else Snapshot(0, {}, {})
 
         def build(base: nn.Module, hp: AdaptConfig) -> nn.Module:
-            if run.method.is_merge:
-                model = SVDAdapted(base, snapshot.factors, snapshot.means, hp.n_fraction, seed=hp.seed,
-                                   start_scale=hp.start_scale, calibration=snapshot.calibration)
-            elif run.method.name == "atlas":
-                tvs = self.prepared(run)
-                n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base, tvs, params["scope"]))
-                p = params["partitions"] or atlas.p_for_budget(budget, len(tvs), max(n_2d, 1), n_other)
-                model = atlas.ATLAS(base, tvs, p, scope=params["scope"], seed=hp.seed)
-            else:
-                rank = params["rank"] or references.lora_rank_for_budget(budget, self.shapes)
-                model = references.LoRA(base, self.matrices, rank, alpha=params["alpha"] or None, seed=hp.seed)
-            built.append(model)
-            return model
+            built.append(run.method.entry.build(self, run, hp, base))
+            return built[-1]
 
         t = run.target
         job = JobSettings(t.dataset, hp, self.exp.data_root, t.classnames or None, t.templates or None,
@@ -206,7 +176,7 @@ class Harness:
             base.load_state_dict(merged.with_base(self.base_sd, delta))
         model = references.Frozen(base)
         splits = self.splits(run, hp, max_train, base)
-        if run.method.name == "zeroshot" or run.method.merged_only:
+        if not run.method.fits:
             amp = amp_for(self.device, hp.amp)
             val = evaluate(model, head, splits.val, hp, self.device, amp)
             test = evaluate(model, head, splits.test, hp, self.device, amp)

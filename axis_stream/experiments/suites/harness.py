@@ -29,18 +29,18 @@ from torch import Tensor, nn
 from axis_stream.adapt.data import validation_split
 from axis_stream.adapt.device import Amp, Runtime
 from axis_stream.adapt.loop import Loop, accuracy
-from axis_stream.adapt.model import SVDAdapted
 from axis_stream.config import AdaptConfig, BasisConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
 from axis_stream.core.registry import Registry
 from axis_stream.errors import BasisError
-from axis_stream.experiments.baselines import atlas, references
+from axis_stream.experiments.baselines import references
 from axis_stream.experiments.baselines.memory import step_peak_bytes
 from axis_stream.experiments.evaluate import merged
 from axis_stream.experiments.evaluate.experiment import TargetSpec
 from axis_stream.experiments.evaluate.harness import treated
 from axis_stream.experiments.evaluate.multitask import backward_transfer, joined
 from axis_stream.experiments.evaluate.plan import Run
+from axis_stream.experiments.methods import Snapshot
 from axis_stream.experiments.suites import Task, take
 from axis_stream.experiments.suites import train as source_train
 from axis_stream.experiments.suites.prepare import default_root, task_names
@@ -84,8 +84,7 @@ class SuiteHarness:
                                   f"({', '.join(sorted(known))})")
         self.paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
         self.task_vectors = {name: self._delta(load_file(p)) for name, p in self.paths.items()}
-        self._basis: tuple[tuple, tuple[dict, dict]] | None = None
-        self._calibration: dict[str, float] = {}
+        self._basis: tuple[tuple, Snapshot] | None = None
 
     def _delta(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """``theta_i - theta_pre`` of the floating-point tensors that changed."""
@@ -109,19 +108,18 @@ class SuiteHarness:
         return treated(run, [self.task_vectors[s.name] for s in run.sources], self.exp.robustness,
                                 self.matrices)
 
-    def basis(self, run: Any) -> tuple[dict, dict]:
-        """The run's merged basis ``(factors, means)``: AXIS streaming from a real ``Basis`` on disk
-        (:meth:`daemon_basis`), every other merge in memory (``merges.build_basis``)."""
+    def basis(self, run: Any) -> Snapshot:
+        """The run's merged basis: AXIS streaming from a real ``Basis`` on disk (:meth:`daemon_basis`,
+        with its calibration), every other merge in memory (``merges.build_basis``, uncalibrated)."""
         key = run.basis_key()
         if self._basis is None or self._basis[0] != key:
             if run.method.name == "axis":
                 snap = self.daemon_basis(run)
-                built = (snap.factors, snap.means)
-                self._calibration = dict(snap.calibration)
+                built = Snapshot(snap.version, snap.factors, snap.means, dict(snap.calibration))
             else:
-                self._calibration = {}
-                built = merges.build_basis(run.method.name, self.prepared(run), self.matrices,
-                                           k_fraction=run.k_fraction, seed=run.seed, params=run.method.params)
+                built = Snapshot(0, *merges.build_basis(run.method.name, self.prepared(run), self.matrices,
+                                                        k_fraction=run.k_fraction, seed=run.seed,
+                                                        params=run.method.params))
             self._basis = (key, built)
         return self._basis[1]
 
@@ -137,12 +135,6 @@ class SuiteHarness:
             raise BasisError(f"{basis.directory}: version {snap.version} holds {snap.count} sources, "
                              f"expected {len(names)}")
         return snap
-
-    def calibration(self, run: Any) -> dict[str, float]:
-        """The per-matrix factors of the calibrated Stage 2 start (``adapt.start``): the daemon basis's
-        ``BasisSnapshot.calibration`` for AXIS streaming, none (every factor 1) for the other merges."""
-        self.basis(run)  # the run's basis, loaded once with its calibration
-        return dict(self._calibration)
 
     def folded_basis(self, run: Any) -> Basis:
         """The run's sources folded one checkpoint at a time, in order, by ``Basis.fold_checkpoint``
@@ -287,24 +279,10 @@ class SuiteHarness:
 
     def build(self, run: Any, hp: AdaptConfig, base: nn.Module) -> nn.Module:
         """The run's trainable model around ``base`` (consumed), as ``Harness._stage2`` builds it."""
-        name, params = run.method.name, run.method.params
         if run.method.merged_only:
             base.load_state_dict(merged.with_base(self.base_sd, self.merged_delta(run)))
             return references.Frozen(base)
-        if run.method.is_merge:
-            factors, means = self.basis(run)
-            return SVDAdapted(base, factors, means, hp.n_fraction, seed=hp.seed, start_scale=hp.start_scale,
-                              calibration=self.calibration(run))
-        if name == "atlas":
-            budget = self.budget_count(run.budget)
-            tvs = self.prepared(run)
-            n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base, tvs, params["scope"]))
-            p = params["partitions"] or atlas.p_for_budget(budget, len(tvs), max(n_2d, 1), n_other)
-            return atlas.ATLAS(base, tvs, p, scope=params["scope"], seed=hp.seed)
-        if name == "lora":
-            rank = params["rank"] or references.lora_rank_for_budget(self.budget_count(run.budget), self.shapes)
-            return references.LoRA(base, self.matrices, rank, alpha=params["alpha"] or None, seed=hp.seed)
-        return references.Frozen(base)
+        return run.method.entry.build(self, run, hp, base)
 
     def execute(self, run: Any, out_dir: Path) -> list[dict[str, Any]]:
         """Train and evaluate one run; returns its rows, one per test-time input dropout level.
@@ -326,10 +304,9 @@ class SuiteHarness:
         train, val, test = self.splits(run, hp)
         head = self.suite.head(base, train) * self.suite.source_recipe.scale  # scaled, as CLIP's head
         model = self.build(run, hp, base)
-        trains = run.method.name not in ("linear-probe", "zeroshot") and not run.method.merged_only
-        start_acc = None if trains else _accuracy(model, head, test, hp)
+        start_acc = None if run.method.trains else _accuracy(model, head, test, hp)
         start = None
-        if run.method.name == "linear-probe":
+        if run.method.fits and not run.method.trains:  # the linear probe: a head on frozen features
             feats = {k: _features(model, d, hp.batch_size) for k, d in (("train", train), ("val", val), ("test", test))}
             tic = time.perf_counter()
             head, val_acc = references.linear_probe(feats["train"], feats["val"], head, epochs=hp.epochs, lr=hp.lr,
@@ -338,7 +315,7 @@ class SuiteHarness:
             test_acc = references.accuracy(*feats["test"], head)
             steps = hp.epochs * math.ceil(len(train.train_y) / hp.batch_size)
             trainable, step_s = head.numel(), (time.perf_counter() - tic) / max(steps, 1)
-        elif run.method.name == "zeroshot" or run.method.merged_only:
+        elif not run.method.fits:
             val_acc, test_acc = _accuracy(model, head, val, hp), start_acc
             trainable, step_s = 0, None
         else:
