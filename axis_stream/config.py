@@ -110,6 +110,7 @@ class BasisConfig:
     svd_tol: float = 1e-4
     keep_versions: int = 5
     trust_pickles: bool = False          # allow whole-model pickles in the watched folder
+    allow_other_architectures: bool = False  # fold a model folder of another head (architectures), warned
     strategy: str = "axis"               # how a source is folded: one of FOLD_STRATEGIES
     strategy_params: dict[str, float] = field(default_factory=dict)  # the strategy's (alpha, lam, density)
     calibration: str = "spectral"        # axis: the merged basis's per-matrix factor, one of CALIBRATIONS

@@ -78,6 +78,13 @@ class DifferentBase(CheckpointError):
     reason = "different_base"
 
 
+class OtherArchitecture(CheckpointError):
+    """A model folder of the base's ``model_type`` with other ``architectures`` (another head, which a
+    fold ignores): refused unless ``basis.allow_other_architectures``."""
+
+    reason = "other_architecture"
+
+
 class ZeroDelta(CheckpointError):
     reason = "zero_delta"
 

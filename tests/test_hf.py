@@ -243,6 +243,49 @@ def test_bad_folders_are_rejected_with_their_reason(hf_bases, tmp_path):
     assert not readers.hf_folder_complete(missing) and readers.hf_folder_complete(good)
 
 
+def tiny_qwen2(head: str, seed: int = 0) -> torch.nn.Module:
+    """A two-block Qwen2 with the head ``head`` (``CausalLM``, ``SequenceClassification``), built offline."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=48, max_position_embeddings=32,
+                                   num_labels=3, pad_token_id=0)
+    return getattr(transformers, f"Qwen2For{head}")(cfg)
+
+
+def test_another_head_of_the_base_model_type_is_refused_unless_allowed_then_warned_and_recorded(tmp_path, caplog):
+    """Issue 25 item 12: a Qwen2ForSequenceClassification fine-tune into a Qwen2ForCausalLM base has the
+    base's model_type: quarantined as other_architecture by default; allowed, it folds (its head
+    ignored) with a warning, and its ledger record names both architectures."""
+    from axis_stream.service.daemon import FoldWorker
+
+    tiny_qwen2("CausalLM").save_pretrained(tmp_path / "base")
+    base = dict(readers.read_hf_base(tmp_path / "base"))
+    cfg = hf_config(tmp_path / "base", tmp_path)
+    inbox = cfg.paths.watch_dir
+    inbox.mkdir(parents=True)
+    worker = FoldWorker(cfg, *models.load_base(cfg))
+    lm = save_finetune(tiny_qwen2("CausalLM"), base, 1, inbox / "qwen-lm")
+    assert worker.process(lm).result == "folded" and worker.basis.ledger()[0].architecture == ""
+    classifier = save_finetune(tiny_qwen2("SequenceClassification"), base, 2, inbox / "qwen-classifier")
+    out = worker.process(classifier)
+    assert (out.result, out.reason) == ("rejected", "other_architecture"), out
+    assert "Qwen2ForSequenceClassification, the base's Qwen2ForCausalLM" in out.message
+    assert "basis.allow_other_architectures" in (cfg.paths.quarantine / "qwen-classifier.reason").read_text()
+    assert worker.basis.version == 1
+
+    cfg = hf_config(tmp_path / "base", tmp_path, allow_other_architectures=True)
+    worker = FoldWorker(cfg, *models.load_base(cfg))
+    shutil.move(cfg.paths.quarantine / "qwen-classifier", inbox / "qwen-classifier")
+    with caplog.at_level("WARNING", logger="axis_stream"):
+        assert worker.process(inbox / "qwen-classifier").result == "folded"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("qwen-classifier with another head" in m and "Qwen2ForSequenceClassification" in m for m in warned)
+    record = worker.basis.ledger()[-1]
+    assert (record.file, record.version) == ("qwen-classifier", 2)
+    assert record.architecture == "architectures Qwen2ForSequenceClassification, the base's Qwen2ForCausalLM"
+    assert "its head ignored" in record.line() and "score.weight" in record.mapping
+
+
 def test_fold_cli_takes_a_folder_and_basis_show_lists_the_matrices(hf_bases, tmp_path):
     folder, _, base = hf_bases["bert"]
     cfg = hf_config(folder, tmp_path)

@@ -134,6 +134,9 @@ class FoldWorker:
             self.metrics.fold_succeeded(seconds, math.nan if record.dense else float(record.energy_kept), time.time())
             self.metrics.basis_state(*self.basis_stats())
         kept = "dense state" if record.dense else f"energy kept {float(record.energy_kept):.1%}"
+        if record.architecture:
+            log.warning("folded %s with another head, which is ignored (%s; basis.allow_other_architectures)",
+                        printable(path.name), printable(record.architecture))
         return self._report(Outcome(path.name, "folded", f"into v{record.version} in {seconds:.2f} s ({kept})"
                                     + ("; it was replaced during the fold: the new file stays for the next "
                                        "rescan" if replaced else ""), version=record.version, seconds=seconds))

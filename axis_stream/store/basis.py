@@ -354,9 +354,10 @@ class Basis:
             self._clean_leftovers(self.version)
             snap, folder = self._state(), self._folder
             manifest = snap.manifest
-            with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles,
+            with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles, tick=tick,
+                                        other_architectures=self.settings.allow_other_architectures,
                                         required=manifest["matrices"],
-                                        base_sha256=manifest["identity"]["sha256"], tick=tick) as ckpt:
+                                        base_sha256=manifest["identity"]["sha256"]) as ckpt:
                 if (entry := self.has_source(ckpt.sha256)) is not None:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")
@@ -371,7 +372,7 @@ class Basis:
                 folded_at=_now(), seconds=round(time.perf_counter() - start, 4), matrices=stats,
                 new_kept_total=sum(s["new_kept"] for s in stats.values()),
                 energy_kept=round(sum(s["energy_kept"] for s in folded) / len(folded), 6) if folded else 0.0,
-                relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping))
+                relative_norm=round(ckpt.relative_norm, 6), mapping=str(ckpt.mapping), architecture=ckpt.architecture)
             scalars = snap.scalars.after(math.sqrt(sq))
             new = dict(manifest, format_version=FORMAT_VERSION, version=version, parent=snap.version,
                        settings=dict(manifest["settings"], calibration=self.settings.calibration),  # the one in force

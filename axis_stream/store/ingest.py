@@ -11,7 +11,8 @@ Formats (the readers are in ``store.readers``): safetensors, torch state dicts `
 loaded with ``weights_only=True`` (also a nested dict with a ``state_dict``, ``model_state_dict`` or
 ``model`` entry), and Hugging Face model folders (``config.json`` and ``model.safetensors`` or its
 shards, read one tensor at a time from whichever shard holds it; another architecture than the
-base's in ``config.json`` is ``DifferentBase``). Whole pickled objects are refused unless
+base's in ``config.json`` is ``DifferentBase``; the same ``model_type`` with other ``architectures``, another
+head, is ``OtherArchitecture`` unless allowed). Whole pickled objects are refused unless
 ``trust_pickles`` is set; they are then loaded by ``store.unpickle``'s restricted unpickler, whole.
 """
 
@@ -143,6 +144,7 @@ class Checkpoint:
     _opened: Identity | None = field(default=None, repr=False)   # checkpoint_identity at the open; None: in memory
     _tally: _DeltaTally = field(default_factory=_DeltaTally, repr=False)
     _tick: Tick = field(default=lambda: None, repr=False)     # after each tensor read (a mapped torch file's pages)
+    architecture: str = ""     # another head allowed in (``other_architectures``): its and the base's architectures
 
     @property
     def names(self) -> list[str]:
@@ -208,12 +210,14 @@ def all_finite(t: Tensor) -> bool:
 
 def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
                     trust_pickles: bool = False, required: Iterable[str] = (),
-                    base_sha256: str | None = None, tick: Tick | None = None) -> Checkpoint:
+                    base_sha256: str | None = None, tick: Tick | None = None,
+                    other_architectures: bool = False) -> Checkpoint:
     """Open ``path`` and check its structure against the base; tensors are read later, lazily.
 
     ``required``: base names that must be present (the basis's matrices). ``base_sha256``: when
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
     ``tick()`` after each chunk hashed or read (``readers.Tick``: the daemon's watchdog).
+    ``other_architectures``: a folder with another head folds (``Checkpoint.architecture`` says which).
     ``SourceChanged`` when it was replaced or written to between its open and its sha256
     (``Checkpoint.finish``: written to while it was read).
     """
@@ -221,28 +225,42 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
     opened = checkpoint_identity(path)
     source = open_source(path, trust_pickles, tick)
     try:
+        other = ""
         if isinstance(source, HFFolder):
-            _check_architecture(path, source.config, getattr(base_state_dict, "config", None))
+            other = _check_architecture(path, source.config, getattr(base_state_dict, "config", None),
+                                        other_architectures)
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
         fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
         sha, size = checkpoint_sha256(path, tick), checkpoint_size(path)
         if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
             raise errors.SourceChanged(path)
         return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened,
-                          _tick=tick)
+                          _tick=tick, architecture=other)
     except BaseException:
         source.close()
         raise
 
 
-def _check_architecture(path: Path, config: Mapping[str, Any], base_config: Mapping[str, Any] | None) -> None:
-    """A folder whose config.json names another architecture family than the base's is ``DifferentBase``."""
+def _check_architecture(path: Path, config: Mapping[str, Any], base_config: Mapping[str, Any] | None,
+                        allow_other: bool) -> str:
+    """A folder whose config.json names another architecture family than the base's is ``DifferentBase``;
+    the base's ``model_type`` with other ``architectures`` (another head: a fold would ignore it) is
+    ``OtherArchitecture``, or with ``allow_other`` returned in words. A CLIP tower into a CLIP passes."""
     if base_config is None:
-        return
+        return ""
     mine, base = architecture_family(config), architecture_family(base_config)
     if mine != base:
         raise errors.DifferentBase(path, f"its {HF_CONFIG} says model_type {config.get('model_type')!r}, "
                                          f"the base is {base_config.get('model_type')!r}")
+    heads, base_heads = (sorted(map(str, c.get("architectures") or [])) for c in (config, base_config))
+    if config.get("model_type") != base_config.get("model_type") or not heads or not base_heads or heads == base_heads:
+        return ""
+    other = f"architectures {', '.join(heads)}, the base's {', '.join(base_heads)}"
+    if not allow_other:
+        raise errors.OtherArchitecture(path, f"its {HF_CONFIG} says {other}: another head, which a fold would "
+                                             "ignore; set basis.allow_other_architectures to fold the weights "
+                                             "it shares with the base")
+    return other
 
 
 def _check_structure(path: Path, source: Any, base: Mapping[str, Tensor], required: Iterable[str],

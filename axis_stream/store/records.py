@@ -44,6 +44,7 @@ class FoldRecord:
     # (a dense strategy's fold: new_kept 0, energy_kept 0.0, rank 0, svd_method "dense", shares 0)
     relative_norm: float            # ||tau|| / ||theta_pre|| over the weights it holds
     mapping: str                    # how its names were mapped onto the base's
+    architecture: str = ""          # another head folded in (basis.allow_other_architectures): the architectures
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,12 +67,14 @@ class FoldRecord:
         kept = "dense state" if self.dense else (f"{self.new_kept_total} new components, "
                                                  f"energy kept {self.energy_kept:.1%}")
         scaled = f", calibrated down to {c:.3f}" if (c := self.calibration) is not None and c < 1 else ""
+        other = f", its head ignored ({self.architecture})" if self.architecture else ""
         return (f"folded {self.file} -> version {self.version}: {kept}{scaled}, |tau|/|base| "
-                f"{self.relative_norm:.3f}, {self.seconds:.1f} s")
+                f"{self.relative_norm:.3f}, {self.seconds:.1f} s{other}")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FoldRecord":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """A record as the ledger keeps it; a field added since (``architecture``) takes its default."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass
