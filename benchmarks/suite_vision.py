@@ -19,7 +19,7 @@ orders, on the source tasks folded so far; tables: benchmarks/results/suite-visi
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from axis_stream.experiments.suites.continual import run_continual
@@ -30,12 +30,16 @@ CONFIGS = [ROOT / "config" / f"suite-vision{part}.toml" for part in ("", "-fewsh
 RESULTS = ROOT / "benchmarks" / "results" / "suite-vision"
 
 if __name__ == "__main__":
-    if "--continual" in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--continual", action="store_true", help="the streaming peers' multi-task pass")
+    mode.add_argument("--start-scales", action="store_true", help="AXIS from its merged start vs scaled starts")
+    parser.add_argument("--tables-only", action="store_true", help="the tables from what has finished")
+    args = parser.parse_args()
+    if args.continual:
         print(run_continual(ROOT / "config" / "suite-vision-continual.toml", RESULTS / "continual-tables.md",
-                            tables_only="--tables-only" in sys.argv[1:]))
-        raise SystemExit(0)
-    if "--start-scales" in sys.argv[1:]:
+                            tables_only=args.tables_only))
+    elif args.start_scales:
         print("\n".join(start_scale_study(CONFIGS[0], ["digits", "textures"])))
-        raise SystemExit(0)
-    print(run_benchmark("vision", CONFIGS, RESULTS / "tables.md",
-                        tables_only="--tables-only" in sys.argv[1:]))
+    else:
+        print(run_benchmark("vision", CONFIGS, RESULTS / "tables.md", tables_only=args.tables_only))
