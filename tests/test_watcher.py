@@ -230,3 +230,18 @@ def test_the_start_up_backlog_arrives_oldest_first_before_a_file_renamed_in_afte
         assert arrivals.wait_for(4) == ["oldest.pt", "middle.pt", "newer.pt", "late.pt"]
     finally:
         w.stop()
+
+
+def test_the_watcher_accepts_exactly_the_suffixes_the_readers_read(tmp_path):
+    from axis_stream.errors import NotACheckpoint
+    from axis_stream.store import readers
+
+    for suffix in (*readers.CHECKPOINT_SUFFIXES, ".SafeTensors", ".npz", ".ckpt"):
+        path = tmp_path / f"model{suffix}"
+        path.write_bytes(b"not a checkpoint at all")
+        accepted = is_candidate(path, tmp_path)
+        assert accepted == (suffix.lower() in readers.CHECKPOINT_SUFFIXES)
+        try:
+            readers.open_source(path, trust_pickles=False).close()
+        except NotACheckpoint as exc:   # every accepted file reaches its reader; the others are refused by name
+            assert ("unsupported file type" in str(exc)) == (not accepted), exc

@@ -51,12 +51,11 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from axis_stream.service.foldworker import special_kind
-from axis_stream.store.readers import hf_folder_incomplete
+from axis_stream.store.readers import CHECKPOINT_SUFFIXES, hf_folder_incomplete
 from axis_stream.text import printable
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 IGNORED_FOLDER_SUFFIXES = (".partial", ".tmp")
 
 
@@ -64,7 +63,7 @@ def is_candidate(path: str | Path, folder: Path) -> bool:
     """True for a checkpoint name directly inside ``folder``: accepted suffix, not a dot-file."""
     path = Path(path)
     return (path.parent == folder and not path.name.startswith(".")
-            and path.name.lower().endswith(ACCEPTED_SUFFIXES))
+            and path.name.lower().endswith(CHECKPOINT_SUFFIXES))
 
 
 def is_folder_candidate(path: str | Path, folder: Path) -> bool:

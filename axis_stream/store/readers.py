@@ -18,7 +18,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+"""The file names ``open_source`` reads (the watcher accepts exactly these); a folder is a Hugging Face model."""
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model")
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _HASH_CHUNK = 4 * 2**20
@@ -45,6 +47,22 @@ daemon's systemd watchdog ping, which rate-limits itself)."""
 
 def _no_tick() -> None:
     pass
+
+
+class CheckpointReader(Protocol):
+    """What every reader ``open_source`` returns offers: tensors by name, each read on demand."""
+
+    def keys(self) -> list[str]:
+        """The tensor names, in the file's order."""
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def read(self, key: str) -> Tensor:
+        """One tensor, read now (validated against the header where the format has one)."""
+
+    def close(self) -> None: ...
 
 
 class SafetensorsFile:
@@ -385,7 +403,7 @@ def unnest_state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
     raise errors.NotACheckpoint(path, f"holds a {type(obj).__name__} without tensors, not a state dict")
 
 
-def open_source(path: Path, trust_pickles: bool, tick: Tick = _no_tick) -> Any:
+def open_source(path: Path, trust_pickles: bool, tick: Tick = _no_tick) -> CheckpointReader:
     """The reader for ``path`` chosen by its kind: a Hugging Face folder, safetensors or a torch file
     (``tick``: see ``Tick``; a torch file is mapped, its pages read when its tensors are checked)."""
     if path.is_dir():
@@ -402,7 +420,7 @@ def open_source(path: Path, trust_pickles: bool, tick: Tick = _no_tick) -> Any:
     if suffix in TORCH_SUFFIXES:
         return open_torch(path, trust_pickles)
     raise errors.NotACheckpoint(path, f"unsupported file type {suffix or '(none)'!r}; "
-                                      f"expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a model folder")
+                                      f"expected {', '.join(CHECKPOINT_SUFFIXES)} or a model folder")
 
 
 def checkpoint_sha256(path: str | Path, tick: Tick = _no_tick) -> str:
