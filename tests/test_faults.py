@@ -1,7 +1,8 @@
-"""Faults injected into a running daemon: kill -9 at random points of a stream and of a job, a full
-and a read-only state folder, the watched folder deleted and recreated, a checkpoint replaced while
-it is folded, and symlinks and hard links in the watched folder. ``benchmarks/faults.py`` runs the
-kill campaign at length (``kill_campaign`` here, with more kills)."""
+"""Faults injected into a running daemon: kill -9 at random points of a stream and of a job, and
+inside folds (at a matrix chosen at random, seen in ``status``), a full and a read-only state folder,
+the watched folder deleted and recreated, a checkpoint replaced while it is folded, and symlinks and
+hard links in the watched folder. ``benchmarks/faults.py`` runs the kill campaigns at length
+(``kill_campaign`` here, with more kills and, inside folds, a larger model whose folds take seconds)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from axis_stream.service.jobs.runner import JobRunner
 from axis_stream.service.metrics import Metrics
 from axis_stream.store import export, ingest, readers
 from axis_stream.store.basis import Basis
-from axis_stream.testing import finetuned_like
+from axis_stream.testing import finetuned_like, wait_until
 
 IDENTITY = {"name": "axis-tiny", "pretrained": ""}
 
@@ -81,11 +82,35 @@ def check_sources(cfg: config.Config, names: set[str]) -> list[str]:
     return ledger
 
 
+def kill_inside_a_fold(proc: subprocess.Popen, cfg: config.Config, rng: random.Random) -> tuple[str, int, int]:
+    """Kill -9 the daemon once the fold in progress has folded at least m of its N matrices (``status``'s
+    ``queue.progress``; m drawn from 1..N at the first fold seen); returns (file, matrices done, N)."""
+    wait_ready(proc, cfg)
+    chosen: list[int] = []
+
+    def reached() -> tuple[str, int, int] | None:
+        queue = api.request(cfg.paths.socket, "status")["queue"]
+        if not queue["progress"]:
+            return None
+        done, total = queue["progress"]
+        if not chosen:
+            chosen.append(rng.randint(1, total))
+        return (queue["current"], done, total) if done >= chosen[0] else None
+
+    seen = wait_until(reached, 300, "the fold in progress at the chosen matrix", interval=0.01, error=AssertionError,
+                      alive=lambda: f"daemon exited with {proc.returncode}" if proc.poll() is not None else None)
+    proc.kill()
+    proc.wait(30)
+    return seen
+
+
 def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: int, seed: int = 0,
-                  log=lambda line: None) -> dict[str, object]:
+                  log=lambda line: None, inside_folds: bool = False) -> dict[str, object]:
     """Start the daemon, kill -9 it at a random point, check, restart... ``kills`` times while it folds a
     stream and runs jobs; then fold the rest without kills and compare the basis with a kill-free fold of
-    the same files in the ledger's order, bit for bit. Returns the figures."""
+    the same files in the ledger's order, bit for bit. Returns the figures. ``inside_folds``: every kill
+    lands inside a fold (``kill_inside_a_fold``), and a fold killed before its last matrix must have
+    left its file in the folder and nothing in the ledger; ``interrupted`` counts those."""
     rng = random.Random(seed)
     cfg_path = write_config(root, base_cfg)
     cfg = config.load(cfg_path, env={})
@@ -93,7 +118,8 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
     staging.mkdir()
     cfg.paths.watch_dir.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
-    where = {"start-up": 0, "fold": 0, "after a fold": 0}
+    where = {"start-up": 0, "fold": 0, "after a fold": 0} if not inside_folds else {}
+    interrupted = 0
     next_seed, fold_s = 0, 0.5
 
     def top_up(n: int) -> None:
@@ -111,8 +137,11 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
         queue_job(cfg, rng)
         proc = start(cfg_path)
         try:
-            point = rng.choice(["start-up", "fold", "fold", "fold", "after a fold"])
-            if point == "start-up":
+            point = "inside" if inside_folds else rng.choice(["start-up", "fold", "fold", "fold", "after a fold"])
+            if point == "inside":
+                victim, done, total = kill_inside_a_fold(proc, cfg, rng)
+                point = f"matrix {done}/{total}"
+            elif point == "start-up":
                 time.sleep(rng.uniform(0, 6.0))          # a random instant of start-up (or just after)
             else:
                 wait_ready(proc, cfg)
@@ -127,11 +156,14 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
         finally:
             if proc.poll() is None:
                 proc.kill()
-        where[point] += 1
+        where[point] = where.get(point, 0) + 1
         last = [e for e in read_ledger(cfg) if e.get("seconds")]
         fold_s = float(last[-1]["seconds"]) if last else fold_s
         ledger = check_sources(cfg, names)
         check_jobs_true(cfg, daemon_alive=False)
+        if inside_folds and (victim not in ledger or done < total):    # before its last matrix: not durable
+            assert victim not in ledger and victim in files(cfg.paths.watch_dir), (point, victim, ledger)
+            interrupted += 1
         log(f"kill {k + 1}/{kills} at {point}: {len(ledger)} folded, {len(files(cfg.paths.watch_dir))} waiting")
     proc = start(cfg_path)                       # the end: no kill, everything folds, jobs end
     try:
@@ -160,13 +192,23 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
     daemon_basis, reference = Basis.open(cfg.paths.basis_dir), Basis.open(ref_dir)
     assert [r.sha256 for r in daemon_basis.ledger()] == [r.sha256 for r in reference.ledger()]
     assert snapshot_equal(daemon_basis.load(), reference.load())          # bit for bit
-    return {"kills": kills, "where": where, "sources": len(names), "jobs": jobs, "seconds": campaign_s}
+    return {"kills": kills, "where": where, "interrupted": interrupted, "sources": len(names), "jobs": jobs,
+            "seconds": campaign_s, "fold_s": fold_s}
 
 
 def test_kill_9_at_random_points_loses_nothing_folds_nothing_twice_and_jobs_stay_true(tiny_base, tmp_path):
     base_cfg, base = tiny_base
     figures = kill_campaign(tmp_path, base_cfg, base, kills=2, seed=7)
     assert figures["sources"] >= 3 and sum(figures["jobs"].values()) == 2
+
+
+def test_kill_9_inside_folds_loses_nothing_and_folds_nothing_twice(tiny_base, tmp_path):
+    """Each kill lands while a fold is in progress (at a matrix drawn at random, seen in ``status``):
+    the killed fold leaves its file in the folder and nothing in the ledger; every file folds once."""
+    base_cfg, base = tiny_base
+    figures = kill_campaign(tmp_path, base_cfg, base, kills=2, seed=3, inside_folds=True)
+    assert sum(figures["where"].values()) == 2 and all(p.startswith("matrix ") for p in figures["where"])
+    assert figures["interrupted"] >= 1 and figures["sources"] >= 5
 
 
 # -- a full and a read-only state folder ------------------------------------------------------------

@@ -260,7 +260,8 @@ class Daemon:
                 "observer": self.watcher.observer_name if self.watcher else None,
                 "basis": {"version": version, "sources": sources, "bytes": nbytes,
                           "versions": self.worker.basis.versions() if self.worker and self.worker.basis else []},
-                "queue": {"depth": len(self.queue), "current": self.current},
+                "queue": {"depth": len(self.queue), "current": self.current,   # progress: [matrices folded, of]
+                          "progress": self.worker.fold_progress if self.worker else None},
                 "waiting": self.waiting(),
                 "folds": dict(self.counts),
                 "last": asdict(self.last) if self.last else None,

@@ -83,6 +83,7 @@ class FoldWorker:
         self._progress = progress
         self.wait_incomplete, self.clock = wait_incomplete, clock
         self._short: dict[Path, tuple[float, readers.Identity | None]] = {}   # first seen short, as it was
+        self.fold_progress: tuple[int, int] | None = None      # (matrices folded, of) while a fold runs
         self.basis: Basis | None = None
         if (self.paths.basis_dir / CURRENT).exists():
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
@@ -175,8 +176,16 @@ class FoldWorker:
     def _fold(self, path: Path) -> FoldRecord:
         if self.basis is None:
             self.basis = Basis.create(self.paths.basis_dir, self.base_state, self.config.basis, self.identity)
-        return self.basis.fold_checkpoint(path, progress=lambda *a, **k: self._progress(), tick=self._progress,
-                                          workers=self.fold_workers, memory_budget=self.memory_budget)
+
+        def matrix_done(done: int, total: int) -> None:
+            self.fold_progress = (done, total)
+            self._progress()
+
+        try:
+            return self.basis.fold_checkpoint(path, progress=matrix_done, tick=self._progress,
+                                              workers=self.fold_workers, memory_budget=self.memory_budget)
+        finally:
+            self.fold_progress = None
 
     def _folded_before_restart(self, path: Path) -> bool:
         """Decided with the ledger: the same bytes under the same name are already folded."""
