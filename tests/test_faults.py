@@ -83,9 +83,11 @@ def check_sources(cfg: config.Config, names: set[str]) -> list[str]:
 
 
 def kill_inside_a_fold(proc: subprocess.Popen, cfg: config.Config, rng: random.Random) -> tuple[str, int, int]:
-    """Kill -9 the daemon once the fold in progress has folded at least m of its N matrices (``status``'s
-    ``queue.progress``; m drawn from 1..N at the first fold seen); returns (file, matrices done, N)."""
+    """After 0-2 folds were let finish, kill -9 the daemon once the fold in progress has folded at least m
+    of its N matrices (``status``'s ``queue.progress``; m drawn from 1..N); returns (file, matrices done, N)."""
     wait_ready(proc, cfg)
+    target = len(read_ledger(cfg)) + rng.randint(0, 2)
+    wait_for(lambda: len(read_ledger(cfg)) >= target, 300, "folds before the kill", proc)
     chosen: list[int] = []
 
     def reached() -> tuple[str, int, int] | None:
