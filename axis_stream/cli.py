@@ -212,35 +212,44 @@ class _StageProgress:
 @click.option("--merged", is_flag=True, help="Instead: the merged model of Stage 1 (base + basis + averaged "
                                              "parameters); a Hugging Face folder for a transformers base.")
 @click.option("--version", "basis_version", type=int, help="With --merged: the basis version (default: current).")
+@click.option("--adapter", is_flag=True, help="A PEFT LoRA adapter folder of the base instead of the full model "
+                                              "(a Hugging Face base; needs the hf extra).")
 @click.option("--out", required=True, type=click.Path(),
-              help="Output: a .safetensors file, or a new folder for --merged on a transformers base.")
-def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_version: int | None, out: str) -> None:
-    """Write an adapt job's full adapted weights as an open_clip state dict (safetensors), or with
-    --merged the basis's merged model."""
+              help="Output: a .safetensors file (open_clip), or a new folder (a transformers base, --adapter).")
+def export_cmd(config_path: str | None, job_id: str | None, merged: bool, basis_version: int | None,
+               adapter: bool, out: str) -> None:
+    """Write an adapt job's full adapted weights (an open_clip state dict in safetensors, or a Hugging Face
+    folder), or with --merged the basis's merged model; with --adapter either as a LoRA adapter. A model
+    card (README.md) goes with every export."""
 
     from axis_stream import config
 
     if merged == bool(job_id):
         raise click.UsageError("give either --job ID or --merged")
     cfg = config.load(config_path)
-    if merged:
-        from axis_stream.store.export import export_merged
 
-        path = export_merged(cfg, Path(out), basis_version)
-        loader = (f"transformers' from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
-                  else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
-        which = "the current basis version" if basis_version is None else f"basis version {basis_version}"
-        click.echo(f"wrote {path}: the merged model of {which}; {loader} loads it")
+    def say(line: str) -> None:  # what the export is doing, as it goes
+        click.echo(f"  {line}")
+
+    if merged:
+        from axis_stream.store.export import export_merged, load_line
+
+        path, version = export_merged(cfg, Path(out), basis_version, adapter=adapter, say=say)
+        what = "a LoRA adapter of" if adapter else "the merged model of"
+        click.echo(f"wrote {path}: {what} basis version {version}; load it in Python with:\n"
+                   f"  {load_line(cfg.base, path, adapter)}")
         return
     from axis_stream.adapt.export import export_job
     from axis_stream.adapt.files import HEAD_FILE
+    from axis_stream.store.export import load_line
 
     if Path(job_id).name != job_id or job_id in ("", ".", ".."):
         raise click.BadParameter(f"{job_id!r} is not a job id", param_hint="--job")
-    path = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg)
-    loader = (f"CLIPModel.from_pretrained({str(path)!r})" if cfg.base.kind == "transformers"
-              else f"open_clip.create_model({cfg.base.model!r}, pretrained={str(path)!r})")
-    click.echo(f"wrote {path}: {loader} loads it; the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
+    path, version = export_job(cfg.paths.jobs_dir / job_id, Path(out), cfg, adapter=adapter, say=say)
+    what = "a LoRA adapter of" if adapter else "the adapted model of"
+    click.echo(f"wrote {path}: {what} job {job_id} (basis version {version}); load it in Python with:\n"
+               f"  {load_line(cfg.base, path, adapter)}\n"
+               f"the job's zero-shot head is {cfg.paths.jobs_dir / job_id / HEAD_FILE}")
 
 
 def _guard(generator, *args):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -56,8 +58,24 @@ def test_adapt_local_then_export(setup, tmp_path):
     out = tmp_path / "adapted.safetensors"
     result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"wrote {out}" in result.output
+    assert f"wrote {out}: the adapted model of job {job_id} (basis version 1)" in result.output
+    assert "reading basis version 1" in result.output                    # says what it is doing
     open_clip.create_model("axis-tiny", pretrained=str(out))
+    run_printed(result.output, tmp_path)
+    card = (tmp_path / "adapted.README.md").read_text()
+    assert 'library_name: "open_clip"' in card and f'id: "{job_id}"' in card
+    again = tmp_path / "again.safetensors"
+    assert runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(again)]).exit_code == 0
+    assert again.read_bytes() == out.read_bytes() and (tmp_path / "again.README.md").read_text() == card
+
+
+def run_printed(output: str, cwd: Path) -> None:
+    """Run every Python line the CLI printed (indented, starting with ``import``) in a fresh interpreter."""
+    lines = [line.strip() for line in output.splitlines() if line.startswith("  import ")]
+    assert lines, output
+    for line in lines:
+        done = subprocess.run([sys.executable, "-c", line], cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
 
 
 def test_adapt_start_scale_reaches_the_model_and_the_report(setup):
@@ -140,7 +158,9 @@ def test_export_merged_on_an_open_clip_base_is_one_loadable_file(setup, tmp_path
     out = tmp_path / "merged.safetensors"
     result = CliRunner().invoke(cli.main, ["export", "--merged", "--config", str(cfg_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "merged model of the current basis version" in result.output
+    assert "the merged model of basis version 1" in result.output
+    run_printed(result.output, tmp_path)                # in a fresh Python: the model config registered first
+    assert "base_model: \"axis-tiny\"" in (tmp_path / "merged.README.md").read_text()
     cfg = config.load(cfg_path)
     merged = Basis.open(cfg.paths.basis_dir, load_file(cfg.base.pretrained)).materialize(with_base=True)
     model = open_clip.create_model(cfg.base.model, pretrained=str(out))

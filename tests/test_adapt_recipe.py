@@ -116,7 +116,9 @@ def test_a_crashed_job_resumes_after_its_last_epoch(tiny_base, snapshot, colours
 def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot, seed_runs, tmp_path):
     _, job_dir, _ = seed_runs[1]
     report, lambdas = read_job(job_dir)
-    out = write_adapted(models.create_base(tiny_base[0]), snapshot, report, lambdas, tmp_path / "model.safetensors")
+    out = write_adapted(models.create_base(tiny_base[0]), snapshot, report, lambdas, tmp_path / "model.safetensors",
+                        "the card\n")
+    assert (tmp_path / "model.README.md").read_text() == "the card\n"
     exported = open_clip.create_model("axis-tiny", pretrained=str(out))
     job_model = SVDAdapted(models.create_base(tiny_base[0]), snapshot.factors, snapshot.means, report["n_fraction"],
                            seed=report["seed"])
@@ -128,7 +130,7 @@ def test_export_loads_in_open_clip_with_the_jobs_predictions(tiny_base, snapshot
         got = logits(exported.encode_image(images), head)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     with pytest.raises(AdaptError, match="must end in .safetensors"):
-        write_adapted(models.create_base(tiny_base[0]), snapshot, report, lambdas, tmp_path / "model.pt")
+        write_adapted(models.create_base(tiny_base[0]), snapshot, report, lambdas, tmp_path / "model.pt", "")
 
 
 @pytest.mark.parametrize("params, error, message", [
@@ -181,7 +183,8 @@ def test_the_adapt_job_runs_against_a_basis_version_and_exports(tiny_base, make_
     result = run_adapt(quick(colours, epochs=1, n_fraction=0.1), ctx)
     assert result["basis_version"] == ctx.basis_version == basis.version - 1
     assert {"val_accuracy", "test_accuracy", "trainable_params", "peak_memory_bytes", "step_seconds"} <= set(result)
-    out = export_job(ctx.out_dir, tmp_path / "adapted.safetensors", cfg)
+    out, version = export_job(ctx.out_dir, tmp_path / "adapted.safetensors", cfg)
+    assert version == ctx.basis_version
     exported = open_clip.create_model("axis-tiny", pretrained=str(out))
     job_model = SVDAdapted(models.create_base(base_cfg), snap.factors, snap.means, 0.1, seed=0)
     job_model.load_lambdas(load_file(ctx.out_dir / "lambda.safetensors"))

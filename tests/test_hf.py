@@ -517,7 +517,8 @@ def test_export_merged_writes_a_folder_from_pretrained_loads(hf_bases, tmp_path,
         torch.testing.assert_close(loaded[name], expected, rtol=0, atol=0, msg=name)
     assert set(basis.manifest["matrices"]) < set(tau)            # the matrices and the averaged parameters
     # sharded when asked, and the same weights
-    sharded = export_merged(cfg, tmp_path / "merged-sharded", max_shard_bytes=20_000)
+    sharded, version = export_merged(cfg, tmp_path / "merged-sharded", max_shard_bytes=20_000)
+    assert version == basis.version and (sharded / "README.md").read_bytes() == (out / "README.md").read_bytes()
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     again = dict(readers.read_hf_base(sharded))
     assert all(torch.equal(again[n], t) for n, t in readers.read_hf_base(out).items())

@@ -187,8 +187,7 @@ class SVDAdapted(FunctionalModel):
         """Add the frozen rest of ``f`` into ``param``; return the trainable top-N part, at ``start_scale * s``."""
         shape = _matrix_shape(param)
         n = k_for(shape, self.n_fraction)
-        order = torch.sort(f.s, descending=True, stable=True).indices
-        U, s, V = (t.to(param.device, param.dtype) for t in (f.U[:, order], f.s[order], f.V[:, order]))
+        U, s, V = _descending(f, param)
         if f.rank > n:
             param.view(shape).add_((U[:, n:] * s[n:]) @ V[:, n:].mT)
         gen = completion_generator(self.seed, name)
@@ -243,12 +242,30 @@ class SVDAdapted(FunctionalModel):
                                      f"{sp.lam.numel()}; was it trained with another n_fraction?")
                 sp.lam.copy_(v)
 
+    def delta_factors(self, factors: Mapping[str, Factors]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Per matrix its whole change over the base as ``(U, sigma, V)``, ``U diag(sigma) V^T``: the trained
+        top-N and the frozen rest of ``factors`` (the ones this model was built from); rank max(N, K)."""
+        out = {}
+        with torch.no_grad():
+            for name, sp in zip(self.names, self.spectra):
+                U, s, V = _descending(factors[name], sp.U)
+                n = sp.lam.numel()
+                out[name] = (torch.cat([sp.U, U[:, n:]], 1), torch.cat([sp.lam.detach(), s[n:]]),
+                             torch.cat([sp.V, V[:, n:]], 1))
+        return out
+
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The full adapted weights in the base module's own state-dict layout (detached copies)."""
         with torch.no_grad():
             weights = self.weights()
             return {name: (weights[name] if name in weights else t).detach().clone().contiguous()
                     for name, t in self.base.state_dict().items()}
+
+
+def _descending(f: Factors, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``f``'s U, s, V in descending order of s, on ``like``'s device and dtype."""
+    order = torch.sort(f.s, descending=True, stable=True).indices
+    return tuple(t.to(like.device, like.dtype) for t in (f.U[:, order], f.s[order], f.V[:, order]))
 
 
 def _matrix_shape(t: Tensor) -> tuple[int, int]:
