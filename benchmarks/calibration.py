@@ -10,16 +10,25 @@ orders ± their standard deviation, multi-task accuracy and backward transfer.
     python benchmarks/calibration.py                      # text suite, orders 0 1 2
     python benchmarks/calibration.py --suite vision --orders 0 1 2
     python benchmarks/calibration.py --tables-only
+    python benchmarks/calibration.py --suite vision --variants --rules spectral-x0.5 spectral-sqrt-cap
+
+``--variants`` adds rules that exist only for this study (not the product's): the spectral factor
+times a constant (``spectral-x0.7``, ``-x0.5``, ``-x0.35``), and capped at 1/sqrt(t) after t sources
+(``spectral-sqrt-cap``: a merged matrix no farther from the base than one source if the sources were
+orthogonal).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 from pathlib import Path
 
+from axis_stream import config
 from axis_stream.config import CALIBRATIONS
+from axis_stream.core import calibration
 from axis_stream.experiments.evaluate import multitask
 from axis_stream.experiments.evaluate.experiment import load_experiment
 from axis_stream.experiments.evaluate.plan import order_variants
@@ -31,6 +40,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"text": ROOT / "config" / "suite-text-continual.toml",
            "vision": ROOT / "config" / "suite-vision-continual.toml"}
 PEERS = ("opcm",)
+
+
+def spectral(stats: calibration.SourceStats, count: int, s) -> float:
+    return stats.sigma_max / float(s.double().max())
+
+
+VARIANTS = {**{f"spectral-x{g}": (lambda g: lambda st, n, s: g * spectral(st, n, s))(g) for g in (0.7, 0.5, 0.35)},
+            "spectral-sqrt-cap": lambda st, n, s: min(spectral(st, n, s), 1 / math.sqrt(n))}
+
+
+def add_variants() -> None:
+    """Register the study's extra rules beside the product's (this process only)."""
+    for name, rule in VARIANTS.items():
+        calibration.CALIBRATIONS.add(name, rule)
+    config.CALIBRATIONS = (*config.CALIBRATIONS, *VARIANTS)
 
 
 def run(suite: str, orders: list[int], rules: list[str], tables_only: bool) -> list[str]:
@@ -89,7 +113,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(CONFIGS), default="text")
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rules", nargs="+", choices=CALIBRATIONS, default=list(CALIBRATIONS))
+    parser.add_argument("--rules", nargs="+", choices=(*CALIBRATIONS, *VARIANTS), default=list(CALIBRATIONS))
+    parser.add_argument("--variants", action="store_true", help="add the study's extra rules (see above)")
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
+    if args.variants:
+        add_variants()
     print("\n".join(run(args.suite, args.orders, args.rules, args.tables_only)))
