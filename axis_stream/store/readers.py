@@ -50,7 +50,10 @@ def _no_tick() -> None:
 
 
 class CheckpointReader(Protocol):
-    """What every reader ``open_source`` returns offers: tensors by name, each read on demand."""
+    """What every reader ``open_source`` returns offers: tensors by name, each read on demand, and the
+    file's string metadata (safetensors' ``__metadata__``; empty for other formats)."""
+
+    metadata: dict[str, str]
 
     def keys(self) -> list[str]:
         """The tensor names, in the file's order."""
