@@ -161,6 +161,13 @@ def test_export_merged_on_an_open_clip_base_is_one_loadable_file(setup, tmp_path
     assert "the merged model of basis version 1" in result.output
     run_printed(result.output, tmp_path)                # in a fresh Python: the model config registered first
     assert "base_model: \"axis-tiny\"" in (tmp_path / "merged.README.md").read_text()
+    # the base read from its safetensors file, open_clip never imported (3 s of the export); the same bytes
+    fast = tmp_path / "fast.safetensors"
+    code = (f"import sys; from axis_stream import config; from axis_stream.store.export import export_merged; "
+            f"export_merged(config.load({str(cfg_path)!r}), {str(fast)!r}); assert 'open_clip' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert fast.read_bytes() == out.read_bytes()
     cfg = config.load(cfg_path)
     merged = Basis.open(cfg.paths.basis_dir, load_file(cfg.base.pretrained)).materialize(with_base=True)
     model = open_clip.create_model(cfg.base.model, pretrained=str(out))
