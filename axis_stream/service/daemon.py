@@ -39,6 +39,7 @@ from axis_stream.service.jobs.runner import JobRunner
 from axis_stream.service.metrics import Metrics, MetricsServer, start_scale_of
 from axis_stream.service.watcher import Watcher
 from axis_stream.store.models import load_base
+from axis_stream.store.rollback import rollback
 from axis_stream.store.statelock import StateLock, lock_state
 from axis_stream.text import printable
 
@@ -285,7 +286,23 @@ class Daemon:
             records = basis.ledger(offset=int(args.get("offset", 0)), limit=args.get("limit"))
             return {"version": basis.version, "count": basis.count, "ledger": [r.to_json() for r in records]}
 
-        return {"status": lambda args: self.status(), "basis.history": basis_history}
+        def basis_rollback(args: dict[str, Any]) -> dict[str, Any]:
+            """Under the basis lock, as a fold: a fold in progress finishes first (the lock waits for it)."""
+            version = api.arg(args, "version", int)
+            if self.worker is None or self.worker.basis is None:
+                raise errors.BasisError(f"{self.config.paths.basis_dir}: no basis yet (nothing folded): "
+                                        "nothing to roll back")
+            report = rollback(self.worker.basis, version)
+            if report["version"] == report["previous"]:
+                return report
+            self.metrics.basis_state(*self.worker.basis_stats())
+            log.info("basis rollback: version %d holds version %d's basis; %d source(s) left the ledger%s",
+                     report["version"], version, len(report["removed"]),
+                     "".join(f", {printable(r['file'])}" for r in report["removed"][:20]))
+            return report
+
+        return {"status": lambda args: self.status(), "basis.history": basis_history,
+                "basis.rollback": basis_rollback}
 
 
 def target_label(target: str) -> str:
