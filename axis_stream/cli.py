@@ -85,24 +85,12 @@ def _call(socket_path, op: str, hint: str = "start `axis-stream serve`", **args)
 
 @main.command()
 @_CONFIG_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON reply (times as Unix seconds).")
 def status(config_path: str | None, as_json: bool) -> None:
     """Show the running daemon's status."""
 
     reply = _call(_socket(config_path), "status")
-    click.echo(json.dumps(reply, indent=2) if as_json else "\n".join(map(printable, _mapping_lines(reply))))
-
-
-def _mapping_lines(value, indent: str = "") -> list[str]:
-    """Nested dicts as indented "key: value" lines."""
-    lines = []
-    for key, item in value.items():
-        if isinstance(item, dict):
-            lines.append(f"{indent}{key}:")
-            lines.extend(_mapping_lines(item, indent + "  "))
-        else:
-            lines.append(f"{indent}{key}: {item}")
-    return lines
+    click.echo(json.dumps(reply, indent=2) if as_json else "\n".join(render.status_lines(reply)))
 
 
 @main.command()
@@ -135,6 +123,8 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, start_
 
     from axis_stream.service.jobs.client import watch_job
 
+    if target.startswith("imagefolder:"):    # the daemon runs elsewhere: a path relative to here means nothing there
+        target = "imagefolder:" + str(Path(target.split(":", 1)[1]).expanduser().resolve())
     given = {"target": target, "n_fraction": n_fraction, "start_scale": start_scale, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
              "weight_decay": weight_decay, "device": device, "max_train_samples": max_train_samples,
@@ -157,7 +147,7 @@ def adapt(config_path: str | None, target: str, n_fraction: float | None, start_
         click.echo(f"\nstopped waiting; job {record['id']} keeps running (`axis-stream jobs cancel {record['id']}` "
                    "stops it)", err=True)
         raise SystemExit(130) from None
-    click.echo("\n".join(render.describe(record)))
+    click.echo("\n".join(render.final_lines(record)))
     if record["state"] != "succeeded":
         raise SystemExit(1)
 
@@ -430,12 +420,25 @@ def basis_history(limit: int, offset: int | None, config_path: str | None, basis
 @click.argument("version", type=int)
 @_basis_options
 def basis_rollback(version: int, config_path: str | None, basis_dir: str | None) -> None:
-    """Make VERSION's basis current again (written as a new version)."""
+    """Make VERSION's basis current again (written as a new version) and say which sources left the
+    ledger; done by the daemon through its control socket while it runs, else here."""
+    from axis_stream import config
+    from axis_stream.service import api
 
-    with _lock_basis_state(config_path, basis_dir, "basis rollback", hint="stop the daemon first"):
-        target = _open_basis(config_path, basis_dir)
-        new = target.rollback(version)
-    click.echo(f"version {new} now holds version {version}'s basis ({target.manifest['count']} sources)")
+    cfg, report = config.load(config_path), None
+    if basis_dir is None or Path(basis_dir).resolve() == cfg.paths.basis_dir.resolve():
+        try:   # the daemon waits for a fold in progress first: allow for a long one
+            report = api.request(cfg.paths.socket, "basis.rollback", timeout=3600.0, version=version)
+        except api.DaemonNotRunning:
+            pass
+    if report is None:
+        from axis_stream.store.rollback import rollback
+
+        with _lock_basis_state(config_path, basis_dir, "basis rollback",
+                               hint="stop it first, or give the daemon's --config: it rolls back through its "
+                                    "control socket"):
+            report = rollback(_open_basis(config_path, basis_dir), version)
+    click.echo("\n".join(render.rollback_lines(report)))
 
 
 @main.command()

@@ -1,7 +1,8 @@
 """What the CLI prints: jobs, basis versions and Stage 2 reports as lines of text.
 
 Rendering lives here, apart from the domain modules, so that a record's shape and its display can
-change separately; every function takes plain data (dicts, a ``Basis``) and returns lines.
+change separately; every function takes plain data (dicts, a ``Basis``) and returns lines. It imports
+nothing heavy at module level (no torch), so that ``status`` and the job commands start at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
-from axis_stream.core.strategies import FOLD_STRATEGIES
 from axis_stream.text import printable
 
 if TYPE_CHECKING:
@@ -60,14 +60,50 @@ def describe(record: dict[str, Any]) -> list[str]:
         lines.append(f"progress: {progress_line(record['progress'])}")
     if record["error"]:
         lines.append(f"error: {record['error']}")
-    if record["result"] is not None:
+    result = record["result"]
+    if result is not None:
         lines.append("result:")
-        lines.extend(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}"
-                     for k, v in record["result"].items() if k != "start")
-        if record["result"].get("start"):
-            lines.append(f"  {start_line(record['result']['start'])}")
+        if _REPORT_KEYS <= result.keys():     # a Stage 2 report: as ``adapt --local`` prints it
+            lines.extend(f"  {line}" for line in adapt_summary_lines(
+                dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent))))
+        else:
+            lines.extend(f"  {k}: {_value(v)}" for k, v in result.items() if k != "start")
+            if result.get("start"):
+                lines.append(f"  {start_line(result['start'])}")
     lines.append(f"log: {record['log_path']}")
     return lines
+
+
+def final_lines(record: dict[str, Any]) -> list[str]:
+    """How ``adapt --wait`` ends: the outcome in one line, a Stage 2 report as ``adapt --local`` prints it,
+    and where the log is."""
+    took = f" in {_duration(record)}" if record["started_at"] else ""
+    lines = [f"job {record['id']} {record['state']}{took}" + (f": {record['error']}" if record["error"] else "")]
+    result = record["result"]
+    if result is not None and _REPORT_KEYS <= result.keys():
+        lines += adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)))
+    elif result is not None:
+        lines.append("result: " + ", ".join(f"{k} {_value(v)}" for k, v in result.items()))
+    lines.append(f"log: {record['log_path']}")
+    return lines
+
+
+_REPORT_KEYS = {"target_name", "num_classes", "sizes", "trainable_params", "n_fraction", "val_accuracy",
+                "initial_val_accuracy", "best_epoch", "test_accuracy", "initial_test_accuracy",
+                "peak_memory_bytes", "peak_memory_kind", "device", "seconds", "basis_version"}
+
+
+def _value(value: Any) -> str:
+    """A result's value for a "key: value" line: numbers short, a mapping as ``k=v, ...``, never a repr."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_value(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        if all(isinstance(v, (str, int, float)) for v in value):
+            return ", ".join(map(_value, value)) or "-"
+        return f"{len(value)} entries (--json shows them)"
+    return "-" if value is None else str(value)
 
 
 def table(records: list[dict[str, Any]]) -> list[str]:
@@ -94,6 +130,65 @@ def _when(stamp: float | None) -> str:
 def _duration(record: dict[str, Any]) -> str:
     seconds = int((record["finished_at"] or time.time()) - record["started_at"])
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --- the daemon ---
+
+def status_lines(status: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """``axis-stream status``: the daemon's state as aligned "field  value" lines, in human units; keys
+    this version does not know yet come last as they are."""
+    now = time.time() if now is None else now
+    s = dict(status)
+    state = "stopping" if s.pop("stopping", False) else ("ready" if s.pop("ready", False) else "starting")
+    basis, queue, folds = s.pop("basis", {}), s.pop("queue", {}), s.pop("folds", {})
+    started, last, waiting = s.pop("started_at", None), s.pop("last", None), s.pop("waiting", {})
+    s.pop("uptime_s", None)
+    rows = [("daemon", f"axis-stream {s.pop('version', '?')}, pid {s.pop('pid', '?')}: {state}"),
+            ("started", "-" if started is None else f"{_when(started)} (up {human_seconds(now - started)})"),
+            ("watching", f"{s.pop('watch_dir', '-')} ({s.pop('observer', None) or 'no observer yet'})")]
+    if basis.get("version"):
+        rows.append(("basis", f"v{basis['version']}: {plural(basis.get('sources', 0), 'source')}, "
+                              f"{human_bytes(basis.get('bytes', 0))}; on disk "
+                              + ", ".join(f"v{v}" for v in basis.get("versions", []))))
+    else:
+        rows.append(("basis", "none yet (created at the first fold)"))
+    current = queue.get("current")
+    rows.append(("queue", f"{plural(queue.get('depth', 0), 'file')} waiting their turn; "
+                          + (f"folding {current}" if current else "idle")))
+    rows.append(("folds", ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in folds.items() if n)
+                 or "none since the start"))
+    if last:
+        rows.append(("last", f"{last['result'].replace('_', ' ')} {last['file']}: {last['message']}"
+                             + (f" [{last['reason']}]" if last.get("reason") else "")))
+    error = s.pop("last_error", None)
+    rows.append(("last error", error or "none"))
+    for name, entry in sorted(waiting.items()):
+        rows.append(("waiting", f"{name}: {entry['cause']} (unchanged {human_seconds(entry['seconds'])})"))
+    rows.extend((key.replace("_", " "), "-" if value is None else str(value)) for key, value in s.items())
+    width = max(len(key) for key, _ in rows)
+    return [printable(f"{key:<{width}}  {value}") for key, value in rows]
+
+
+def human_seconds(seconds: float) -> str:
+    """``0.4 s``, ``42 s``, ``3 min 12 s``, ``2 h 05 min``, ``3 d 4 h``."""
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f} s"
+    total = int(seconds)
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60} s"
+    if total < 86400:
+        return f"{total // 3600} h {total // 60 % 60:02d} min"
+    return f"{total // 86400} d {total // 3600 % 24} h"
+
+
+def human_bytes(n: float) -> str:
+    """``512 B``, ``121.2 KiB``, ``3.4 GiB``."""
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 # --- Stage 2 reports ---
@@ -141,6 +236,8 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
     """``axis-stream basis show``: the fold strategy and its state size; per matrix its rank, K, state
     bytes, energy kept and the sources' shares; the sources with the largest shares overall; disk use
     per version on disk."""
+    from axis_stream.core.strategies import FOLD_STRATEGIES  # torch: only the basis commands need it
+
     man = basis.manifest_of(version)
     ident = man["identity"]
     records, shares = basis.shares(man["version"])
@@ -151,9 +248,9 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
     what = "a dense float32 tensor" if strategy.dense else "U, s, V of rank <= k (float32)"
     lines = [f"basis {basis.directory} version {man['version']} (on disk: "
              f"{', '.join(map(str, basis.versions()))}; keep_versions {basis.settings.keep_versions}), "
-             f"{man['count']} sources",
-             f"base {ident['name']}/{ident['pretrained']} sha256 {ident['sha256'][:16]}; k: "
-             + ", ".join(f"{k}={man['settings'][k]}" for k in ("k_mode", "k_fraction", "k_count")),
+             f"{plural(man['count'], 'source')}",
+             f"base {ident['name']} (weights {ident['pretrained'] or 'random init'}, sha256 {ident['sha256'][:16]}); "
+             + k_rule(man["settings"], [info["k"] for info in man["matrices"].values()]),
              f"strategy {strategy.name}" + (f" ({params})" if params else "") + f": state per matrix {what}, "
              f"{sum(sizes.values()) / 2**20:.2f} MiB at most for the {len(sizes)} matrices"]
     calib = basis.calibration_summary(man["version"])
@@ -162,6 +259,9 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
                  f"{calib['max']:.3g} (median {calib['median']:.3g}; 1 = as summed"
                  + (f"; {unknown} matrices folded before calibration existed keep 1" if unknown else "") + ")")
     width = max(len(n) for n in man["matrices"])
+    if not strategy.dense:
+        lines.append("energy: the matrix's kept energy (sum of s^2) over the sum of its sources' own energies; "
+                     "above 100% where the sources' task matrices add up in the same directions")
     lines.append(f"{'matrix':<{width}}  {'shape':>11}  {'k':>4}  {'rank':>4}  {'max state':>10}  {'energy':>7}  "
                  f"{'calib':>6}  top sources")
     totals = [0.0] * len(records)
@@ -188,6 +288,36 @@ def basis_summary_lines(basis: Basis, version: int | None = None, top_sources: i
     for v, (total, own) in basis.disk_use().items():
         lines.append(f"  v{v:<6} {total / 2**20:>9.2f} MiB, own {own / 2**20:>9.2f} MiB, "
                      f"shared {(total - own) / 2**20:>9.2f} MiB")
+    return lines
+
+
+def k_rule(settings: Mapping[str, Any], ks: list[int]) -> str:
+    """How K, the rank kept per matrix, is chosen (``[basis] k_mode``), and the K the matrices have now."""
+    mode = settings["k_mode"]
+    rule = {"fraction": f"floor({settings['k_fraction']:g} * min(m, n)), at least 1",
+            "count": f"{settings['k_count']} (at most min(m, n))",
+            "gavish-donoho": "the Gavish-Donoho rank of each fold, at least the current rank"}.get(mode, mode)
+    now = "" if not ks else f"; now {min(ks)}" + ("" if min(ks) == max(ks) else f" .. {max(ks)}")
+    return f"K per matrix (k_mode {mode}): {rule}{now}"
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 source``, ``3 sources``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def rollback_lines(report: Mapping[str, Any]) -> list[str]:
+    """``axis-stream basis rollback``: the new version, and the sources that left the ledger (they may be
+    folded again) or came back into it (``store.rollback.rollback``'s report)."""
+    if report["version"] == report["previous"]:
+        return [f"version {report['version']} is current already; nothing changed"]
+    lines = [f"version {report['version']} now holds version {report['restored']}'s basis "
+             f"({plural(report['count'], 'source')}; version {report['previous']} was current)"]
+    for key, what in (("removed", "left the ledger and may be folded again"),
+                      ("returned", "came back into the ledger")):
+        if report[key]:
+            lines.append(f"{plural(len(report[key]), 'source')} {what}:")
+            lines += [printable(f"  v{r['version']:<5} {r['file']}  sha256 {r['sha256'][:12]}") for r in report[key]]
     return lines
 
 

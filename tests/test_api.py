@@ -15,7 +15,7 @@ from axis_stream import cli
 from axis_stream.errors import AxisError
 from axis_stream.service import api
 from axis_stream.service.jobs.control import handlers
-from axis_stream.service.jobs.kinds import adapt_params
+from axis_stream.service.jobs.kinds import adapt_request
 from axis_stream.service.jobs.runner import JobRunner
 
 
@@ -127,7 +127,7 @@ def daemon(tmp_path, monkeypatch):
     real_adapt = ops["adapt"]
 
     def adapt(args):
-        adapt_params(args, cfg)               # same checks as the real op
+        adapt_request(args, cfg)              # same checks as the real op
         return runner.get(runner.submit("selftest", {"steps": 3, "seed": args.get("seed", 0)})).to_dict()
 
     srv = api.ControlServer(cfg.paths.socket, {**ops, "adapt": adapt, "adapt.real": real_adapt})
@@ -140,14 +140,14 @@ def daemon(tmp_path, monkeypatch):
 
 def test_job_ops_over_the_socket(daemon):
     runner, sock = daemon
-    record = api.request(sock, "adapt.real", target="flowers102", epochs=2)
+    record = api.request(sock, "adapt.real", target="flowers102", epochs=2, data_root=str(sock.parent))
     assert (record["kind"], record["state"], record["params"]["epochs"]) == ("adapt", "queued", 2)
     with pytest.raises(AxisError, match="unknown adapt parameter.* epoch;"):
         api.request(sock, "adapt.real", target="flowers102", epoch=2)
     with pytest.raises(AxisError, match=r"adapt.epochs: must be >= 1, got 0"):
         api.request(sock, "adapt.real", target="flowers102", epochs=0)
 
-    job_id = api.request(sock, "adapt", target="x")["id"]
+    job_id = api.request(sock, "adapt", target="flowers102", data_root=str(sock.parent))["id"]
     final(runner, job_id)
     shown = api.request(sock, "jobs.show", id=job_id)
     assert shown["state"] == "succeeded" and shown["result"]["steps"] == 3
@@ -167,11 +167,14 @@ def test_job_ops_over_the_socket(daemon):
 def test_cli_talks_to_the_daemon(daemon):
     runner, sock = daemon
     cli_runner = CliRunner()
-    result = cli_runner.invoke(cli.main, ["adapt", "--target", "flowers102", "--seed", "2", "--wait"])
+    result = cli_runner.invoke(cli.main, ["adapt", "--target", "flowers102", "--seed", "2", "--wait",
+                                          "--data-root", str(sock.parent)])
     assert result.exit_code == 0, result.output
     job_id = result.output.split()[2].rstrip(":")
     assert result.output.startswith(f"queued job {job_id}: adapt flowers102")
-    assert "state: succeeded" in result.output and "result:" in result.output
+    end = result.output.splitlines()[-3:]        # how --wait ends: the outcome, the result, the log; no dicts
+    assert end[0].startswith(f"job {job_id} succeeded in 0:00:") and end[1].startswith("result: w ") and "steps 3" in end[1]
+    assert end[2] == f"log: {runner.get(job_id).log_path}" and "{" not in result.output
 
     listed = cli_runner.invoke(cli.main, ["jobs", "list"])
     assert listed.exit_code == 0 and listed.output.splitlines()[1].split()[:3] == [job_id, "succeeded", "selftest"]

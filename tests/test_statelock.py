@@ -78,7 +78,7 @@ def test_fold_rollback_and_adapt_local_refuse_while_another_process_holds_the_st
                               "at a time writes a state folder: drop the files into the daemon's watched folder "
                               "instead\n")
         res = runner.invoke(cli.main, ["basis", "rollback", "1", "--basis", str(cfg.paths.basis_dir)])
-        assert res.exit_code == 1 and f"(pid {pid})" in res.output and "stop the daemon first" in res.output
+        assert res.exit_code == 1 and f"(pid {pid})" in res.output and "stop it first" in res.output
         res = runner.invoke(cli.main, ["adapt", "--local", "--config", str(cfg_path), "--target", "flowers102"])
         assert res.exit_code == 1 and f"(pid {pid})" in res.output and "rerun without --local" in res.output
         assert not cfg.paths.jobs_dir.exists()

@@ -123,13 +123,19 @@ class Target:
                                   f"{self.root}; nothing is downloaded") from None
 
 
-def _image_folder(path: Path, split: str, key: str, layout: str) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
+def _split_folder(path: Path, split: str, key: str, layout: str) -> Path:
+    """``path/split`` of an image-folder dataset; ``DatasetNotFound`` saying the layout when it is missing."""
     folder = path / split
     if not folder.is_dir():
         raise DatasetNotFound(f"{key}: no folder {folder}; expected {layout} (one sub-folder of images "
                               f"per class); nothing is downloaded")
+    return folder
+
+
+def _image_folder(path: Path, split: str, key: str, layout: str) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_folder(path, split, key, layout)
     try:
         return ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as exc:
@@ -166,13 +172,19 @@ def resolve_target(name: str, data_root: Path | None, classnames: Sequence[str] 
     if key not in READERS:
         raise AdaptError(f"unknown target {name!r}: use imagefolder:PATH or one of {', '.join(sorted(READERS))}")
     if data_root is None:
-        raise AdaptError(f"{key}: no data root: pass --data-root or set paths.data_root in the config")
+        raise DatasetNotFound(f"{key}: no data root: pass --data-root or set paths.data_root in the config")
+    root, reader = Path(data_root).expanduser(), READERS[key]
+    if not root.is_dir():
+        raise DatasetNotFound(f"{key}: the data root {root} is not a folder; expected {reader.layout} under it "
+                              f"(--data-root or paths.data_root); nothing is downloaded")
+    for split in ("train", "test") if reader.cls is None else ():   # cheap for image folders; torchvision's at open
+        _split_folder(root / reader.folder, split, key, reader.layout)
     shipped = packaged_texts()[key]
     names, tpl = check_texts(classnames or shipped["classnames"], templates or shipped["templates"],
                              f"{key} classes/templates")
     if len(names) != len(shipped["classnames"]):
         raise AdaptError(f"{key}: {len(names)} class names given, the dataset has {len(shipped['classnames'])}")
-    return Target(key, shipped["name"], names, tpl, Path(data_root).expanduser(), READERS[key])
+    return Target(key, shipped["name"], names, tpl, root, reader)
 
 
 # --- splits and transforms ---

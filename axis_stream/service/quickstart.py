@@ -118,10 +118,8 @@ def as_batch(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
 
 def head_for(model: torch.nn.Module, task: Task) -> torch.Tensor:
     """The frozen CLIP zero-shot head of ``task`` from the model's text tower (as Stage 2 builds it)."""
-    import open_clip
-
-
-    return zero_shot_head(model, open_clip.get_tokenizer("axis-tiny"), task.classnames, ["a photo of {}."])
+    tokenizer = models.tokenizer_for(config.BaseConfig(model="axis-tiny"))
+    return zero_shot_head(model, tokenizer, task.classnames, ["a photo of {}."])
 
 
 def accuracy(model: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:

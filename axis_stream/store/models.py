@@ -8,11 +8,13 @@ weights, read with ``readers.read_hf_base`` (no ``transformers`` import); buildi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +75,45 @@ def create_base(cfg: BaseConfig, device: str | torch.device = "cpu") -> nn.Modul
 
     if cfg.model_config is not None:
         register_model_config(cfg.model_config)
-    return open_clip.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device)
+    with quiet_open_clip(random_init=not cfg.pretrained):
+        return open_clip.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device)
+
+
+class _OpenClipSteps(logging.Filter):
+    """Drops open_clip's step-by-step INFO records, and with ``random_init`` its warning that no weights
+    were loaded (the config asked for a random init: ``base.pretrained = ""``)."""
+
+    def __init__(self, random_init: bool):
+        super().__init__()
+        import open_clip
+
+        self.folder, self.random_init = str(Path(open_clip.__file__).parent), random_init
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.pathname.startswith(self.folder):
+            return True
+        return record.levelno >= logging.WARNING and not (
+            self.random_init and str(record.msg).startswith("No pretrained weights loaded"))
+
+
+@contextlib.contextmanager
+def quiet_open_clip(random_init: bool = False) -> Iterator[None]:
+    """Around one of our open_clip calls: its INFO lines (``Parsing model identifier ...``, logged on the
+    root logger) and a warning about what we asked for are dropped, while its other warnings still show.
+    Only the root logger's records from open_clip's files, only during the call; and since open_clip logs
+    through ``logging.info``, which configures a root logger without handlers (``basicConfig``), a
+    stand-in for Python's last-resort handler sits there meanwhile so that nothing is configured for good."""
+    root, steps = logging.getLogger(), _OpenClipSteps(random_init)
+    stand_in = logging.lastResort if not root.handlers and logging.lastResort is not None else None
+    root.addFilter(steps)
+    if stand_in is not None:
+        root.addHandler(stand_in)
+    try:
+        yield
+    finally:
+        root.removeFilter(steps)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -122,7 +162,8 @@ def tokenizer_for(cfg: BaseConfig) -> Callable[[list[str]], Tensor]:
     if cfg.kind != "transformers":
         import open_clip
 
-        return open_clip.get_tokenizer(cfg.model)
+        with quiet_open_clip():
+            return open_clip.get_tokenizer(cfg.model)
     import transformers
 
     folder = hf_model_dir(cfg)

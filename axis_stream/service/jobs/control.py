@@ -6,7 +6,7 @@ import logging
 from typing import Any, Callable
 
 from axis_stream.service.api import RequestError, arg
-from axis_stream.service.jobs.kinds import adapt_params
+from axis_stream.service.jobs.kinds import adapt_request
 from axis_stream.service.jobs.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ def handlers(runner: JobRunner) -> dict[str, Callable[[dict[str, Any]], dict[str
     """The control-API ops served by the job runner: adapt, jobs.list, jobs.show, jobs.cancel, jobs.logs."""
 
     def adapt(args: dict[str, Any]) -> dict[str, Any]:
-        return runner.get(runner.submit("adapt", adapt_params(args, runner.config))).to_dict()
+        return runner.get(runner.submit("adapt", adapt_request(args, runner.config))).to_dict()
 
     def jobs_list(args: dict[str, Any]) -> dict[str, Any]:
         limit = arg(args, "limit", int, 50)

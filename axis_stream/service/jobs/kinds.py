@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from axis_stream.adapt.data import resolve_target
 from axis_stream.adapt.recipe import Progress, adapt, job_settings
 from axis_stream.config import Config
 from axis_stream.store import models
@@ -53,7 +54,7 @@ def run_adapt(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 def run_local(params: dict[str, Any], cfg: Config, progress: Progress) -> dict[str, Any]:
     """``axis-stream adapt --local``: run the job in this process against the current basis version."""
-    job_settings(params, cfg)  # fail on bad parameters before anything is created
+    adapt_request(params, cfg)  # fail on bad parameters or a missing target before anything is created
     version = Basis.open(cfg.paths.basis_dir).version
     cfg.paths.jobs_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(tempfile.mkdtemp(prefix=f"local-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.paths.jobs_dir))
@@ -100,4 +101,14 @@ def adapt_params(args: dict[str, Any], config: Config) -> dict[str, Any]:
     not the job; settings not given come from the config's ``[adapt]`` section when the job runs."""
     params = {name: value for name, value in args.items() if value is not None}
     job_settings(params, config)
+    return params
+
+
+def adapt_request(args: dict[str, Any], config: Config) -> dict[str, Any]:
+    """``adapt_params``, and the target resolved with its data as the job will (a known name, an
+    image folder that exists, a data root that exists), so that a request naming no usable data fails
+    at once. (A trigger's jobs are checked when they run: their data may appear later.)"""
+    params = adapt_params(args, config)
+    job = job_settings(params, config)
+    resolve_target(job.target, job.data_root, job.classnames, job.templates)
     return params

@@ -14,6 +14,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from axis_stream.config import Config
 from axis_stream.errors import AxisError
 from axis_stream.service.api import one_line
@@ -23,10 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def _child_main(spec: str, params: dict[str, Any], job_id: str, config: Config, basis_dir: Path,
-                basis_version: int | None, out_dir: Path, log_path: Path, writer: Connection, parent_pid: int) -> None:
-    """Run one job function in this fresh process, logging to its job.log and reporting over ``writer``."""
+                basis_version: int | None, out_dir: Path, log_path: Path, writer: Connection, parent_pid: int,
+                env: dict[str, str] | None = None) -> None:
+    """Run one job function in this fresh process, logging to its job.log and reporting over ``writer``.
+    ``env``: the daemon's environment now (a process forked from the forkserver has the server's)."""
     os.setsid()                              # own process group: cancel reaches grandchildren too
     _exit_with_parent(parent_pid)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+        if env.get("OMP_NUM_THREADS", "").isdigit():    # read by torch at its import, in the server
+            torch.set_num_threads(max(1, int(env["OMP_NUM_THREADS"])))
     _prefer_as_oom_victim()
     redirect_output(log_path, config.log.level)
 
@@ -67,21 +76,37 @@ def call_job(spec: str, params: dict[str, Any], ctx: JobContext) -> tuple[str, A
         if not isinstance(result, dict):
             raise TypeError(f"{spec} returned {type(result).__name__}, expected a dict")
         encoded = json.loads(json.dumps(result))
+    except AxisError as exc:     # bad input or data, said in one line: no traceback in the user's log
+        job_log.error("job %s failed: %s", ctx.job_id, one_line(str(exc)))
+        return "error", one_line(str(exc))
     except Exception as exc:
         job_log.exception("job %s failed", ctx.job_id)
-        return "error", one_line(str(exc) if isinstance(exc, AxisError) else f"{type(exc).__name__}: {exc}")
+        return "error", one_line(f"{type(exc).__name__}: {exc}")
     job_log.info("job %s: done: %s", ctx.job_id, json.dumps(encoded))
     return "result", encoded
 
 
 def _exit_with_parent(parent_pid: int) -> None:
-    """Kill this job's process group when the daemon dies, so no orphan keeps holding the GPU."""
+    """Kill this job's process group when the daemon dies, so no orphan keeps holding the GPU. The parent
+    is the daemon (spawn) or the forkserver, which exits with the daemon: either way it changes."""
+    parent = os.getppid()
+
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent and _alive(parent_pid):
             time.sleep(0.5)
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="axis-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # alive, another user's
+        return True
+    return True
 
 
 def _prefer_as_oom_victim() -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import threading
@@ -53,6 +54,22 @@ def current_basis_version(basis_dir: Path) -> int | None:
     return basis.version if basis.count > 0 else None
 
 
+# What the job processes' server imports once, so that each job forks with them loaded (``job_processes``).
+JOB_PRELOAD = ["axis_stream.service.jobs.process", "open_clip", "torchvision.datasets"]
+
+
+def job_processes(start_method: str = "forkserver") -> multiprocessing.context.BaseContext:
+    """Where job processes come from. ``forkserver`` (the default): forked from one small server process,
+    started with the runner, that imported torch, open_clip and the job code once (``JOB_PRELOAD``), so a
+    job starts in a fraction of a second instead of importing them again (seconds; see RESULTS.md,
+    adapt_job_time.py); it touches no GPU, so each job still initialises CUDA itself. ``spawn``: a fresh
+    interpreter per job. Either way a job is a process of its own, with its own memory."""
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(JOB_PRELOAD)
+    return ctx
+
+
 @dataclass
 class _Run:
     """What the daemon holds for a running job: the request to stop it, and the moment it is done."""
@@ -70,7 +87,7 @@ class JobRunner:
     """
 
     def __init__(self, config: Config, basis_dir: Path, on_change: Callable[[JobRecord], None] | None = None,
-                 kill_grace_s: float = 10.0):
+                 kill_grace_s: float = 10.0, start_method: str = "forkserver"):
         self.config = config
         self.basis_dir = Path(basis_dir)
         self.jobs_dir = config.paths.jobs_dir
@@ -82,7 +99,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._running: dict[str, _Run] = {}
         self._stopping = False
-        self._mp = multiprocessing.get_context("spawn")
+        self._mp = job_processes(start_method)
         self._remote = ray_executor.RayJobs(config) if config.scheduler.executor == "ray" else None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.scheduler.gpu_slots), "triggers": ThreadPoolExecutor(1)},
@@ -98,6 +115,10 @@ class JobRunner:
                                   finished_at=time.time(), pid=None):
                 log.warning("job %s: %s", record.id, RESTART_ERROR)
                 self._changed(record.id)
+        if self._mp.get_start_method() == "forkserver" and self._remote is None:
+            # its imports (seconds) while nothing waits for them, not when the first job starts
+            threading.Thread(target=multiprocessing.forkserver.ensure_running, name="axis-forkserver",
+                             daemon=True).start()
         self._scheduler.start()
         for record in reversed(self._store.list(states=("queued",))):
             log.info("job %s: queued before the restart, dispatching again", record.id)
@@ -302,7 +323,7 @@ class JobRunner:
         proc = self._mp.Process(
             target=_child_main, name=f"axis-job-{record.id}",
             args=(JOB_KINDS[record.kind], record.params, record.id, self.config, self.basis_dir,
-                  record.basis_version, out_dir, Path(record.log_path), writer, os.getpid()))
+                  record.basis_version, out_dir, Path(record.log_path), writer, os.getpid(), dict(os.environ)))
         try:
             proc.start()
         except Exception as exc:
