@@ -13,6 +13,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from axis_stream.core import entering as _entering
 from axis_stream.core import svd as _svd
 from axis_stream.core.registry import Registry
 
@@ -195,8 +196,10 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
 
     Only the top ``k`` components of ``delta`` can enter the union's top ``k``, its ``j``-th only if
     it beats the current basis's ``(k + 1 - j)``-th singular value, so only those are computed. The
-    re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. With nothing to
-    beat (no ``current``), ``svd`` gives way to ``FIRST_FOLD_SVD``. The returned ``Factors`` carries
+    re-orthogonalisation works on the stacked factors, never on an ``m x n`` product. ``svd="randomized"``
+    computes only those that enter, certified on the merged result to ``tol`` (relative Frobenius error
+    against the exact fold; ``core/entering.py``), else takes the exact SVD. With nothing to beat (no
+    ``current``), ``svd`` gives way to ``FIRST_FOLD_SVD``. The returned ``Factors`` carries
     the fold's ``FoldStats``; when no component of ``delta`` enters, it holds ``current``'s own tensors.
     """
     _check_k(k)
@@ -204,17 +207,21 @@ def fold(current: Factors | None, delta: Tensor, k: int, *, svd: str = "exact",
     delta = _as_work(delta)
     floor = torch.zeros(k, dtype=delta.dtype, device=delta.device)
     parts = _current_parts(current, delta.dtype)
+    largest = floor[:0]
     if parts:
         # floor[j]: what the new j-th component (0-based) must beat, the current (k-1-j)-th or 0
         largest = parts[0][1].sort(descending=True).values[:k]
         floor[k - largest.numel():] = largest.flip(0)
     method = svd if bool(floor.any()) or FIRST_FOLD_SVD is None else FIRST_FOLD_SVD
-    U, s, V, report = _svd.top_svd(delta, k, method=method, tol=tol, floor=floor, seed=seed)
+    if method == "randomized":   # only what can enter, certified on the merged result (core/entering.py)
+        U, s, V, report, top = _entering.fold_svd(delta, floor, largest, tol=tol, seed=seed)
+    else:
+        U, s, V, report = _svd.top_svd(delta, k, method=method, tol=tol, floor=floor, seed=seed)
+        # s is empty when even the top component stays under every floor; its value is still kept (calibration)
+        top_s = s if s.numel() else _svd.exact_svd(delta, 1)[1]
+        top = float(top_s.max()) if top_s.numel() else 0.0
     total = float(torch.linalg.matrix_norm(delta) ** 2)
-    # s is empty when even the top component stays under every floor; its value is still kept (calibration)
-    top = s if s.numel() else _svd.top_svd(delta, 1, method=svd, tol=tol, seed=seed)[1]
-    return _fold_in(current, parts, (U, s, V), k, total, report.method, report.max_rel_residual,
-                    float(top.max()) if top.numel() else 0.0)
+    return _fold_in(current, parts, (U, s, V), k, total, report.method, report.max_rel_residual, top)
 
 
 def fold_factors(current: Factors | None, other: Factors, k: int) -> Factors:

@@ -1,0 +1,155 @@
+"""The SVD a streaming fold needs: the new matrix's components that enter the basis, certified on the
+merged result rather than one by one.
+
+A fold keeps the top ``k`` of the current basis's components and the new matrix ``A``'s: ``A``'s
+``j``-th enters iff ``sigma_j > floor_j`` (the current basis's ``(k-1-j)``-th singular value), so the
+result is ``F = C + A_e``, ``C`` the current's top ``k - e`` and ``A_e`` the rank-``e`` truncation of
+``A``. A seeded randomized subspace iteration (a block of ``k + 8`` columns, grown to ``2e + 8``
+while the entering set fills it, ``POWER_STEPS`` power iterations in turn) gives Ritz triplets
+``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
+the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
+
+1. the entering set is certain: ``theta_{e-1} > floor_{e-1}`` (Ritz values are lower bounds) and
+   ``theta_e + r_e < floor_e`` (the first excluded singular value, taken as its Ritz value plus its
+   residual, as ``svd.top_svd`` certifies its floor), each by more than float32 rounding; and
+2. the error bound ``||U_e U_e^T A - A_e||_F / ||F||_F <= tol`` (``basis.svd_tol``, 1e-4), with
+
+       bound = [ ||r_j (theta_j + s_out) / (theta_j - s_out)||_j
+                 + ||r_{<e}|| ||r_{>=e}|| (theta_0 + r_0) / ((theta_{e-1} - s_out)(theta_{e-1} - s_in)) ] / ||F||_F
+
+   where ``s_in = theta_e + r_e`` bounds the excluded singular values inside the block and ``s_out``
+   (the block's last Ritz value plus residual) those beyond it: the first term is Wedin's bound on the
+   coupling of the entering vectors to what lies outside the block, the second the coupling, through
+   the outside, to the excluded values inside it (second order in the residuals, so a small gap between
+   entering and excluded values inside the block costs little). The bound is an a posteriori estimate
+   under the stated upper bounds on the excluded values (``theta + r``), not a proof-grade bound;
+   ``tests/test_entering.py`` checks it against float64 exact folds.
+
+Otherwise, or when the certificate's decay predicts it only beyond ``GIVE_UP_FACTOR`` times the
+last step count (a flat part of the spectrum at the entering boundary: the new matrix's noise bulk
+against a basis still holding noise), the exact SVD is taken (``"randomized->exact"``). The cost
+follows ``e``: a matrix of which nothing can enter is settled at the first check. No I/O, no state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from axis_stream.core import svd as _svd
+
+OVERSAMPLE = 8             # block columns beyond the entering count
+POWER_STEPS = (2, 4, 8, 16)  # power iterations reached in turn before the exact fallback
+ROUNDING = 1e-6            # relative to the top Ritz value: closer to a floor than this is a float32 tie
+GIVE_UP_FACTOR = 2.0       # give up when the certificate is predicted only beyond this many times the last step count
+
+
+def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
+    """``steps`` subspace iterations ``q <- orth(A A^T q)``, re-orthonormalised each half step."""
+    for _ in range(steps):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
+    return q
+
+
+def _ritz(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz triplets of ``a`` on the left space ``q`` (``U^T a = diag(theta) V^T`` exactly) and their
+    residual norms ``||a v - theta u||`` in float64."""
+    ub, theta, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
+    U, V = q @ ub, vh.mT
+    return U, theta, V, torch.linalg.vector_norm(a @ V - U * theta, dim=0).double()
+
+
+def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: bool, tol: float
+            ) -> tuple[int, float, float]:
+    """``(e, bound, excess)``: the entering count, the estimated bound on the fold result's relative
+    Frobenius error (module docstring; ``math.inf`` where it cannot be given) and how far the
+    certificate is from holding (``<= 1``: it holds). ``theta``, ``rho``: float64 Ritz values
+    (descending) and residual norms of the whole block; ``held_sq[i]``: the squared norm of the
+    current basis's top ``k - i`` components; ``full``: the block spans the whole range."""
+    k, w = floors.numel(), theta.numel()
+    e = int((theta[:k] > floors[:w]).int().cumprod(0).sum())
+    if e == w and not full:
+        return e, math.inf, math.inf          # the entering set fills the block: where it stops is unseen
+    up = theta + rho                          # a singular value lies within its residual of each Ritz value
+    margin = ROUNDING * float(theta[0])       # closer to a floor than this is a float32 tie: the exact path decides
+    excess = 0.0
+    if e < min(k, w):
+        room = float(floors[e] - theta[e]) - margin
+        excess = float(rho[e]) / room if room > 0 else math.inf
+    if e and float(theta[e - 1] - floors[e - 1]) <= margin:
+        excess = math.inf
+    if e == 0 or not math.isfinite(excess):
+        return e, (0.0 if e == 0 else math.inf), excess
+    outside = 0.0 if full else float(up[-1])  # beyond the block: at most its last Ritz value plus residual
+    inside = float(up[e]) if e < w else 0.0   # the first excluded value within the block
+    lead = theta[:e]
+    norm = math.sqrt(float(held_sq[e]) + float(lead.square().sum()))
+    if float(lead[-1]) <= max(outside, inside) or norm <= 0:
+        return e, math.inf, math.inf
+    first = torch.linalg.vector_norm(rho[:e] * (lead + outside) / (lead - outside))
+    second = (torch.linalg.vector_norm(rho[:e]) * torch.linalg.vector_norm(rho[e:]) * float(up[0])
+              / ((float(lead[-1]) - outside) * (float(lead[-1]) - inside))) if e < w else 0.0
+    bound = float(first + second) / norm
+    return e, bound, max(excess, bound / tol)
+
+
+def _hopeless(history: list[tuple[int, float]]) -> bool:
+    """Whether the certificate's excess, extrapolated log-linearly from its last two checks (power
+    iteration converges linearly), reaches 1 only beyond ``GIVE_UP_FACTOR`` times the last step
+    count; two checks in a row with no finite excess are hopeless too."""
+    if len(history) < 2:
+        return False
+    (s1, x1), (s2, x2) = history[-2:]
+    if not (math.isfinite(x1) and math.isfinite(x2)):
+        return not (math.isfinite(x1) or math.isfinite(x2))
+    if x2 >= x1:
+        return True
+    rate = (math.log(x1) - math.log(x2)) / (s2 - s1)
+    return s2 + math.log(x2) / rate > GIVE_UP_FACTOR * POWER_STEPS[-1]
+
+
+def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: int = 0
+                 ) -> tuple[Tensor, Tensor, Tensor, float, float] | None:
+    """The components of ``a`` that enter a fold with per-rank ``floors`` (``k`` non-decreasing values)
+    into a basis whose singular values are ``held`` (descending, at most ``k``), certified to ``tol``
+    on the merged result (module docstring): ``(U, s, V, bound, sigma_max)``, or None when it cannot
+    certify within ``POWER_STEPS`` or is predicted not to (the caller takes the exact path)."""
+    k, small = floors.numel(), min(a.shape)
+    h = torch.zeros(k, dtype=torch.float64, device=a.device)
+    h[:held.numel()] = held.double().square()[:k]
+    held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    width, done, q, history = min(small, k + OVERSAMPLE), 0, None, []
+    for steps in POWER_STEPS:
+        while True:
+            if q is None:
+                omega = torch.randn(a.shape[1], width, generator=gen, dtype=a.dtype, device=a.device)
+                q, done, history = torch.linalg.qr(a @ omega).Q, 0, []
+            q, done = _power(a, q, steps - done), steps
+            U, theta, V, rho = _ritz(a, q)
+            e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
+            if 2 * e + OVERSAMPLE // 2 <= width or width >= small:
+                break
+            width, q = min(small, 2 * e + OVERSAMPLE), None   # the entering set fills the block: a wider one
+        if excess <= 1:
+            return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
+        history.append((steps, excess))
+        if _hopeless(history):
+            break
+    return None
+
+
+def fold_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: int = 0
+             ) -> tuple[Tensor, Tensor, Tensor, _svd.SVDReport, float]:
+    """``entering_svd``, else the exact top ``k`` above the floors (report ``"randomized->exact"``):
+    ``(U, s, V, report, sigma_max)``; ``report.max_rel_residual`` holds the certified bound."""
+    out = entering_svd(a, floors, held, tol=tol, seed=seed)
+    if out is not None:
+        U, s, V, bound, top = out
+        U, V = _svd.normalize_signs(U, V)
+        return U, s, V, _svd.SVDReport("randomized", bound), top
+    U, s, V = _svd.exact_svd(a, floors.numel())
+    keep = s.double() > floors[:s.numel()].double()
+    return U[:, keep], s[keep], V[:, keep], _svd.SVDReport("randomized->exact", math.inf), float(s[0]) if s.numel() else 0.0
