@@ -407,10 +407,10 @@ def test_a_checkpoint_replaced_between_its_open_and_its_hash_is_left_for_a_retry
     new = sha(newer)
     real = ingest.checkpoint_sha256
 
-    def replace_then_hash(p):
+    def replace_then_hash(p, tick):
         if newer.exists():
             os.replace(newer, path)
-        return real(p)
+        return real(p, tick)
 
     monkeypatch.setattr(ingest, "checkpoint_sha256", replace_then_hash)
     out = fw.process(path)
@@ -425,7 +425,7 @@ def test_a_checkpoint_replaced_between_its_open_and_its_hash_is_left_for_a_retry
     export.write_hf_weights(finetuned_like(fw.base_state, 4), folder, {}, max_shard_bytes=2**18)
     (folder / "config.json").write_text("{}")
     shard = sorted(folder.glob("model-*.safetensors"))[0]
-    monkeypatch.setattr(ingest, "checkpoint_sha256", lambda p: (os.utime(shard, ns=(1, 1)), real(p))[1])
+    monkeypatch.setattr(ingest, "checkpoint_sha256", lambda p, tick: (os.utime(shard, ns=(1, 1)), real(p, tick))[1])
     with pytest.raises(errors.SourceChanged, match="hf: changed while it was being read"):
         ingest.read_checkpoint(folder, fw.base_state)
 
