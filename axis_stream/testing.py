@@ -1,4 +1,5 @@
-"""Helpers shared by the tests and the benchmarks: fine-tune-like checkpoints and a bounded polling loop.
+"""Helpers shared by the tests and the benchmarks: fine-tune-like checkpoints, a daemon config, and a
+bounded polling loop.
 
 A leaf module (torch and safetensors only), so that tests, benchmarks and the quickstart build their
 inputs and wait for their conditions the same way.
@@ -6,6 +7,7 @@ inputs and wait for their conditions the same way.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -44,6 +46,21 @@ def write_checkpoints(base: Mapping[str, Tensor], count: int, folder: Path, firs
         paths.append(folder / f"ckpt-{seed:03d}.safetensors")
         save_file(finetuned_like(base, seed, **kw), paths[-1])
     return paths
+
+
+def daemon_config(path: Path, base: Mapping[str, Any], watch: Mapping[str, Any], *, metrics: str = "",
+                  basis: Mapping[str, Any] | None = None) -> Path:
+    """Write a daemon config to ``path``: state and watch folders beside it, the ``[base]`` table,
+    an exact-SVD basis (plus ``basis``), the ``[watch]`` settings and the metrics address ("" = off)."""
+    def table(name: str, values: Mapping[str, Any]) -> str:
+        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n"
+                                      for k, v in values.items())
+
+    root = path.parent
+    path.write_text("".join([table("paths", {"state_dir": root / "state", "watch_dir": root / "incoming"}),
+                             table("base", base), table("basis", {"svd": "exact", **(basis or {})}),
+                             table("watch", watch), table("metrics", {"address": metrics})]))
+    return path
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.05,

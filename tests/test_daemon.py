@@ -4,7 +4,6 @@ metrics, systemd notify, kill -9 recovery, and 50 checkpoints at once with bound
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from axis_stream.service import api
 from axis_stream.service.daemon import REJECT_REASONS, FoldQueue, FoldWorker, free_name, move_into
 from axis_stream.service.metrics import Metrics
 from axis_stream.store.basis import Basis
-from axis_stream.testing import finetuned_like, wait_until
+from axis_stream.testing import daemon_config, finetuned_like, wait_until
 
 SERVE = [sys.executable, "-c", "from axis_stream.cli import main; main()", "serve", "--config"]
 
@@ -52,28 +51,15 @@ def free_port() -> int:
 
 
 def write_config(root: Path, base_cfg: config.BaseConfig, **watch) -> Path:
-    port = free_port()
     watch = {"stable_interval_s": 0.3, "poll_interval_s": 0.1, "rescan_interval_s": 2.0,
              "incomplete_timeout_s": 0.5, **watch}   # a short file is quarantined at the next look
-    text = f"""
-[paths]
-state_dir = "{root / 'state'}"
-watch_dir = "{root / 'incoming'}"
-[base]
-model = "{base_cfg.model}"
-pretrained = "{base_cfg.pretrained}"
-model_config = "{base_cfg.model_config}"
-[basis]
-svd = "exact"
-keep_versions = 3
-[watch]
-{chr(10).join(f'{k} = {json.dumps(v)}' for k, v in watch.items())}
-[metrics]
-address = "127.0.0.1:{port}"
-"""
-    path = root / "axis-stream.toml"
-    path.write_text(text)
-    return path
+    return daemon_config(root / "axis-stream.toml", base_section(base_cfg), watch, basis={"keep_versions": 3},
+                         metrics=f"127.0.0.1:{free_port()}")
+
+
+def base_section(base_cfg: config.BaseConfig) -> dict[str, str]:
+    """The ``[base]`` table of an open_clip base built by the tests."""
+    return {"model": base_cfg.model, "pretrained": str(base_cfg.pretrained), "model_config": str(base_cfg.model_config)}
 
 
 def start(cfg_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

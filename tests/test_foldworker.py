@@ -17,29 +17,15 @@ from axis_stream import config
 from axis_stream.service import foldworker
 from axis_stream.service.foldworker import REJECT_REASONS, FoldWorker, retry_cause
 from axis_stream.service.metrics import Metrics
-from axis_stream.testing import finetuned_like
+from axis_stream.testing import daemon_config, finetuned_like
+from tests.test_daemon import base_section
 
 # what the safetensors writer raises on a full disk (as seen on a 1 MB tmpfs)
 ENOSPC_FROM_WRITER = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
 def write_config(root: Path, base_cfg: config.BaseConfig, **watch) -> Path:
-    lines = "\n".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in watch.items())
-    path = root / "axis-stream.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-watch_dir = "{root / 'incoming'}"
-[base]
-model = "{base_cfg.model}"
-pretrained = "{base_cfg.pretrained}"
-model_config = "{base_cfg.model_config}"
-[basis]
-svd = "exact"
-[watch]
-{lines}
-""")
-    return path
+    return daemon_config(root / "axis-stream.toml", base_section(base_cfg), watch)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from axis_stream import config, errors
 from axis_stream.cli import main
 from axis_stream.core import layout
 from axis_stream.store import ingest, models, readers
-from axis_stream.testing import finetuned_like
+from axis_stream.testing import daemon_config, finetuned_like
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -362,24 +362,9 @@ def serve_config(root: Path, base_folder: Path) -> Path:
     """A daemon config on a transformers base (default matrices), with fast watch settings."""
     from test_daemon import free_port
 
-    path = root / "serve.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-watch_dir = "{root / 'incoming'}"
-[base]
-kind = "transformers"
-model = "{base_folder}"
-[basis]
-svd = "exact"
-[watch]
-stable_interval_s = 0.3
-poll_interval_s = 0.1
-rescan_interval_s = 2.0
-[metrics]
-address = "127.0.0.1:{free_port()}"
-""")
-    return path
+    return daemon_config(root / "serve.toml", {"kind": "transformers", "model": base_folder},
+                         {"stable_interval_s": 0.3, "poll_interval_s": 0.1, "rescan_interval_s": 2.0},
+                         metrics=f"127.0.0.1:{free_port()}")
 
 
 def rename_in(folder: Path, inbox: Path) -> None:
