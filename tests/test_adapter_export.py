@@ -64,7 +64,7 @@ def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path):
     out, full = tmp_path / "adapter", tmp_path / "merged"
     printed = export("--merged", "--adapter", "--config", str(cfg_path), "--out", str(out))
     assert f"a LoRA adapter of basis version {basis.version}" in printed and "not in the adapter" not in printed
-    export("--merged", "--config", str(cfg_path), "--out", str(full))
+    printed_full = export("--merged", "--config", str(cfg_path), "--out", str(full))
     settings = json.loads((out / "adapter_config.json").read_text())
     cfg = config.load(cfg_path)
     k = {name.removesuffix(".weight"): info["k"] for name, info in basis.manifest["matrices"].items()}
@@ -103,7 +103,7 @@ def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path):
     export("--merged", "--adapter", "--config", str(cfg_path), "--out", str(again))
     for f in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert (again / f).read_bytes() == (out / f).read_bytes(), f
-    run_printed(printed, tmp_path)                                      # the printed load line loads it
+    run_printed(printed + printed_full, tmp_path)                        # the printed load lines load them
 
 
 def test_a_clip_jobs_adapter_gives_the_jobs_logits(tmp_path):
@@ -125,7 +125,7 @@ def test_a_clip_jobs_adapter_gives_the_jobs_logits(tmp_path):
     job_id = result.output.split("export --job ")[1].split()[0]
     out, full = tmp_path / "job-adapter", tmp_path / "job-full"
     printed = export("--job", job_id, "--adapter", "--config", str(cfg_path), "--out", str(out))
-    export("--job", job_id, "--config", str(cfg_path), "--out", str(full))
+    printed_full = export("--job", job_id, "--config", str(cfg_path), "--out", str(full))
     assert "not in the adapter (no PEFT form; the full export has them): logit_scale" in printed
     settings = json.loads((out / "adapter_config.json").read_text())
     assert settings["lora_bias"] is True                  # the averaged biases of the projections ride on lora_B
@@ -153,7 +153,7 @@ def test_a_clip_jobs_adapter_gives_the_jobs_logits(tmp_path):
     assert meta["job"]["test_accuracy"] == report["test_accuracy"]
     assert meta["job"]["validation_accuracy"] == report["val_accuracy"]
     assert meta["adapter"]["dropped"] == ["logit_scale"] and card_meta(full)["axis_stream"]["job"]["id"] == job_id
-    run_printed(printed, tmp_path)
+    run_printed(printed + printed_full, tmp_path)
 
 
 def test_the_plan_puts_each_change_where_peft_can_hold_it():
