@@ -4,7 +4,8 @@ Each file goes through the daemon's own ``FoldWorker.process``, in the order giv
 checkpoints by name), so the basis is the one the daemon would build from the same files in the
 same order, and bad files meet the same rules: one line each, the run goes on. Unlike the daemon,
 folded files stay where they are, and rejected ones too unless ``quarantine``. The matrices of one
-fold run in ``workers`` threads within a memory budget (``Basis.fold_checkpoint``). A run killed at
+fold run in ``workers`` threads within a memory budget (``Basis.fold_checkpoint``), while the next
+file is read and hashed in the background (``FoldWorker.prefetch``: one file ahead). A run killed at
 any point (kill -9 included) is resumed by running it again: a file whose bytes the ledger holds
 under the same name counts as already folded. With ``executor="ray"`` the files are folded as a
 tree over shards on Ray instead (``backfill_ray.py``): the same rules, not the same basis.
@@ -68,7 +69,8 @@ def backfill(config: Config, files: Sequence[Path], on_outcome: Callable[[Outcom
         worker = FoldWorker(config, base, identity, fold_workers=workers or default_workers(),
                             memory_budget=memory_budget or default_memory_budget(), keep=True,
                             quarantine=quarantine)
-        for path in files:
+        for i, path in enumerate(files):
+            worker.prefetch(files[i + 1] if i + 1 < len(files) else None)   # hashed while this one folds
             outcome = worker.process(path)
             counts[outcome.result] += 1
             on_outcome(outcome)

@@ -74,6 +74,11 @@ class FoldQueue:
                 self._cond.wait(timeout)
             return self._items.popleft() if self._items else None
 
+    def peek(self) -> Path | None:
+        """The oldest queued path, left queued (the fold worker hashes it ahead)."""
+        with self._cond:
+            return self._items[0] if self._items else None
+
     def done(self, path: Path) -> None:
         with self._cond:
             self._held.discard(path)
@@ -181,6 +186,7 @@ class Daemon:
         with self._lock:
             self.current = path.name
         try:
+            self.worker.prefetch(self.queue.peek())   # the next file is read and hashed during this fold
             outcome = self.worker.process(path)
         finally:
             with self._lock:

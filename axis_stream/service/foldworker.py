@@ -31,6 +31,7 @@ from axis_stream.service.metrics import Metrics
 from axis_stream.store import readers
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis
+from axis_stream.store.prefetch import Prefetcher
 from axis_stream.store.records import FoldRecord
 from axis_stream.text import printable
 
@@ -84,6 +85,8 @@ class FoldWorker:
         self.wait_incomplete, self.clock = wait_incomplete, clock
         self._short: dict[Path, tuple[float, readers.Identity | None]] = {}   # first seen short, as it was
         self.fold_progress: tuple[int, int] | None = None      # (matrices folded, of) while a fold runs
+        self._ahead = Prefetcher()                             # the next file's hash, taken during a fold
+        self._upcoming: Path | None = None                     # the file to hash during the next fold
         self.basis: Basis | None = None
         if (self.paths.basis_dir / CURRENT).exists():
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
@@ -142,6 +145,11 @@ class FoldWorker:
                                     + ("; it was replaced during the fold: the new file stays for the next "
                                        "rescan" if replaced else ""), version=record.version, seconds=seconds))
 
+    def prefetch(self, path: Path | None) -> None:
+        """Read and hash ``path`` (the file to fold after the next; None: none) in the background while
+        the next ``process`` folds: one file ahead (``store.prefetch``)."""
+        self._upcoming = path
+
     def _short_file(self, path: Path, identity: readers.Identity | None, exc: errors.CheckpointError) -> Outcome:
         """A file shorter than its header says: waiting while it may still be written (it changed
         since it was first seen short, or not for ``incomplete_timeout_s`` yet), else quarantined."""
@@ -182,7 +190,10 @@ class FoldWorker:
             self._progress()
 
         try:
-            return self.basis.fold_checkpoint(path, progress=matrix_done, tick=self._progress,
+            hashed = self._ahead.take(path)
+            self._ahead.start(self._upcoming)
+            self._upcoming = None
+            return self.basis.fold_checkpoint(path, progress=matrix_done, tick=self._progress, hashed=hashed,
                                               workers=self.fold_workers, memory_budget=self.memory_budget)
         finally:
             self.fold_progress = None

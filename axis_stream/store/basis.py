@@ -62,7 +62,7 @@ from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
-from axis_stream.store import atomic, ingest, ledger, models, versions
+from axis_stream.store import atomic, ingest, ledger, models, prefetch, versions
 from axis_stream.store.folding import Folder, FoldState, Progress, checked, joined_stats, stats_entry
 from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
 from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
@@ -339,9 +339,10 @@ class Basis:
     # --- changing ---
 
     def fold_checkpoint(self, path: str | Path, *, progress: Progress | None = None, workers: int = 1,
-                        memory_budget: float = math.inf, tick: Callable[[], None] | None = None) -> FoldRecord:
+                        memory_budget: float = math.inf, tick: Callable[[], None] | None = None,
+                        hashed: prefetch.Hashed | None = None) -> FoldRecord:
         """Read, validate and fold one checkpoint, write the new version, move the pointer (``tick``:
-        called while it is hashed and read, ``ingest.read_checkpoint``).
+        called while it is hashed and read; ``hashed``: its sha256 taken ahead; ``ingest.read_checkpoint``).
 
         Raises an ``errors.CheckpointError`` subclass, with nothing changed, on bad input. Reads the
         checkpoint one tensor at a time; once this returns, the checkpoint is no longer needed.
@@ -354,7 +355,7 @@ class Basis:
             self._clean_leftovers(self.version)
             snap, folder = self._state(), self._folder
             manifest = snap.manifest
-            with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles, tick=tick,
+            with ingest.read_checkpoint(path, base, trust_pickles=self.settings.trust_pickles, tick=tick, hashed=hashed,
                                         other_architectures=self.settings.allow_other_architectures,
                                         required=manifest["matrices"],
                                         base_sha256=manifest["identity"]["sha256"]) as ckpt:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from axis_stream import errors
+from axis_stream.store.prefetch import Hashed
 from axis_stream.store.readers import (
     HF_CONFIG,
     DictSource,
@@ -211,13 +212,14 @@ def all_finite(t: Tensor) -> bool:
 def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
                     trust_pickles: bool = False, required: Iterable[str] = (),
                     base_sha256: str | None = None, tick: Tick | None = None,
-                    other_architectures: bool = False) -> Checkpoint:
+                    other_architectures: bool = False, hashed: Hashed | None = None) -> Checkpoint:
     """Open ``path`` and check its structure against the base; tensors are read later, lazily.
 
     ``required``: base names that must be present (the basis's matrices). ``base_sha256``: when
     given and the file's metadata names another ``base_sha256``, the file is ``DifferentBase``.
     ``tick()`` after each chunk hashed or read (``readers.Tick``: the daemon's watchdog).
     ``other_architectures``: a folder with another head folds (``Checkpoint.architecture`` says which).
+    ``hashed``: its sha256 taken ahead (``store.prefetch``), used only if the file opened is the one hashed.
     ``SourceChanged`` when it was replaced or written to between its open and its sha256
     (``Checkpoint.finish``: written to while it was read).
     """
@@ -231,7 +233,8 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
                                         other_architectures)
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
         fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
-        sha, size = checkpoint_sha256(path, tick), checkpoint_size(path)
+        known = hashed is not None and opened is not None and hashed.identity == opened
+        sha, size = hashed.sha256 if known else checkpoint_sha256(path, tick), checkpoint_size(path)
         if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
             raise errors.SourceChanged(path)
         return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened,
