@@ -177,3 +177,6 @@ def test_export_merged_on_an_open_clip_base_is_one_loadable_file(setup, tmp_path
     result = CliRunner().invoke(cli.main, ["export", "--merged", "--config", str(cfg_path), "--out",
                                            str(tmp_path / "merged.pt")])
     assert result.exit_code == 1 and "one file ending in .safetensors" in result.output
+    result = CliRunner().invoke(cli.main, ["export", "--merged", "--adapter", "--config", str(cfg_path), "--out",
+                                           str(tmp_path / "adapter")])
+    assert result.exit_code == 1 and "--adapter needs a Hugging Face (transformers) base" in result.output
