@@ -84,7 +84,8 @@ def check_sources(cfg: config.Config, names: set[str]) -> list[str]:
 
 def kill_inside_a_fold(proc: subprocess.Popen, cfg: config.Config, rng: random.Random) -> tuple[str, int, int]:
     """After 0-2 folds were let finish, kill -9 the daemon once the fold in progress has folded at least m
-    of its N matrices (``status``'s ``queue.progress``; m drawn from 1..N); returns (file, matrices done, N)."""
+    of its N matrices (``status``'s ``queue.progress``; m drawn from 1..N; at N/N, while its version is
+    written, not once it is in the ledger); returns (file, matrices done, N)."""
     wait_ready(proc, cfg)
     target = len(read_ledger(cfg)) + rng.randint(0, 2)
     wait_for(lambda: len(read_ledger(cfg)) >= target, 300, "folds before the kill", proc)
@@ -97,7 +98,9 @@ def kill_inside_a_fold(proc: subprocess.Popen, cfg: config.Config, rng: random.R
         done, total = queue["progress"]
         if not chosen:
             chosen.append(rng.randint(1, total))
-        return (queue["current"], done, total) if done >= chosen[0] else None
+        if done < chosen[0] or (done == total and queue["current"] in {e["file"] for e in read_ledger(cfg)}):
+            return None                 # not there yet, or that fold is durable already: the next one's
+        return queue["current"], done, total
 
     seen = wait_until(reached, 300, "the fold in progress at the chosen matrix", interval=0.01, error=AssertionError,
                       alive=lambda: f"daemon exited with {proc.returncode}" if proc.poll() is not None else None)
@@ -158,7 +161,6 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
         finally:
             if proc.poll() is None:
                 proc.kill()
-        where[point] = where.get(point, 0) + 1
         last = [e for e in read_ledger(cfg) if e.get("seconds")]
         fold_s = float(last[-1]["seconds"]) if last else fold_s
         ledger = check_sources(cfg, names)
@@ -166,6 +168,9 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
         if inside_folds and (victim not in ledger or done < total):    # before its last matrix: not durable
             assert victim not in ledger and victim in files(cfg.paths.watch_dir), (point, victim, ledger)
             interrupted += 1
+        elif inside_folds:                              # durable between the last look and the kill
+            point += " (durable before the kill)"
+        where[point] = where.get(point, 0) + 1
         log(f"kill {k + 1}/{kills} at {point}: {len(ledger)} folded, {len(files(cfg.paths.watch_dir))} waiting")
     proc = start(cfg_path)                       # the end: no kill, everything folds, jobs end
     try:
