@@ -4,7 +4,7 @@ merged result rather than one by one.
 A fold keeps the top ``k`` of the current basis's components and the new matrix ``A``'s: ``A``'s
 ``j``-th enters iff ``sigma_j > floor_j`` (the current basis's ``(k-1-j)``-th singular value), so the
 result is ``F = C + A_e``, ``C`` the current's top ``k - e`` and ``A_e`` the rank-``e`` truncation of
-``A``. A seeded randomized subspace iteration (a block of ``k + 8`` columns, grown to ``2e + 8``
+``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, grown to ``2e + 8``
 while the entering set fills it, ``POWER_STEPS`` power iterations in turn) gives Ritz triplets
 ``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
 the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
@@ -121,7 +121,7 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width, done, q, history = min(small, k + OVERSAMPLE), 0, None, []
+    width, done, q, history = min(small, k // 2 + OVERSAMPLE), 0, None, []
     for steps in POWER_STEPS:
         while True:
             if q is None:
