@@ -23,6 +23,7 @@ Frobenius distance to the daemon's (mean over the matrices).
     python benchmarks/backfill_rate.py --model ViT-B-32 --count 4
     python benchmarks/backfill_rate.py --model tiny --count 20
     python benchmarks/backfill_rate.py --model tiny --count 20 --modes daemon "backfill w1" "backfill w2" "ray w2"
+    python benchmarks/backfill_rate.py --count 4 --modes "daemon serial" daemon "backfill w2 serial" "backfill w2"
 """
 
 from __future__ import annotations
@@ -83,7 +84,15 @@ class StageClock:
 
 
 def run_mode(mode: str, cfg_path: Path, files: list[Path], clock: StageClock) -> dict:
-    """Fold ``files`` into a fresh state folder as ``mode`` does; times per file."""
+    """Fold ``files`` into a fresh state folder as ``mode`` does; times per file. A mode ending in
+    " serial" runs without the read-ahead (``FoldWorker.prefetch`` a no-op: as before issue 27)."""
+    if mode.endswith(" serial"):
+        prefetch = FoldWorker.prefetch
+        FoldWorker.prefetch = lambda worker, path: None
+        try:
+            return dict(run_mode(mode.removesuffix(" serial"), cfg_path, files, clock), mode=mode)
+        finally:
+            FoldWorker.prefetch = prefetch
     cfg = config.load(cfg_path)
     shutil.rmtree(cfg.paths.state_dir, ignore_errors=True)
     ends, svd_after_first = [], 0.0
@@ -112,7 +121,8 @@ def run_mode(mode: str, cfg_path: Path, files: list[Path], clock: StageClock) ->
         copies = [Path(shutil.copy(p, inbox / p.name)) for p in files]
         worker = FoldWorker(cfg, *backfill.load_base(cfg))
         start = time.perf_counter()
-        for p in copies:
+        for i, p in enumerate(copies):
+            worker.prefetch(copies[i + 1] if i + 1 < len(copies) else None)   # as the daemon: the next queued file
             assert worker.process(p).result == "folded"
             note()
     else:
