@@ -1,0 +1,187 @@
+"""Where a streaming fold's time goes, per checkpoint, against reading, hashing and validating it.
+
+Each source is a checkpoint file folded matrix by matrix with ``stage1.fold`` (``svd="randomized"``,
+K = 10 %, the default settings) into a running basis, in this process. Per file it prints the time of
+``ingest.read_checkpoint`` + every ``Checkpoint.delta`` + ``finish`` (read, sha256, validation: "io
+s") and of the matrix folds, split into: randomized attempts that certified ("attempt s"), attempts
+that failed their certificate ("failed s"), the exact SVDs run after a failed attempt ("fallback s")
+or taken directly ("exact s", the first fold's rule), the extra top-1 SVD of a fold none of whose
+components entered ("re-SVD s") and the rest (pooling, re-orthogonalisation, norms). "ratio" is the
+fold's wall over io; "err" the largest relative Frobenius error of a fold's result against a
+float64 exact fold from the same current basis (``--check``).
+
+Sources:
+  vit       open_clip ViT-B-32 (``pretrained=None``, seeded) and ``fold_memory.fine_tuned`` checkpoints
+            (rank 16 plus noise on every visual weight; 48 matrices of 768x768 / 768x3072 / 3072x768 / 2304x768)
+  minilm    the text suite's real fine-tunes of MiniLM (``~/.cache/axis-stream/suites/text/cache/sources``)
+  quickstart the quickstart's tiny CLIP and its three real fine-tunes (``service.quickstart``)
+
+    python benchmarks/fold_breakdown.py --source minilm --count 6 --check
+    python benchmarks/fold_breakdown.py --source vit --count 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the systemd unit sets it; before torch starts
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fold_memory import fine_tuned  # noqa: E402
+
+from axis_stream import config  # noqa: E402
+from axis_stream.core import entering, layout, stage1  # noqa: E402
+from axis_stream.core import svd as svd_module  # noqa: E402
+from axis_stream.store import ingest, models  # noqa: E402
+
+MINILM_SOURCES = Path.home() / ".cache/axis-stream/suites/text/cache/sources"
+COLUMNS = ("attempt", "failed", "fallback", "exact", "re-SVD", "rest")
+
+
+class SVDClock:
+    """Seconds per kind of SVD work inside ``stage1.fold``, by patching the functions it calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.failed = False
+        attempt, exact = entering.entering_svd, svd_module.exact_svd
+        clock = self
+
+        def timed_attempt(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = attempt(*args, **kwargs)
+            clock.failed = out is None
+            clock.seconds["failed" if clock.failed else "attempt"] += time.perf_counter() - t0
+            return out
+
+        def timed_exact(a, k=None):
+            t0 = time.perf_counter()
+            out = exact(a, k)
+            kind = "fallback" if clock.failed else "re-SVD" if k == 1 else "exact"
+            clock.seconds[kind] += time.perf_counter() - t0
+            return out
+
+        entering.entering_svd, svd_module.exact_svd = timed_attempt, timed_exact
+
+    def fold(self, *args, **kwargs) -> tuple[stage1.Factors, float]:
+        """``stage1.fold`` and its wall time; what is not SVD work goes to "rest"."""
+        self.failed = False
+        before = sum(self.seconds.values())
+        t0 = time.perf_counter()
+        out = stage1.fold(*args, **kwargs)
+        wall = time.perf_counter() - t0
+        self.seconds["rest"] += wall - (sum(self.seconds.values()) - before)
+        return out, wall
+
+
+def vit_sources(ws: Path, count: int) -> tuple[dict[str, torch.Tensor], list[Path], list[str]]:
+    torch.manual_seed(0)
+    model = models.create_base(config.BaseConfig(model="ViT-B-32", pretrained=""))
+    base = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    files = []
+    for i in range(1, count + 1):
+        files.append(ws / f"vit-{i:02d}.safetensors")
+        save_file(fine_tuned(base, i), files[-1])
+    return base, files, layout.matrix_names(base, config.VIT_BLOCK_MATRICES)
+
+
+def minilm_sources(count: int) -> tuple[dict[str, torch.Tensor], list[Path], list[str]]:
+    from axis_stream.experiments.suites import text
+
+    base = {"bert." + k: v.detach().contiguous() for k, v in text.MiniLM().bert.state_dict().items()}
+    files = sorted(MINILM_SOURCES.glob("pool-*.safetensors"))[:count]
+    if not files:
+        raise SystemExit(f"no MiniLM sources under {MINILM_SOURCES}: run benchmarks/suite_text.py first")
+    return base, files, layout.matrix_names(base, text.MATRIX_PATTERNS)
+
+
+def quickstart_sources(ws: Path, count: int) -> tuple[dict[str, torch.Tensor], list[Path], list[str]]:
+    from axis_stream.service import quickstart
+
+    _, model = quickstart.build_base(ws)
+    base = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    files = []
+    for i, task in enumerate(quickstart.SOURCES[:count]):
+        files.append(ws / f"{task.name}.safetensors")
+        save_file(quickstart.finetune(model, task, 40, i)[0], files[-1])
+    return base, files, layout.matrix_names(base, config.VIT_BLOCK_MATRICES)
+
+
+def read(path: Path, base: dict[str, torch.Tensor], names: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+    """Every task matrix of ``path`` and the time to read, hash and validate the whole file."""
+    t0 = time.perf_counter()
+    with ingest.read_checkpoint(path, base, required=names) as ckpt:
+        deltas = {name: ckpt.delta(name) for name in ckpt.names}
+        ckpt.finish()
+    return {n: deltas.get(n) for n in names}, time.perf_counter() - t0
+
+
+def relative_error(got: stage1.Factors, want: stage1.Factors) -> float:
+    ref = want.to_dense().double()
+    return float(torch.linalg.matrix_norm(got.to_dense().double() - ref) / torch.linalg.matrix_norm(ref))
+
+
+def fold_stream(clock: SVDClock, method: str, base: dict[str, torch.Tensor], files: list[Path], names: list[str],
+                check: bool) -> None:
+    """Fold ``files`` in order into an empty basis with ``svd=method``; one table row per file."""
+    basis: dict[str, stage1.Factors | None] = {n: None for n in names}
+    for i, path in enumerate(files, 1):
+        deltas, io = read(path, base, names)
+        clock.seconds.clear()
+        wall, paths, new, err = 0.0, defaultdict(int), 0, 0.0
+        for name in names:
+            if deltas[name] is None:
+                continue
+            d = layout.as_matrix(deltas[name])
+            k = stage1.k_for(tuple(d.shape))
+            out, seconds = clock.fold(basis[name], d, k, svd=method)
+            wall += seconds
+            paths[out.stats.svd_method] += 1
+            new += out.stats.new_kept
+            if check:
+                cur, held = basis[name], dict(clock.seconds)
+                cur64 = None if cur is None else stage1.Factors(cur.U.double(), cur.s.double(), cur.V.double())
+                err = max(err, relative_error(out, stage1.fold(cur64, d.double(), k, svd="exact")))
+                clock.seconds = defaultdict(float, held)
+            basis[name] = stage1.Factors(out.U, out.s, out.V)
+        summary = ", ".join(f"{m} {c}" for m, c in sorted(paths.items()))
+        print(f"{method:>10} {i:>4} {io:>6.2f} {wall:>7.2f} {wall / io:>6.2f} | "
+              + " ".join(f"{clock.seconds.get(c, 0.0):>10.2f}" for c in COLUMNS)
+              + f" | {summary:<36} {new:>5} {err if check else float('nan'):>8.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=("vit", "minilm", "quickstart"), default="minilm")
+    parser.add_argument("--count", type=int, default=4, help="checkpoints folded in order")
+    parser.add_argument("--svd", nargs="+", choices=svd_module.METHODS, default=["randomized"],
+                        help="the fold's SVD path(s), each a stream of its own in this run")
+    parser.add_argument("--check", action="store_true", help="compare every fold with a float64 exact fold")
+    args = parser.parse_args()
+    clock = SVDClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp)
+        base, files, names = {"vit": lambda: vit_sources(ws, args.count), "minilm": lambda: minilm_sources(args.count),
+                              "quickstart": lambda: quickstart_sources(ws, args.count)}[args.source]()
+        size = files[0].stat().st_size / 2**20
+        print(f"{args.source}: {len(files)} checkpoints of {size:.0f} MiB, {len(names)} matrices, "
+              f"torch {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+        header = (f"{'svd':>10} {'file':>4} {'io s':>6} {'fold s':>7} {'ratio':>6} | "
+                  + " ".join(f"{c + ' s':>10}" for c in COLUMNS) + f" | {'paths':<36} {'new':>5} {'err':>8}")
+        print(header)
+        print("-" * len(header))
+        for method in args.svd:
+            fold_stream(clock, method, base, files, names, args.check)
+    print(f"load average {os.getloadavg()[0]:.1f} at end")
+
+
+if __name__ == "__main__":
+    main()
