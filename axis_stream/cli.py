@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any, Callable, get_type_hints
 
 import click
 
 from axis_stream import __version__, render
+from axis_stream.config import AdaptConfig
 from axis_stream.errors import AxisError
 from axis_stream.text import printable
 
@@ -37,6 +40,21 @@ class StartScale(click.ParamType):
 
 
 _START_SCALE = StartScale()
+
+
+def _adapt_settings(command: Callable) -> Callable:
+    """One optional ``--name`` per Stage 2 setting (``config.AdaptConfig``: its type and help); an
+    unset option keeps the config's value."""
+    hints = get_type_hints(AdaptConfig)
+    for f in reversed(dataclasses.fields(AdaptConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            command = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=f.metadata["help"])(command)
+        else:
+            kind = _START_SCALE if f.name == "start_scale" else kind
+            command = click.option(flag, f.name, type=kind, help=f.metadata["help"])(command)
+    return command
 
 
 @click.group(cls=AxisGroup)
@@ -96,17 +114,7 @@ def status(config_path: str | None, as_json: bool) -> None:
 @main.command()
 @_CONFIG_OPTION
 @click.option("--target", required=True, help="Dataset to adapt to, e.g. flowers102, or imagefolder:PATH.")
-@click.option("--n-fraction", type=float, help="Trained top-N singular values per matrix, fraction of min(m, n).")
-@click.option("--start-scale", type=_START_SCALE,
-              help="Start Lambda at this times the merged singular values (1.0: the paper's merged start), "
-                   "or auto (the default: the best of a few starts on the validation split).")
-@click.option("--epochs", type=int, help="Training epochs.")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--batch-size", type=int, help="Batch size.")
-@click.option("--seed", type=int, help="Random seed.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Root folder of the datasets.")
-@click.option("--weight-decay", type=float, help="AdamW weight decay.")
-@click.option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 @click.option("--max-train-samples", type=int, help="Use at most this many training images (quick runs).")
 @click.option("--max-eval-samples", type=int, help="Use at most this many validation and test images (quick runs).")
 @click.option("--classnames", "classnames_file", type=click.Path(exists=True, dir_okay=False),
@@ -115,21 +123,19 @@ def status(config_path: str | None, as_json: bool) -> None:
               help="Your own prompt templates, one per line, with {} where the class name goes.")
 @click.option("--wait", is_flag=True, help="Print progress until the job ends, then its result.")
 @click.option("--local", is_flag=True, help="Run it here in the foreground (no daemon needed), with a progress bar.")
-def adapt(config_path: str | None, target: str, n_fraction: float | None, start_scale: float | str | None,
-          epochs: int | None, lr: float | None, batch_size: int | None, seed: int | None, data_root: str | None,
-          weight_decay: float | None, device: str | None, max_train_samples: int | None, max_eval_samples: int | None,
-          classnames_file: str | None, templates_file: str | None, wait: bool, local: bool) -> None:
+@_adapt_settings
+def adapt(config_path: str | None, target: str, data_root: str | None, max_train_samples: int | None,
+          max_eval_samples: int | None, classnames_file: str | None, templates_file: str | None, wait: bool,
+          local: bool, **settings: Any) -> None:
     """Queue a Stage 2 adaptation of the current basis to TARGET on the daemon (--local: run it here)."""
 
     from axis_stream.service.jobs.client import watch_job
 
     if target.startswith("imagefolder:"):    # the daemon runs elsewhere: a path relative to here means nothing there
         target = "imagefolder:" + str(Path(target.split(":", 1)[1]).expanduser().resolve())
-    given = {"target": target, "n_fraction": n_fraction, "start_scale": start_scale, "epochs": epochs, "lr": lr,
-             "batch_size": batch_size, "seed": seed, "data_root": str(Path(data_root).resolve()) if data_root else None,
-             "weight_decay": weight_decay, "device": device, "max_train_samples": max_train_samples,
-             "max_eval_samples": max_eval_samples, "classnames": _text_lines(classnames_file),
-             "templates": _text_lines(templates_file)}
+    given = {"target": target, "data_root": str(Path(data_root).resolve()) if data_root else None,
+             "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
+             "classnames": _text_lines(classnames_file), "templates": _text_lines(templates_file), **settings}
     if local:
         return _adapt_local(config_path, {k: v for k, v in given.items() if v is not None})
     socket_path = _socket(config_path)

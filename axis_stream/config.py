@@ -200,22 +200,30 @@ class SchedulerConfig:
             t.validate()
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A field with its one-line help: the config file's documentation, the CLI option's help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class AdaptConfig:
-    n_fraction: float = 0.10             # trainable top-N singular values per matrix, fraction of min(m, n)
-    start_scale: float | str = "auto"    # Lambda starts at start_scale * s (1.0: the paper's merged start); auto:
-                                         # the best of a few starts on validation (adapt/start.py)
-    epochs: int = 10
-    lr: float = 1e-1
-    weight_decay: float = 0.1
-    batch_size: int = 64
-    grad_clip: float = 1.0
-    val_fraction: float = 0.10
-    val_max: int = 5000
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    amp: bool = True                     # mixed precision on CUDA
+    """Stage 2's settings: ``[adapt]`` in the config, and each one an ``adapt`` option and a job
+    parameter of the same name (``cli.adapt`` and ``adapt.recipe.job_settings`` derive them from here)."""
+
+    n_fraction: float = _setting(0.10, "Trained top-N singular values per matrix, fraction of min(m, n).")
+    start_scale: float | str = _setting("auto", "Start Lambda at this times the merged singular values (1.0: the "
+                                        "paper's merged start), or auto: the best of a few starts on validation.")
+    epochs: int = _setting(10, "Training epochs.")
+    lr: float = _setting(1e-1, "Learning rate (AdamW).")
+    weight_decay: float = _setting(0.1, "AdamW weight decay.")
+    batch_size: int = _setting(64, "Batch size.")
+    grad_clip: float = _setting(1.0, "Gradient norm clipping.")
+    val_fraction: float = _setting(0.10, "Fraction of the training split held out for validation.")
+    val_max: int = _setting(5000, "At most this many validation samples.")
+    seed: int = _setting(0, "Random seed.")
+    num_workers: int = _setting(2, "Data loader worker processes.")
+    device: str = _setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    amp: bool = _setting(True, "Mixed precision on CUDA.")
 
     def validate(self) -> None:
         _range("adapt.n_fraction", self.n_fraction, 0.0, 1.0, low_open=True)

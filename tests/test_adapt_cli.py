@@ -180,3 +180,18 @@ def test_export_merged_on_an_open_clip_base_is_one_loadable_file(setup, tmp_path
     result = CliRunner().invoke(cli.main, ["export", "--merged", "--adapter", "--config", str(cfg_path), "--out",
                                            str(tmp_path / "adapter")])
     assert result.exit_code == 1 and "--adapter needs a Hugging Face (transformers) base" in result.output
+
+
+def test_every_stage2_setting_is_one_adapt_option_and_one_job_parameter():
+    """Declared once (config.AdaptConfig): the CLI's options and the job's parameters follow it."""
+    import dataclasses
+
+    from axis_stream.adapt.recipe import job_settings
+    from axis_stream.cli import adapt as adapt_command
+    from axis_stream.config import AdaptConfig, Config
+
+    options = {p.name: p for p in adapt_command.params}
+    for f in dataclasses.fields(AdaptConfig):
+        assert f.name in options and options[f.name].help == f.metadata["help"], f.name
+    settings = job_settings({"target": "mnist", "grad_clip": "0.5", "amp": False, "val_max": 7}, Config())
+    assert (settings.hp.grad_clip, settings.hp.amp, settings.hp.val_max) == (0.5, False, 7)

@@ -58,7 +58,10 @@ class JobSettings:
     max_eval_samples: int | None = None
 
 
-_EXTRA = {"target", "data_root", "classnames", "templates", "max_train_samples", "max_eval_samples"}
+_EXTRA = {f.name for f in dataclasses.fields(JobSettings)} - {"hp"}
+"""A job's parameters beyond the Stage 2 settings (``AdaptConfig``, whose every field is one too)."""
+REPORTED_APART = ("n_fraction", "seed", "device", "num_workers")
+"""Settings the report holds elsewhere (the device actually used) or that do not change the result."""
 
 
 def job_settings(params: Mapping[str, Any], cfg: Config) -> JobSettings:
@@ -174,8 +177,8 @@ def adapt(base: nn.Module, base_cfg: BaseConfig, snapshot: Snapshot, job: JobSet
         "target": target.key, "target_name": target.name, "num_classes": len(target.classnames),
         "basis_version": snapshot.version, "n_fraction": hp.n_fraction, "seed": hp.seed,
         "base": {"model": base_cfg.model, "pretrained": base_cfg.pretrained, "sha256": base_sha256},
-        "hyperparameters": {k: getattr(hp, k) for k in ("start_scale", "epochs", "lr", "weight_decay", "batch_size",
-                                                         "grad_clip", "val_fraction", "val_max", "amp")},
+        "hyperparameters": {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)
+                            if f.name not in REPORTED_APART},
         "device": str(device), "amp_dtype": amp.dtype_name,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "trainable_params": model.trainable_count(),
