@@ -43,6 +43,7 @@ from axis_stream.core.stage1 import Factors
 State = Union[Factors, Tensor]
 STATE_BYTES_PER_VALUE = 4        # states are stored in float32
 DENSE = "dense"                  # ``FoldStats.svd_method`` of a dense strategy's fold: no SVD, no truncation
+UNCHANGED = "unchanged"          # ... of a matrix the source left as it was (nothing folded)
 
 
 @dataclass(frozen=True)

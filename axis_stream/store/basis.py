@@ -62,6 +62,7 @@ from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
+from axis_stream.core.strategies import UNCHANGED
 from axis_stream.store import atomic, ingest, ledger, models, prefetch, versions
 from axis_stream.store.folding import Folder, FoldState, Progress, checked, joined_stats, stats_entry
 from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
@@ -363,11 +364,11 @@ class Basis:
                     raise errors.Duplicate(ckpt.path, f"already folded at version {entry.version} "
                                                       f"(as {entry.file})")
                 version = snap.version + 1
-                matrices, stats, shares, changed, sq = folder.matrices(ckpt.delta, snap, version, progress, workers,
-                                                                       memory_budget)
-                sq += folder.vectors(snap, self._checkpoint_means(ckpt, manifest["matrices"]))
+                fold = folder.matrices(ckpt.delta, snap, version, progress, workers, memory_budget)
+                sq = fold.source_energy + folder.vectors(snap, self._checkpoint_means(ckpt, manifest["matrices"]))
                 ckpt.finish()
-            folded = [s for s in stats.values() if s["svd_method"] != "unchanged"]
+            matrices, stats = fold.entries, fold.stats
+            folded = [s for s in stats.values() if s["svd_method"] != UNCHANGED]
             record = FoldRecord(
                 version=version, file=ckpt.path.name, sha256=ckpt.sha256, size=ckpt.size,
                 folded_at=_now(), seconds=round(time.perf_counter() - start, 4), matrices=stats,
@@ -381,8 +382,8 @@ class Basis:
                        mean_norm=scalars.mean_norm, lineage=ledger.extend(manifest["lineage"], version),
                        matrices=matrices, means=sorted(snap.vectors))
             self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.matrices, snap.vectors,
-                                                            changed),
-                         before_pointer=lambda: self._ledger.add([(record.to_json(), shares)], new["share_base"]))
+                                                            fold.changed),
+                         before_pointer=lambda: self._ledger.add([(record.to_json(), fold.shares)], new["share_base"]))
         return record
 
     def fold_basis(self, other: "Basis", *, workers: int = 1, memory_budget: float = math.inf) -> list[FoldRecord]:
@@ -418,9 +419,9 @@ class Basis:
             if not records:
                 return []
             first, version = snap.version + 1, snap.version + len(records)
-            matrices, stats, entry, changed, _ = folder.matrices(
-                lambda name: theirs.factors[name] if theirs.factors[name].rank else None, snap, first, None,
-                workers, memory_budget)
+            fold = folder.matrices(lambda name: theirs.factors[name] if theirs.factors[name].rank else None, snap,
+                                   first, None, workers, memory_budget)
+            matrices, stats, entry = fold.entries, fold.stats, fold.shares
             for name, info in matrices.items():  # the task matrices behind the other basis's energy
                 ours, their_info = manifest["matrices"][name], theirs.manifest["matrices"][name]
                 info["source_energy"] = ours["source_energy"] + their_info["source_energy"]
@@ -438,7 +439,7 @@ class Basis:
                        restored_from=None, created_at=_now(), count=snap.scalars.count + theirs.count,
                        lineage=lineage, matrices=matrices, means=sorted(snap.vectors))
             self._commit(new, lambda tmp: self._write_files(tmp, manifest, matrices, snap.matrices, snap.vectors,
-                                                            changed),
+                                                            fold.changed),
                          before_pointer=lambda: self._ledger.add(rows, new["share_base"]))
         return imported
 

@@ -25,7 +25,7 @@ from axis_stream.config import BasisConfig
 from axis_stream.core import calibration, layout, stage1
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
-from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, FoldStrategy, Scalars, State
+from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, UNCHANGED, FoldStrategy, Scalars, State
 from axis_stream.store.records import entered
 from axis_stream.store.threads import bounded_map
 
@@ -86,6 +86,31 @@ def checked(settings: BasisConfig, where: Path) -> BasisConfig:
     return dataclasses.replace(settings, strategy_params=params)
 
 
+@dataclass
+class MatrixFold:
+    """One matrix's fold: its new manifest entry, its fold-record stats, the source's entry share
+    ``[share, log_scale]``, the matrix's state (the current object when unchanged) and the source's
+    squared norm on it."""
+
+    entry: dict[str, Any]
+    stats: dict[str, Any]
+    share: list[float]
+    state: State | None
+    source_energy: float
+
+
+@dataclass
+class SourceFold:
+    """A source's matrices folded (``Folder.matrices``): per matrix its manifest entry and stats, the
+    source's entry shares in the manifest's order, the matrices it changed and its squared norm."""
+
+    entries: dict[str, dict[str, Any]]
+    stats: dict[str, dict[str, Any]]
+    shares: list[list[float]]
+    changed: set[str]
+    source_energy: float
+
+
 class Folder:
     """Folds a source's tensors into a ``FoldState`` with one basis's settings and strategy."""
 
@@ -95,35 +120,31 @@ class Folder:
         self.params = self.strategy.check(settings.strategy_params)
 
     def matrices(self, delta: Callable[[str], Tensor | Factors | None], state: FoldState, version: int,
-                 progress: Progress | None, workers: int, memory_budget: float
-                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[list[float]], set[str], float]:
+                 progress: Progress | None, workers: int, memory_budget: float) -> SourceFold:
         """Fold a source's matrices (``delta(name)``: a checkpoint's task matrix or another basis's
-        factors) into ``state.matrices``, ``workers`` at a time: new manifest entries, stats, the
-        source's entry shares, the matrices it changed (``version``: the first one being written) and
-        the source's squared norm over the matrices."""
+        factors) into ``state.matrices``, ``workers`` at a time (``version``: the first one being written)."""
         infos = state.manifest["matrices"]
 
-        def prepare(name: str) -> Callable[[], tuple]:
+        def prepare(name: str) -> Callable[[], MatrixFold]:
             d = delta(name)  # read here, in order; the fold may run in another thread
             return lambda: self.matrix(infos[name], state.matrices[name], d, version, state.scalars.count)
 
         per_entry = self.strategy.fold_bytes_per_entry
         done = bounded_map(list(infos), prepare, lambda name: per_entry * math.prod(infos[name]["shape"]),
                            workers=workers, budget=memory_budget, done=progress)
-        changed = {name for name, r in done.items() if r[3] is not state.matrices[name]}
-        state.matrices.update({name: r[3] for name, r in done.items()})
-        return ({n: r[0] for n, r in done.items()}, {n: r[1] for n, r in done.items()},
-                [r[2] for r in done.values()], changed, sum(r[4] for r in done.values()))
+        changed = {name for name, r in done.items() if r.state is not state.matrices[name]}
+        state.matrices.update({name: r.state for name, r in done.items()})
+        return SourceFold({n: r.entry for n, r in done.items()}, {n: r.stats for n, r in done.items()},
+                          [r.share for r in done.values()], changed, sum(r.source_energy for r in done.values()))
 
     def matrix(self, info: dict[str, Any], current: State | None, d: Tensor | Factors | None, version: int,
-               count: int) -> tuple[dict[str, Any], dict[str, Any], list[float], State | None, float]:
-        """One matrix's fold: manifest entry, stats, entry share, state (``current`` if unchanged) and
-        the source's squared norm on it."""
+               count: int) -> MatrixFold:
+        """One matrix's fold (``current`` kept as its state when the source leaves it unchanged)."""
         if self.strategy.dense:
             return self._dense_matrix(info, current, d, count)
         stats = calibration_stats(info)
         if d is None:
-            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": "unchanged", "svd_error": 0.0}
+            st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": UNCHANGED, "svd_error": 0.0}
             e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
         else:
             k, new, delta_energy = self._fold_source(current, d, count)
@@ -145,10 +166,10 @@ class Folder:
         entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
                      source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset,
                      **stats_entry(stats))
-        return entry, st, [share, log_scale], factors, delta_energy
+        return MatrixFold(entry, st, [share, log_scale], factors, delta_energy)
 
     def _dense_matrix(self, info: dict[str, Any], current: Tensor | None, d: Tensor | Factors | None, count: int
-                      ) -> tuple[dict[str, Any], dict[str, Any], list[float], Tensor | None, float]:
+                      ) -> MatrixFold:
         """A dense strategy's fold of one matrix, with the neutral statistics."""
         delta = None if d is None else layout.as_matrix(d)
         new = self.strategy.fold(current, delta, info["k"], count, self.params)
@@ -158,7 +179,7 @@ class Folder:
         st = {"k": info["k"], "rank": 0, "new_kept": 0, "energy_kept": 0.0, "svd_method": DENSE, "svd_error": 0.0}
         energy = 0.0 if new is None else float(torch.linalg.matrix_norm(new.double())) ** 2
         entry = dict(info, energy=energy, source_energy=info["source_energy"] + delta_energy)
-        return entry, st, [0.0, info["log_scale"]], new, delta_energy
+        return MatrixFold(entry, st, [0.0, info["log_scale"]], new, delta_energy)
 
     def _fold_source(self, current: Factors, d: Tensor | Factors, count: int) -> tuple[int, Factors, float]:
         """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
