@@ -32,16 +32,19 @@ def card_meta(folder: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-def folded(family: str, tmp_path: Path, seeds=(40, 41), text: dict | None = None, **basis) -> tuple[Path, Basis]:
-    """A saved tiny base of ``family`` and a basis with two fine-tunes folded; returns the config path too."""
+def folded(family: str, tmp_path: Path, seeds=(40, 41), text: dict | None = None,
+           overrides: dict | None = None) -> tuple[Path, Basis]:
+    """A saved tiny base of ``family`` (its config changed by ``overrides``) and a basis with two
+    fine-tunes folded; returns the config path too."""
     folder = tmp_path / "base"
-    model = tiny_model(family, text=text)
+    model = tiny_model(family, text=text, **(overrides or {}))
     model.save_pretrained(folder)
     base = dict(readers.read_hf_base(folder))
-    cfg = hf_config(folder, tmp_path, **basis)
+    cfg = hf_config(folder, tmp_path)
     b = Basis.create(cfg.paths.basis_dir, readers.read_hf_base(folder), cfg.basis)
     for seed in seeds:
-        b.fold_checkpoint(save_finetune(tiny_model(family, text=text), base, seed, tmp_path / f"ft-{seed}"))
+        b.fold_checkpoint(save_finetune(tiny_model(family, text=text, **(overrides or {})), base, seed,
+                                        tmp_path / f"ft-{seed}"))
     return tmp_path / "axis-stream.toml", b
 
 
@@ -59,8 +62,9 @@ def assert_same_weights(merged: torch.nn.Module, full: torch.nn.Module, skip: tu
             torch.testing.assert_close(got[name], t, rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path):
-    cfg_path, basis = folded("llama", tmp_path)
+@pytest.mark.parametrize("tied", [False, True])         # tie_word_embeddings: the LM head is the embedding
+def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path, tied):
+    cfg_path, basis = folded("llama", tmp_path, overrides={"tie_word_embeddings": tied})
     out, full = tmp_path / "adapter", tmp_path / "merged"
     printed = export("--merged", "--adapter", "--config", str(cfg_path), "--out", str(out))
     assert f"a LoRA adapter of basis version {basis.version}" in printed and "not in the adapter" not in printed
@@ -72,10 +76,12 @@ def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path):
     assert sorted(settings["target_modules"]) == sorted(k)      # the basis's matrices, no other
     assert settings["r"] == settings["lora_alpha"] and all(settings["rank_pattern"][p] == settings["alpha_pattern"][p]
                                                            for p in settings["rank_pattern"])
-    assert sorted(settings["modules_to_save"]) == ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm",
+    assert sorted(settings["modules_to_save"]) == [*(["lm_head"] if not tied else []), "model.embed_tokens",
+                                                   "model.layers.0.input_layernorm",
                                                    "model.layers.0.post_attention_layernorm",
                                                    "model.layers.1.input_layernorm",
                                                    "model.layers.1.post_attention_layernorm", "model.norm"]
+    assert settings["ensure_weight_tying"] is tied
 
     base = transformers.LlamaForCausalLM.from_pretrained(cfg.base.model).eval()
     loaded = peft.PeftModel.from_pretrained(base, out).eval()

@@ -101,12 +101,15 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
     except ImportError:
         raise BasisError("--adapter needs peft: pip install 'axis-stream[hf]'") from None
     p = plan(module, factors, deltas)
+    tied = _tied_embeddings(module)
+    expected = set(p.saved) | ({tied[1]} if tied and tied[0] in p.saved else set())   # PEFT saves the tied one too
     r = Counter(p.targets.values()).most_common(1)[0][0]
     others = {re.escape(t): k for t, k in p.targets.items() if k != r}
     config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=sorted(p.targets), rank_pattern=others,
                              alpha_pattern=dict(others), lora_dropout=0.0, bias="none", lora_bias=p.lora_bias,
                              modules_to_save=p.saved or None, base_model_name_or_path=base_model,
-                             task_type=_task_type(module), inference_mode=True)
+                             task_type=_task_type(module), inference_mode=True,
+                             ensure_weight_tying=tied is not None)
     with warnings.catch_warnings():   # PEFT 0.21 asks transformers 5 a deprecated question; nothing to act on
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
         wrapped = peft.get_peft_model(module, config, adapter_name=ADAPTER_NAME)
@@ -116,9 +119,9 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
             lora[name] = sub
         elif isinstance(sub, ModulesToSaveWrapper):
             saved[name] = sub
-    if set(lora) != set(p.targets) or set(saved) != set(p.saved):
+    if set(lora) != set(p.targets) or set(saved) != expected:
         raise BasisError(f"PEFT wrapped other modules than planned (LoRA {sorted(set(lora) ^ set(p.targets))[:3]}, "
-                         f"saved {sorted(set(saved) ^ set(p.saved))[:3]}): module names that end in another's")
+                         f"saved {sorted(set(saved) ^ expected)[:3]}): module names that end in another's")
     with torch.no_grad():
         for name, layer in lora.items():
             U, sigma, V = factors[f"{name}.weight"]
@@ -128,13 +131,13 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
             if p.lora_bias:
                 bias = deltas.get(f"{name}.bias")
                 layer.lora_B[ADAPTER_NAME].bias.copy_(0 if bias is None else bias)
-        for name, wrapper in saved.items():
-            copy = wrapper.modules_to_save[ADAPTER_NAME]
+        for name in p.saved:             # a tied output embedding's copy is the input one's
+            copy = saved[name].modules_to_save[ADAPTER_NAME]
             copy.load_state_dict({k: full[f"{name}.{k}"] for k in copy.state_dict()})
     with warnings.catch_warnings():   # PEFT 0.21 takes lora_B's bias (1-D by design) for an ungathered shard
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
         state = peft.get_peft_model_state_dict(wrapped, adapter_name=ADAPTER_NAME)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}   # tied copies as two tensors, as PEFT saves them
     settings = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
 
     def fill(folder: Path) -> None:
@@ -144,6 +147,20 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
 
     write_folder(out, fill)
     return p
+
+
+def _tied_embeddings(module: nn.Module) -> tuple[str, str] | None:
+    """The input and output embeddings' names when they share one weight (``tie_word_embeddings``): PEFT
+    then keeps their ``modules_to_save`` copies tied (``ensure_weight_tying``), or the LM head would keep
+    the base's embedding."""
+    try:
+        inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return None
+    names = {id(m): n for n, m in module.named_modules()}
+    return names[id(inputs)], names[id(outputs)]
 
 
 def _task_type(module: nn.Module) -> str | None:
