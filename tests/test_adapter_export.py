@@ -112,6 +112,26 @@ def test_a_decoder_llms_merged_basis_as_an_adapter(tmp_path, tied):
     run_printed(printed + printed_full, tmp_path)                        # the printed load lines load them
 
 
+def test_a_bert_encoders_merged_basis_as_an_adapter(tmp_path):
+    cfg_path, basis = folded("bert", tmp_path)
+    out, full = tmp_path / "adapter", tmp_path / "merged"
+    printed = export("--merged", "--adapter", "--config", str(cfg_path), "--out", str(out))
+    export("--merged", "--config", str(cfg_path), "--out", str(full))
+    settings = json.loads((out / "adapter_config.json").read_text())
+    assert settings["lora_bias"] is True and settings["task_type"] is None
+    assert {"embeddings.word_embeddings", "embeddings.LayerNorm", "pooler.dense"} <= set(settings["modules_to_save"])
+    base = transformers.BertModel.from_pretrained(config.load(cfg_path).base.model).eval()
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    reference = transformers.BertModel.from_pretrained(full).eval()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+    assert_same_weights(loaded.merge_and_unload(), reference)
+    assert card_meta(out)["axis_stream"]["basis_version"] == basis.version
+    run_printed(printed, tmp_path)
+
+
 def test_a_clip_jobs_adapter_gives_the_jobs_logits(tmp_path):
     from test_adapt_data import write_colour_folders
 
