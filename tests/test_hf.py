@@ -252,7 +252,7 @@ def tiny_qwen2(head: str, seed: int = 0) -> torch.nn.Module:
     return getattr(transformers, f"Qwen2For{head}")(cfg)
 
 
-def test_another_head_of_the_base_model_type_is_refused_unless_allowed_then_warned_and_recorded(tmp_path, caplog):
+def test_another_head_is_refused_unless_allowed_then_warned_and_recorded(tmp_path, caplog):
     """Issue 25 item 12: a Qwen2ForSequenceClassification fine-tune into a Qwen2ForCausalLM base has the
     base's model_type: quarantined as other_architecture by default; allowed, it folds (its head
     ignored) with a warning, and its ledger record names both architectures."""
