@@ -125,3 +125,5 @@ def test_a_stalled_certificate_is_hopeless_and_a_converging_one_is_not():
     assert not entering._hopeless([(2, 3000.0), (4, 20.0)])     # predicted at about 5 steps
     assert entering._hopeless([(2, 50.0), (4, 45.0)])           # predicted far beyond the last step count
     assert entering._hopeless([(2, math.inf), (4, math.inf)])
+    assert entering._hopeless([(2, 44.0), (4, math.inf)])      # worse: the boundary moved into a flat part
+    assert not entering._hopeless([(2, math.inf), (4, 30.0)])

@@ -98,12 +98,14 @@ def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: b
 def _hopeless(history: list[tuple[int, float]]) -> bool:
     """Whether the certificate's excess, extrapolated log-linearly from its last two checks (power
     iteration converges linearly), reaches 1 only beyond ``GIVE_UP_FACTOR`` times the last step
-    count; two checks in a row with no finite excess are hopeless too."""
+    count; a check with no finite excess after another is hopeless too."""
     if len(history) < 2:
         return False
     (s1, x1), (s2, x2) = history[-2:]
-    if not (math.isfinite(x1) and math.isfinite(x2)):
-        return not (math.isfinite(x1) or math.isfinite(x2))
+    if not math.isfinite(x2):
+        return True                           # worse than the check before (e.g. a boundary in a flat bulk)
+    if not math.isfinite(x1):
+        return False
     if x2 >= x1:
         return True
     rate = (math.log(x1) - math.log(x2)) / (s2 - s1)
