@@ -25,8 +25,8 @@ Pure functions on tensors and floats: no files, no logging.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class SourceStats:
     norm_sum: float = 0.0           # sum_i ||Delta_i||_F
     selected_energy: float = 0.0    # sum of sigma^2 of the kept components, as their sources gave them
 
-    def after(self, sigma_1: float, norm: float, kept_fraction: float, entered_energy: float) -> "SourceStats":
+    def after(self, sigma_1: float, norm: float, kept_fraction: float, entered_energy: float) -> SourceStats:
         """The statistics once one more source is folded: its top singular value ``sigma_1`` and norm,
         ``kept_fraction`` of the current basis's energy kept by the fold and the ``entered_energy``
         (sum of sigma^2) of the source's components that entered.

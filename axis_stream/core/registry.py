@@ -3,7 +3,8 @@ strategies, the offline suites (mergekit-style: adding one is one new entry)."""
 
 from __future__ import annotations
 
-from typing import Any, Generic, Iterator, Mapping, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -7,8 +7,9 @@ the selection strategies, A.10 for the Gavish-Donoho threshold). No files, no lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class _Pool:
     V: Tensor
     source: Tensor
 
-    def take(self, idx: Tensor) -> "_Pool":
+    def take(self, idx: Tensor) -> _Pool:
         return _Pool(self.U[:, idx], self.s[idx], self.V[:, idx], self.source[idx])
 
 

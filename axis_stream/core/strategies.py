@@ -30,8 +30,9 @@ Pure tensors in and out: no files, no logging.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ class Scalars:
     count: int = 0
     mean_norm: float = 0.0
 
-    def after(self, norm: float) -> "Scalars":
+    def after(self, norm: float) -> Scalars:
         """The scalars once one more source, of whole-model norm ``norm``, is folded."""
         return Scalars(self.count + 1, continual.next_mean_norm(self.mean_norm, self.count, norm))
 

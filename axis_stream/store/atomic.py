@@ -6,9 +6,10 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def fsync_dir(path: str | Path) -> None:

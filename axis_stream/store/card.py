@@ -9,7 +9,8 @@ written, so two exports of the same version are byte-identical.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from axis_stream.store.basis import Basis
 

@@ -18,9 +18,9 @@ stops accidents, it is not a sandbox: convert only files whose origin you trust.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from safetensors.torch import save_file
 from torch import Tensor

@@ -19,8 +19,8 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor

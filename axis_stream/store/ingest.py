@@ -19,9 +19,10 @@ head, is ``OtherArchitecture`` unless allowed). Whole pickled objects are refuse
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -196,7 +197,7 @@ class Checkpoint:
     def close(self) -> None:
         self._source.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -23,8 +23,9 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from axis_stream import errors
 from axis_stream.store import atomic

@@ -13,8 +13,9 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +130,7 @@ def _clip_for_stage2() -> type:
 
     class CLIPForStage2(transformers.CLIPModel):
         @classmethod
-        def from_pretrained(cls, folder: Path, **kwargs: Any) -> "CLIPForStage2":
+        def from_pretrained(cls, folder: Path, **kwargs: Any) -> CLIPForStage2:
             model = super().from_pretrained(folder, **kwargs)
             size = model.config.vision_config.image_size
             try:

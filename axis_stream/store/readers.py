@@ -17,8 +17,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor

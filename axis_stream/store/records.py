@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -72,7 +73,7 @@ class FoldRecord:
                 f"{self.relative_norm:.3f}, {self.seconds:.1f} s{other}")
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FoldRecord":
+    def from_json(cls, d: Mapping[str, Any]) -> FoldRecord:
         """A record as the ledger keeps it; a field added since (``architecture``) takes its default."""
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 

@@ -37,7 +37,7 @@ class StateLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "StateLock":
+    def __enter__(self) -> StateLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Hashable, Sequence, TypeVar
+from typing import TypeVar
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")

@@ -11,9 +11,10 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from torch import Tensor
 
