@@ -8,9 +8,10 @@ nothing heavy at module level (no torch), so that ``status`` and the job command
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from axis_stream.adapt.files import HEAD_FILE, LAMBDA_FILE, REPORT_FILE
 from axis_stream.text import printable
@@ -63,7 +64,7 @@ def describe(record: dict[str, Any]) -> list[str]:
     result = record["result"]
     if result is not None:
         lines.append("result:")
-        if _REPORT_KEYS <= result.keys():     # a Stage 2 report: as ``adapt --local`` prints it
+        if result.keys() >= _REPORT_KEYS:     # a Stage 2 report: as ``adapt --local`` prints it
             lines.extend(f"  {line}" for line in adapt_summary_lines(
                 dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent))))
         else:
@@ -80,7 +81,7 @@ def final_lines(record: dict[str, Any]) -> list[str]:
     took = f" in {_duration(record)}" if record["started_at"] else ""
     lines = [f"job {record['id']} {record['state']}{took}" + (f": {record['error']}" if record["error"] else "")]
     result = record["result"]
-    if result is not None and _REPORT_KEYS <= result.keys():
+    if result is not None and result.keys() >= _REPORT_KEYS:
         lines += adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)))
     elif result is not None:
         lines.append("result: " + ", ".join(f"{k} {_value(v)}" for k, v in result.items()))

@@ -10,10 +10,11 @@ GPU job runs (autocast, loss scaling with float16, the allocator's barrier and p
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

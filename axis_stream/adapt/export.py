@@ -11,8 +11,9 @@ with each.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file

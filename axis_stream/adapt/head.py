@@ -9,9 +9,9 @@ ship as ``axis_stream/data/targets.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

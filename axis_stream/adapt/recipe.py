@@ -15,9 +15,10 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, get_type_hints
+from typing import Any, Protocol, get_type_hints
 
 import torch
 from safetensors.torch import save_file

@@ -15,8 +15,9 @@ import socket
 import socketserver
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from axis_stream.errors import AxisError
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from axis_stream import errors
 from axis_stream.config import Config

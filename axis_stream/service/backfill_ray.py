@@ -28,8 +28,9 @@ import os
 import secrets
 import shutil
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from axis_stream.cluster import connect
 from axis_stream.config import Config, RayConfig

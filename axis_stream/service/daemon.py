@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from axis_stream import __version__, errors
 from axis_stream.config import Config

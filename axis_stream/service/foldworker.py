@@ -16,10 +16,10 @@ import sqlite3
 import stat
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError

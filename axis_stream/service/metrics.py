@@ -14,9 +14,9 @@ import platform
 import shutil
 import socket
 import threading
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -218,7 +218,7 @@ class MetricsServer:
         """The bound (host, port), useful when port 0 asked the kernel for a free one."""
         return self._server.server_address[:2]
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", *self.address)
         return self

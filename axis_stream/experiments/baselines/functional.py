@@ -8,7 +8,7 @@ training loop and evaluation serve them all unchanged.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn

@@ -8,8 +8,8 @@ computed once. ``patch_dropout`` is the test-time input degradation of the robus
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 

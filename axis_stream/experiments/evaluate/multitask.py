@@ -11,7 +11,7 @@ negative is forgetting, BWT(1) = 0. One row per (method, arrival order, t) goes 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 MULTITASK = "multitask.csv"
 KEY = ("method", "order", "sources", "k_fraction", "seed")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 if sys.version_info >= (3, 11):
     pass

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import statistics
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from axis_stream.experiments.evaluate.experiment import load_experiment
 from axis_stream.experiments.evaluate.plan import plan

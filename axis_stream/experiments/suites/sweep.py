@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -11,8 +11,8 @@ zero-shot head: each class's mean base-model feature over the target's training 
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from axis_stream.service.api import RequestError, arg
 from axis_stream.service.jobs.kinds import adapt_request

@@ -9,9 +9,10 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from axis_stream.adapt.data import resolve_target
 from axis_stream.adapt.recipe import Progress, adapt, job_settings

@@ -8,9 +8,10 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from axis_stream.errors import AxisError
 from axis_stream.store.atomic import own_mode
