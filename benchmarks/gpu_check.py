@@ -24,9 +24,9 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from stage2_cost import N_FRACTION, SyntheticSource, fold_bases

@@ -127,7 +127,7 @@ def test_unknown_statistics_give_no_factor_and_an_empty_matrix_gives_one():
 
 
 def test_config_names_every_rule():
-    assert config.CALIBRATIONS == tuple(CALIBRATIONS)
+    assert tuple(CALIBRATIONS) == config.CALIBRATIONS
     with pytest.raises(config.ConfigError, match="basis.calibration"):
         BasisConfig(calibration="cap").validate()
 

@@ -91,7 +91,7 @@ class Received:
         while (message := self.sock.recv(4096).decode()) != "END":
             self.messages.append(message)
 
-    def __enter__(self) -> "Received":
+    def __enter__(self) -> Received:
         self._thread.start()
         return self
 

@@ -64,7 +64,7 @@ def fold_all(name: str, tvs: list[dict], ks: dict[str, int], params: dict | None
 
 
 def test_config_offers_exactly_the_registered_strategies():
-    assert config.FOLD_STRATEGIES == tuple(FOLD_STRATEGIES)
+    assert tuple(FOLD_STRATEGIES) == config.FOLD_STRATEGIES
 
 
 @pytest.mark.parametrize("shape", SHAPES)

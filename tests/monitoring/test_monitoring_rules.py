@@ -161,7 +161,7 @@ def test_dashboard_has_the_operator_panels_and_a_sane_layout():
     cells = set()
     for p in dash["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
         assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
