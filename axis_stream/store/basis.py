@@ -49,9 +49,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -91,7 +92,7 @@ class Basis:
 
     @classmethod
     def create(cls, directory: str | Path, base_state_dict: Mapping[str, Tensor],
-               settings: BasisConfig, identity: Mapping[str, str] | None = None) -> "Basis":
+               settings: BasisConfig, identity: Mapping[str, str] | None = None) -> Basis:
         """Write version 0 (no sources) for this base. ``identity``: name, pretrained and optionally
         sha256 (checked against the weights; computed when absent)."""
         directory = Path(directory)
@@ -129,14 +130,14 @@ class Basis:
             "settings": dataclasses.asdict(settings),
             "count": 0, "mean_norm": 0.0, "lineage": [], "share_base": 0, "matrices": matrices, "means": [],
         }
-        with self._locked():
+        with versions.writer_lock(self.directory):
             self._clean_leftovers(current=-1)  # an interrupted create's version 0 holds no sources
             self._commit(manifest, lambda tmp: self._write_files(tmp, None, manifest["matrices"], {}, {}, set()))
         return self
 
     @classmethod
     def open(cls, directory: str | Path, base_state_dict: Mapping[str, Tensor] | None = None, *,
-             settings: BasisConfig | None = None) -> "Basis":
+             settings: BasisConfig | None = None) -> Basis:
         """Open an existing basis, cleaning up after a killed writer and migrating a format-1 basis.
         With the base state dict (needed to fold and for ``materialize(with_base=True)``) its sha256
         must match."""
@@ -159,7 +160,7 @@ class Basis:
             if sha != ident["sha256"]:
                 raise errors.BasisError(f"{directory}: was built for base {ident['name']}/{ident['pretrained']} "
                                         f"(sha256 {ident['sha256'][:12]}), not for these weights ({sha[:12]})")
-        with self._locked(blocking=False) as got:
+        with versions.writer_lock(self.directory, blocking=False) as got:
             if got:
                 self._clean_leftovers(self.version)
                 if self.manifest["format_version"] == 1:
@@ -352,7 +353,7 @@ class Basis:
         """
         base = self._need_base("fold")
         start = time.perf_counter()
-        with self._locked():
+        with versions.writer_lock(self.directory):
             self._clean_leftovers(self.version)
             snap, folder = self._state(), self._folder
             manifest = snap.manifest
@@ -386,7 +387,7 @@ class Basis:
                          before_pointer=lambda: self._ledger.add([(record.to_json(), fold.shares)], new["share_base"]))
         return record
 
-    def fold_basis(self, other: "Basis", *, workers: int = 1, memory_budget: float = math.inf) -> list[FoldRecord]:
+    def fold_basis(self, other: Basis, *, workers: int = 1, memory_budget: float = math.inf) -> list[FoldRecord]:
         """Fold another basis of the same base and structural settings into this one, as one new version.
 
         ``other`` is a rank-K source: per matrix ``stage1.fold_factors``, means combined weighted by
@@ -398,7 +399,7 @@ class Basis:
             raise errors.BasisError(f"{self.directory}: fold_basis needs basis.strategy = 'axis', this basis's is "
                                     f"{self.settings.strategy!r}: folding a basis into a basis is defined for AXIS's "
                                     f"factors, not for dense continual states")
-        with self._locked():
+        with versions.writer_lock(self.directory):
             self._clean_leftovers(self.version)
             snap, theirs, folder = self._state(), other.load(), self._folder
             manifest = snap.manifest
@@ -448,7 +449,7 @@ class Basis:
 
         Sources folded after ``version`` leave the ledger, so they can be folded again.
         """
-        with self._locked():
+        with versions.writer_lock(self.directory):
             current = self.version
             self._clean_leftovers(current)
             if version not in self.versions():
@@ -563,9 +564,6 @@ class Basis:
         versions.clean_leftovers(self.directory, current)
         if self._ledger.path.exists():
             self._ledger.drop_after(current)
-
-    def _locked(self, blocking: bool = True) -> ContextManager[bool]:
-        return versions.writer_lock(self.directory, blocking)
 
 
 def _now() -> str:
