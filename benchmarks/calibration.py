@@ -46,7 +46,7 @@ def spectral(stats: calibration.SourceStats, count: int, s) -> float:
     return stats.sigma_max / float(s.double().max())
 
 
-VARIANTS = {**{f"spectral-x{g}": (lambda g: lambda st, n, s: g * spectral(st, n, s))(g) for g in (0.7, 0.5, 0.35)},
+VARIANTS = {**{f"spectral-x{g}": (lambda st, n, s, g=g: g * spectral(st, n, s)) for g in (0.7, 0.5, 0.35)},
             "spectral-sqrt-cap": lambda st, n, s: min(spectral(st, n, s), 1 / math.sqrt(n))}
 
 

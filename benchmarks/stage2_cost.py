@@ -172,7 +172,8 @@ def run(counts: list[int], batch: int, steps: int, rt: Runtime) -> list[dict]:
     print("AXIS: folding the sources", flush=True)
     bases, folds = fold_bases(base_sd, counts, rt)
     for s, (factors, means) in bases.items():
-        record("axis", s, lambda: SVDAdapted(copy.deepcopy(base_model), factors, means, N_FRACTION),
+        record("axis", s,
+               lambda factors=factors, means=means: SVDAdapted(copy.deepcopy(base_model), factors, means, N_FRACTION),
                fold_seconds=sum(r["seconds"] for r in folds[:s]))
     budget = rows[-1]["trainable_params"]
     print(f"aTLAS at AXIS's budget of {budget:,} coefficients", flush=True)
@@ -180,7 +181,8 @@ def run(counts: list[int], batch: int, steps: int, rt: Runtime) -> list[dict]:
         sources = [SyntheticSource(base_sd, i, dtype=torch.float16) for i in range(s)]
         n_2d, n_other = (len(x) for x in atlas.scaled_tensors(base_model, sources))
         p = atlas.p_for_budget(budget, s, n_2d, n_other)
-        record("atlas", s, lambda: atlas.ATLAS(copy.deepcopy(base_model), sources, p, dtype=torch.float16),
+        record("atlas", s,
+               lambda sources=sources, p=p: atlas.ATLAS(copy.deepcopy(base_model), sources, p, dtype=torch.float16),
                partitions=p)
     return rows
 

@@ -103,6 +103,6 @@ def test_peak_memory_grows_with_the_number_of_sources(tiny_base, images):
     peaks = []
     for sources in (1, 3):
         model = atlas.ATLAS(models.create_base(cfg), task_vectors(base_sd, sources), partitions=2)
-        peaks.append(step_peak_bytes(model, lambda: model.call("encode_image", images).sum().backward()))
+        peaks.append(step_peak_bytes(model, lambda model=model: model.call("encode_image", images).sum().backward()))
     visual_bytes = sum(t.nbytes for n, t in base_sd.items() if n.startswith("visual."))
     assert peaks[1] - peaks[0] >= 2 * visual_bytes * 0.9  # two more resident source vectors, at least

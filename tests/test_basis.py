@@ -585,7 +585,8 @@ def test_fold_basis_equals_the_in_memory_tree_fold_and_imports_the_ledger(tiny_b
     snap = left.load()
     for n in names:
         a, b = shards[0][n], shards[1][n]
-        want = a if b is None else stage1.tree_reduce([a, b], lambda x, y: stage1.fold_factors(x, y, stage1.k_for(b.shape)))
+        want = a if b is None else stage1.tree_reduce(
+            [a, b], lambda x, y, b=b: stage1.fold_factors(x, y, stage1.k_for(b.shape)))
         got = snap.factors[n]
         assert torch.equal(got.U, want.U) and torch.equal(got.s, want.s) and torch.equal(got.V, want.V), n
     for n, b in base.items():  # means: the float64 batch mean of all four

@@ -68,7 +68,8 @@ def check_jobs_true(cfg: config.Config, daemon_alive: bool) -> dict[str, int]:
         elif r.state == "failed":
             assert r.error == RESTART_ERROR, r
         elif r.state == "running" and not daemon_alive:
-            wait_for(lambda: r.pid is None or process_gone(r.pid), 30, f"job {r.id}'s process to die with the daemon")
+            wait_for(lambda r=r: r.pid is None or process_gone(r.pid), 30,
+                     f"job {r.id}'s process to die with the daemon")
         assert r.state in FINAL_STATES or r.state in ("queued", "running"), r
     return counts
 
@@ -151,7 +152,7 @@ def kill_campaign(root: Path, base_cfg: config.BaseConfig, base: dict, kills: in
             else:
                 wait_ready(proc, cfg)
                 target = len(read_ledger(cfg)) + rng.randint(0, 2)       # let 0-2 folds finish first
-                wait_for(lambda: len(read_ledger(cfg)) >= target, 120, "folds before the kill", proc)
+                wait_for(lambda target=target: len(read_ledger(cfg)) >= target, 120, "folds before the kill", proc)
                 if point == "fold":                      # a random instant of the next fold
                     wait_for(lambda: api.request(cfg.paths.socket, "status")["queue"]["current"], 60,
                              "a fold in progress", proc)

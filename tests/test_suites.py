@@ -174,7 +174,8 @@ def _synthetic_vision_ci(data: Path, signal: float = 0.7) -> None:
         g = torch.Generator().manual_seed(t)
         patterns = torch.rand(3, 28, 28, generator=g) * 255
 
-        def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def images(n: int, patterns: torch.Tensor = patterns,
+                   g: torch.Generator = g) -> tuple[torch.Tensor, torch.Tensor]:
             y = torch.arange(n) % 3
             x = patterns[y] * signal + torch.rand(n, 28, 28, generator=g) * 255 * (1 - signal)
             return x.to(torch.uint8), y

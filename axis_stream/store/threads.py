@@ -47,7 +47,7 @@ def bounded_map(keys: Sequence[K], prepare: Callable[[K], Callable[[], R]], cost
             for key in keys:
                 amount = cost(key)
                 with cond:
-                    cond.wait_for(lambda: in_flight[0] == 0 or in_flight[0] + amount <= budget)
+                    cond.wait_for(lambda amount=amount: in_flight[0] == 0 or in_flight[0] + amount <= budget)
                     in_flight[0] += amount
                 try:
                     job = prepare(key)
