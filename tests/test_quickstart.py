@@ -6,12 +6,18 @@ import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 from click.testing import CliRunner
 
+from axis_stream import config
 from axis_stream.cli import main
-from axis_stream.service import quickstart
+from axis_stream.errors import AxisError
+from axis_stream.service import api, quickstart
+from axis_stream.testing import wait_until
 
 
 def test_tasks_are_deterministic_and_classes_differ():
@@ -50,6 +56,32 @@ def test_quickstart_runs_the_whole_product(tmp_path):
     assert report["basis_version"] == 3 and (job_dir / "lambda.safetensors").is_file()
     assert "folded source-colours.safetensors into v1" in (ws / "axis-stream.log").read_text()
     assert not (ws / "state" / "control.sock").exists()            # the daemon stopped cleanly
+    logs = (ws / "axis-stream.log").read_text() + (job_dir / "job.log").read_text()
+    assert " root: " not in logs and "Traceback" not in logs                # no open_clip noise (issue 26)
+
+    # the command it prints last runs the daemon on the workspace, as printed (issue 26 item 8)
+    assert lines[-1].startswith("done in ") and "; run the daemon yourself: axis-stream serve --config " in lines[-1]
+    command = lines[-1].split("run the daemon yourself: ")[1].split()
+    assert command[:3] == ["axis-stream", "serve", "--config"]
+    cfg = config.load(command[3], env={})
+    proc = subprocess.Popen([sys.executable, "-c", "from axis_stream.cli import main; main()", *command[1:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        status = wait_until(lambda: _status(cfg.paths.socket), 120, "the daemon on the workspace",
+                            alive=lambda: proc.poll() is not None and f"serve exited with {proc.returncode}")
+        assert status["ready"] and status["basis"]["version"] == 3 and status["basis"]["sources"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "WARNING" not in err and " root: " not in err, err
+
+
+def _status(socket_path):
+    try:
+        return api.request(socket_path, "status")
+    except (api.DaemonNotRunning, AxisError):
+        return None
 
 
 def test_cli_offers_the_quickstart():
