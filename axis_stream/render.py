@@ -153,9 +153,10 @@ def status_lines(status: Mapping[str, Any], now: float | None = None) -> list[st
                               + ", ".join(f"v{v}" for v in basis.get("versions", []))))
     else:
         rows.append(("basis", "none yet (created at the first fold)"))
-    current = queue.get("current")
+    current, progress = queue.get("current"), queue.get("progress")
+    at = f" (matrix {progress[0]} of {progress[1]})" if current and progress else ""
     rows.append(("queue", f"{plural(queue.get('depth', 0), 'file')} waiting their turn; "
-                          + (f"folding {current}" if current else "idle")))
+                          + (f"folding {current}{at}" if current else "idle")))
     rows.append(("folds", ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in folds.items() if n)
                  or "none since the start"))
     if last:

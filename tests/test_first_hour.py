@@ -102,13 +102,13 @@ def test_status_lines_are_aligned_in_human_units_and_json_stays_raw(tmp_path, mo
     assert "(up 3 min 20 s)" in text and "starting" in lines[0] and "None" not in text
     assert str(status["started_at"]) not in text and "basis       none yet" in text
     status.update(ready=True, basis={"version": 3, "sources": 1, "bytes": 124088, "versions": [2, 3]},
-                  queue={"depth": 2, "current": "cars.safetensors"}, folds=dict(status["folds"], folded=1),
+                  queue={"depth": 2, "current": "cars.safetensors", "progress": [3, 24]}, folds=dict(status["folds"], folded=1),
                   last={"file": "a.pt", "result": "rejected", "message": "visual.proj contains NaN", "reason": "nan",
                         "version": None, "seconds": 0.1},
                   waiting={"hf-model": {"seconds": 75.0, "cause": "no config.json"}}, future_key=None)
     text = "\n".join(render.status_lines(status, now=status["started_at"] + 90000))
     for part in ("pid", "ready", "(up 1 d 1 h)", "v3: 1 source, 121.2 KiB; on disk v2, v3",
-                 "2 files waiting their turn; folding cars.safetensors", "folds       1 folded",
+                 "2 files waiting their turn; folding cars.safetensors (matrix 3 of 24)", "folds       1 folded",
                  "rejected a.pt: visual.proj contains NaN [nan]", "hf-model: no config.json (unchanged 1 min 15 s)",
                  "future key  -"):
         assert part in text, (part, text)
