@@ -4,8 +4,8 @@ merged result rather than one by one.
 A fold keeps the top ``k`` of the current basis's components and the new matrix ``A``'s: ``A``'s
 ``j``-th enters iff ``sigma_j > floor_j`` (the current basis's ``(k-1-j)``-th singular value), so the
 result is ``F = C + A_e``, ``C`` the current's top ``k - e`` and ``A_e`` the rank-``e`` truncation of
-``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, grown to ``2e + 8``
-while the entering set fills it, ``POWER_STEPS`` power iterations in turn) gives Ritz triplets
+``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, grown once to ``2e + 8``
+when the entering set fills it, ``POWER_STEPS`` power iterations in turn) gives Ritz triplets
 ``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
 the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
 
@@ -26,7 +26,7 @@ the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
    ``tests/test_entering.py`` checks it against float64 exact folds.
 
 Otherwise, or when the certificate's decay predicts it only beyond ``GIVE_UP_FACTOR`` times the
-last step count (a flat part of the spectrum at the entering boundary: the new matrix's noise bulk
+last step count, or the entering set fills the block again once grown (a flat part of the spectrum at the entering boundary: the new matrix's noise bulk
 against a basis still holding noise), the exact SVD is taken (``"randomized->exact"``). The cost
 follows ``e``: a matrix of which nothing can enter is settled at the first check. No I/O, no state.
 """
@@ -123,7 +123,7 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width, done, q, history = min(small, k // 2 + OVERSAMPLE), 0, None, []
+    width, done, q, history, grown = min(small, k // 2 + OVERSAMPLE), 0, None, [], False
     for steps in POWER_STEPS:
         while True:
             if q is None:
@@ -132,14 +132,16 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
             q, done = _power(a, q, steps - done), steps
             U, theta, V, rho = _ritz(a, q)
             e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
+            if excess <= 1:
+                return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
             if 2 * e + OVERSAMPLE // 2 <= width or width >= small:
                 break
-            width, q = min(small, 2 * e + OVERSAMPLE), None   # the entering set fills the block: a wider one
-        if excess <= 1:
-            return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
+            if grown:          # the entering set grows with the block: a flat part above the floors
+                return None
+            width, q, grown = min(small, 2 * e + OVERSAMPLE), None, True   # it fills the block: a wider one
         history.append((steps, excess))
         if _hopeless(history):
-            break
+            return None
     return None
 
 
