@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -148,13 +149,13 @@ def adapt(config_path: str | None, target: str, data_root: str | None, max_train
                    f"or `axis-stream jobs logs --follow {record['id']}`")
         return
     try:
-        for record in _guard(watch_job, socket_path, record["id"]):
+        for record in _guard(watch_job, socket_path, record["id"]):  # noqa: B020 (the id is read once, before the loop)
             click.echo(render.update_line(record))
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; job {record['id']} keeps running (`axis-stream jobs cancel {record['id']}` "
                    "stops it)", err=True)
         raise SystemExit(130) from None
-    click.echo("\n".join(render.final_lines(record)))
+    click.echo("\n".join(render.final_lines(record, config_path)))
     if record["state"] != "succeeded":
         raise SystemExit(1)
 
@@ -176,7 +177,7 @@ def _adapt_local(config_path: str | None, params: dict) -> None:
     cfg = config.load(config_path)
     with lock_state(cfg.paths.state_dir, "adapt --local", hint="rerun without --local to queue it on the daemon"):
         result = run_local(params, cfg, _StageProgress())
-    click.echo("\n".join(render.adapt_summary_lines(result)))
+    click.echo("\n".join(render.adapt_summary_lines(result, config_path)))
 
 
 class _StageProgress:
@@ -286,7 +287,7 @@ def jobs_show(config_path: str | None, job_id: str, as_json: bool) -> None:
 
 
     record = _call(_socket(config_path), "jobs.show", id=job_id)
-    click.echo(json.dumps(record, indent=2) if as_json else "\n".join(render.describe(record)))
+    click.echo(json.dumps(record, indent=2) if as_json else "\n".join(render.describe(record, config_path)))
 
 
 @jobs_group.command(name="cancel")
@@ -434,10 +435,8 @@ def basis_rollback(version: int, config_path: str | None, basis_dir: str | None)
 
     cfg, report = config.load(config_path), None
     if basis_dir is None or Path(basis_dir).resolve() == cfg.paths.basis_dir.resolve():
-        try:   # the daemon waits for a fold in progress first: allow for a long one
+        with contextlib.suppress(api.DaemonNotRunning):   # the daemon waits for a fold in progress: allow a long one
             report = api.request(cfg.paths.socket, "basis.rollback", timeout=3600.0, version=version)
-        except api.DaemonNotRunning:
-            pass
     if report is None:
         from axis_stream.store.rollback import rollback
 

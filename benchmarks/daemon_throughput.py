@@ -182,7 +182,7 @@ class OpenProbe:
 
 def start_daemon(cfg_path: Path, address: str) -> tuple[subprocess.Popen, float]:
     """``axis-stream serve`` in a subprocess, once /readyz answers 200; (process, start-up seconds)."""
-    log = open(cfg_path.parent / "serve.log", "w")
+    log = open(cfg_path.parent / "serve.log", "w")  # noqa: SIM115 (the daemon's log, open for its life)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", "from axis_stream.cli import main; main()", "serve",
                              "--config", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)

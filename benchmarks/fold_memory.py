@@ -218,7 +218,7 @@ def main() -> None:
             record = basis.fold_checkpoint(ckpt)
             print(f"fold {i}: {record.seconds:.1f} s, cpu {cpu_seconds() - cpu_start:.1f} s", flush=True)
             shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
-    print(f"checkpoints: {'folders of shards <= %g MiB' % args.sharded if args.sharded else 'one safetensors file'}")
+    print(f"checkpoints: {f'folders of shards <= {args.sharded:g} MiB' if args.sharded else 'one safetensors file'}")
     print()
     print("| fold | give-up | first-fold rule | seconds | cpu seconds | SVD cpu seconds | peak RSS | baseline | base | basis | largest tensor | bound "
           "| peak - baseline - base | svd | randomized attempt stopped |")

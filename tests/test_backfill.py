@@ -120,9 +120,9 @@ def test_backfill_resumes_after_kill_9_with_the_same_basis(tiny_base, zoo, tmp_p
 def test_one_backfill_per_state_folder_and_a_missing_path_is_named(tmp_path):
     cfg_path = tmp_path / "axis-stream.toml"
     cfg_path.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n')
-    with lock_state(tmp_path / "state", "serve"):
-        with pytest.raises(errors.StateLocked, match=r"in use by `axis-stream serve` \(pid \d+\).*stop the daemon"):
-            backfill(config.load(cfg_path), [], lambda outcome: None)
+    with (lock_state(tmp_path / "state", "serve"),
+          pytest.raises(errors.StateLocked, match=r"in use by `axis-stream serve` \(pid \d+\).*stop the daemon")):
+        backfill(config.load(cfg_path), [], lambda outcome: None)
     with pytest.raises(errors.AxisError, match="nothing-here: no such file or folder"):
         checkpoint_files([tmp_path / "nothing-here"])
 

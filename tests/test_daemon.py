@@ -63,7 +63,7 @@ def base_section(base_cfg: config.BaseConfig) -> dict[str, str]:
 
 
 def start(cfg_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = open(cfg_path.parent / f"serve-{time.monotonic_ns()}.log", "w")
+    log = open(cfg_path.parent / f"serve-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 (the daemon's log)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}   # steady timings on a shared CPU
     proc = subprocess.Popen(SERVE + [str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.log_path = log.name  # type: ignore[attr-defined]

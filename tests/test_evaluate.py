@@ -261,7 +261,7 @@ def test_a_second_evaluation_on_the_same_output_dir_is_refused(tmp_path, tiny_ba
     exp = load_experiment(write_experiment(tmp_path, tiny_base, files=False))
     exp.output_dir.mkdir(parents=True)
     (exp.output_dir / RESULTS).write_text("kept\n")
-    with atomic.file_lock(exp.output_dir / LOCK):  # as another evaluation would hold it
-        with pytest.raises(AxisError, match="another axis-stream evaluate is running on this output_dir"):
-            run_experiment(exp, lambda line: None)
+    with (atomic.file_lock(exp.output_dir / LOCK),  # as another evaluation would hold it
+          pytest.raises(AxisError, match="another axis-stream evaluate is running on this output_dir")):
+        run_experiment(exp, lambda line: None)
     assert (exp.output_dir / RESULTS).read_text() == "kept\n"

@@ -259,7 +259,7 @@ class SVDAdapted(FunctionalModel):
         """The full adapted weights in the base module's own state-dict layout (detached copies)."""
         with torch.no_grad():
             weights = self.weights()
-            return {name: (weights[name] if name in weights else t).detach().clone().contiguous()
+            return {name: weights.get(name, t).detach().clone().contiguous()
                     for name, t in self.base.state_dict().items()}
 
 

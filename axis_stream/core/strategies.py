@@ -32,7 +32,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from axis_stream.core import continual, merges, stage1
 from axis_stream.core.registry import Registry, with_defaults
 from axis_stream.core.stage1 import Factors
 
-State = Union[Factors, Tensor]
+State = Factors | Tensor
 STATE_BYTES_PER_VALUE = 4        # states are stored in float32
 DENSE = "dense"                  # ``FoldStats.svd_method`` of a dense strategy's fold: no SVD, no truncation
 UNCHANGED = "unchanged"          # ... of a matrix the source left as it was (nothing folded)

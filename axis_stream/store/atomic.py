@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,8 @@ DIR_MODE = 0o750
 
 def own_mode(path: str | Path, mode: int = FILE_MODE) -> None:
     """Set ``path``'s mode explicitly (not by the umask); a file of another owner is left as it is."""
-    try:
+    with contextlib.suppress(OSError):
         os.chmod(path, mode)
-    except OSError:
-        pass
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
@@ -72,7 +70,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-@contextmanager
+@contextlib.contextmanager
 def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
     """An exclusive ``flock`` on ``path`` (created if missing), released by the kernel if the process dies;
     yields whether it was got (always True when ``blocking``). Raises ``OSError`` if ``path`` cannot be opened."""

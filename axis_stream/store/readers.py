@@ -79,7 +79,7 @@ class SafetensorsFile:
     def __init__(self, path: str | Path, tick: Tick = _no_tick):
         self.path = Path(path)
         self.tick = tick
-        self._fh = open(self.path, "rb")
+        self._fh = open(self.path, "rb")  # noqa: SIM115 (the reader reads it until close())
         try:
             self._parse()
         except BaseException:

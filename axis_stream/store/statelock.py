@@ -9,6 +9,7 @@ processes lock two different inodes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -30,10 +31,8 @@ class StateLock:
         """Give the lock up (idempotent); the pid line is cleared so the file no longer names us."""
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):   # a read-only or full disk: the flock, not the text, is what counts
             os.ftruncate(self._fd, 0)
-        except OSError:
-            pass                    # a read-only or full disk: the flock, not the text, is what counts
         os.close(self._fd)
         self._fd = None
 

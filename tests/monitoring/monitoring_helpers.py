@@ -110,7 +110,7 @@ class Prometheus:
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=workdir)
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=workdir)  # noqa: SIM115 (the server's log)
 
     def get(self, path: str, **params: str) -> dict[str, Any] | None:
         """GET an API path; the decoded JSON, or None while the server does not answer."""

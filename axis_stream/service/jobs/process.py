@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -59,8 +60,8 @@ def redirect_output(path: Path, level: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stdout from now on)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's stderr from now on)
     logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -111,7 +112,5 @@ def _alive(pid: int) -> bool:
 
 def _prefer_as_oom_victim() -> None:
     """Ask the kernel's OOM killer to pick this job before the daemon (best effort, Linux only)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass

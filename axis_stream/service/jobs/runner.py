@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -189,10 +190,8 @@ class JobRunner:
         if record.state == "queued" and self._store.update(
                 job_id, ("queued",), state="cancelled", error="cancelled before it started", finished_at=time.time()):
             log.info("job %s: cancelled while queued", job_id)
-            try:
+            with contextlib.suppress(JobLookupError):   # already handed to the worker pool, which skips it
                 self._scheduler.remove_job(job_id)
-            except JobLookupError:
-                pass                 # already handed to the worker pool, which skips it
             self._changed(job_id)
             return self.get(job_id)
         with self._lock:
@@ -441,10 +440,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _cron_trigger(index: int, expr: str) -> CronTrigger:
