@@ -7,6 +7,7 @@ nothing heavy at module level (no torch), so that ``status`` and the job command
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -48,7 +49,7 @@ def update_line(record: dict[str, Any]) -> str:
     return "running" + ("" if version is None else f" on basis version {version}")
 
 
-def describe(record: dict[str, Any]) -> list[str]:
+def describe(record: dict[str, Any], config: str | None = None) -> list[str]:
     """A job as "key: value" lines for ``jobs show`` (times local, ISO 8601)."""
     lines = [f"{key}: {record[key]}" for key in ("id", "kind", "target", "state", "origin") if record.get(key) != ""]
     lines.append(f"basis version: {'-' if record['basis_version'] is None else record['basis_version']}")
@@ -66,7 +67,7 @@ def describe(record: dict[str, Any]) -> list[str]:
         lines.append("result:")
         if result.keys() >= _REPORT_KEYS:     # a Stage 2 report: as ``adapt --local`` prints it
             lines.extend(f"  {line}" for line in adapt_summary_lines(
-                dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent))))
+                dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)), config))
         else:
             lines.extend(f"  {k}: {_value(v)}" for k, v in result.items() if k != "start")
             if result.get("start"):
@@ -75,14 +76,15 @@ def describe(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def final_lines(record: dict[str, Any]) -> list[str]:
-    """How ``adapt --wait`` ends: the outcome in one line, a Stage 2 report as ``adapt --local`` prints it,
-    and where the log is."""
+def final_lines(record: dict[str, Any], config: str | None = None) -> list[str]:
+    """How ``adapt --wait`` ends: the outcome in one line, a Stage 2 report as ``adapt --local`` prints it
+    (``config``: the command's ``--config``, for the export command it prints), and where the log is."""
     took = f" in {_duration(record)}" if record["started_at"] else ""
     lines = [f"job {record['id']} {record['state']}{took}" + (f": {record['error']}" if record["error"] else "")]
     result = record["result"]
     if result is not None and result.keys() >= _REPORT_KEYS:
-        lines += adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)))
+        lines += adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)),
+                                     config)
     elif result is not None:
         lines.append("result: " + ", ".join(f"{k} {_value(v)}" for k, v in result.items()))
     lines.append(f"log: {record['log_path']}")
@@ -195,8 +197,9 @@ def human_bytes(n: float) -> str:
 
 # --- Stage 2 reports ---
 
-def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
-    """A finished job's report as the lines ``adapt --local`` prints."""
+def adapt_summary_lines(result: Mapping[str, Any], config: str | None = None) -> list[str]:
+    """A finished job's report as the lines ``adapt --local`` prints (``config``: the command's ``--config``,
+    named in the export command it prints so that the command runs as printed)."""
     mib = result["peak_memory_bytes"] / 2**20
     step = f"{result['step_seconds'] * 1000:.0f} ms/step" if result.get("step_seconds") else "no steps run"
     chosen = result.get("start") or {}
@@ -216,7 +219,8 @@ def adapt_summary_lines(result: Mapping[str, Any]) -> list[str]:
         lines.insert(1, start_line(chosen))
     if "out_dir" in result:
         lines.append(f"saved {LAMBDA_FILE}, {HEAD_FILE} and {REPORT_FILE} in {result['out_dir']}")
-        lines.append(f"full weights: axis-stream export --job {result['job_id']} --out model.safetensors")
+        flag = f" --config {shlex.quote(str(Path(config).resolve()))}" if config else ""
+        lines.append(f"full weights: axis-stream export{flag} --job {result['job_id']} --out model.safetensors")
     return lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +51,16 @@ def test_adapt_local_then_export(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert "epoch 1/1: validation accuracy" in result.output and "test accuracy" in result.output
     assert "with 96 trainable values" in result.output
-    job_id = result.output.split("export --job ")[1].split()[0]
+    job_id = result.output.split(" --job ")[1].split()[0]
     assert job_id.startswith("local-")
     job_dir = config.load(cfg_path).paths.jobs_dir / job_id
     assert json.loads((job_dir / "report.json").read_text())["basis_version"] == 1
 
+    printed = next(line for line in result.output.splitlines() if line.startswith("full weights: "))
+    args = shlex.split(printed.removeprefix("full weights: axis-stream "))   # the command as printed
     out = tmp_path / "adapted.safetensors"
-    result = runner.invoke(cli.main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.main, [*args[:-1], str(out)])                 # written here, not into the cwd
+    assert args[-2:] == ["--out", "model.safetensors"] and result.exit_code == 0, result.output
     assert f"wrote {out}: the adapted model of job {job_id} (basis version 1)" in result.output
     assert "reading basis version 1" in result.output                    # says what it is doing
     open_clip.create_model("axis-tiny", pretrained=str(out))
@@ -89,7 +92,7 @@ def test_adapt_start_scale_reaches_the_model_and_the_report(setup):
         result = runner.invoke(cli.main, args + ["--start-scale", scale])
         assert result.exit_code == 0, result.output
         assert start in result.output
-        job_dir = jobs_dir / result.output.split("export --job ")[1].split()[0]
+        job_dir = jobs_dir / result.output.split(" --job ")[1].split()[0]
         assert json.loads((job_dir / "report.json").read_text())["hyperparameters"]["start_scale"] == float(scale)
         biggest = max(v.abs().max().item() for v in load_file(str(job_dir / "lambda.safetensors")).values())
         assert biggest < 1e-6 if scale == "0" else biggest > 1e-3
@@ -100,7 +103,7 @@ def test_adapt_start_scale_reaches_the_model_and_the_report(setup):
     for given in (["--start-scale", "auto"], []):  # auto is the default: the candidates are scored and printed
         result = runner.invoke(cli.main, args + given)
         assert result.exit_code == 0, result.output
-        job_dir = jobs_dir / result.output.split("export --job ")[1].split()[0]
+        job_dir = jobs_dir / result.output.split(" --job ")[1].split()[0]
         report = json.loads((job_dir / "report.json").read_text())
         assert report["hyperparameters"]["start_scale"] == "auto"
         assert [c["name"] for c in report["start"]["candidates"]] == ["merged", "half", "zero"]  # 1 source: c = 1

@@ -148,7 +148,7 @@ def test_a_clip_jobs_adapter_gives_the_jobs_logits(tmp_path):
                                        f"imagefolder:{colours}", "--epochs", "1", "--batch-size", "8",
                                        "--n-fraction", "0.05"])     # N = 2 < K = 3: the frozen rest goes too
     assert result.exit_code == 0, result.output
-    job_id = result.output.split("export --job ")[1].split()[0]
+    job_id = result.output.split(" --job ")[1].split()[0]
     out, full = tmp_path / "job-adapter", tmp_path / "job-full"
     printed = export("--job", job_id, "--adapter", "--config", str(cfg_path), "--out", str(out))
     printed_full = export("--job", job_id, "--config", str(cfg_path), "--out", str(full))

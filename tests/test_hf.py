@@ -554,7 +554,7 @@ def test_adapt_and_export_on_a_transformers_clip_base(tmp_path):
                                   "--epochs", "1", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     assert "with 36 trainable values" in result.output      # 12 matrices x N = 3 (10 % of 32)
-    job_id = result.output.split("export --job ")[1].split()[0]
+    job_id = result.output.split(" --job ")[1].split()[0]
     out = tmp_path / "adapted"
     result = runner.invoke(main, ["export", "--config", str(cfg_path), "--job", job_id, "--out", str(out)])
     assert result.exit_code == 0, result.output
