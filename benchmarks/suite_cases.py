@@ -1,5 +1,5 @@
 """Every case of the fault and fuzz suites with its outcome: runs their tests (CI sizes) under pytest and
-prints one table per suite from its JUnit report, so that RESULTS lists what the code holds.
+prints one table per suite from its JUnit report, so that PERFORMANCE.md lists what the code holds.
 
 The fault suite is ``tests/test_faults.py`` (a running daemon: kill -9, full and read-only disks,
 the folder deleted, files replaced or written mid-fold, links), ``tests/test_foldworker.py`` (what

@@ -185,7 +185,7 @@ def merge(deltas: Sequence[Tensor], k: int, *, strategy: str = "top", final_svd:
 # components of the new matrix enter, so a randomized attempt has nothing to prune: it must certify
 # every one of the k, and on a flat noise tail around the k-th singular value (rank-plus-noise task
 # matrices, as fine-tunes' changes often are) it cannot, so attempt + exact fallback cost up to
-# about twice the exact SVD (benchmarks/RESULTS.md, "First fold of an empty basis"). The exact path
+# about twice the exact SVD (benchmarks/PERFORMANCE.md, "First fold of an empty basis"). The exact path
 # bounds that cost, so it is taken outright. ``None`` keeps the requested path (what
 # benchmarks/fold_memory.py and fold_speed.py compare against).
 FIRST_FOLD_SVD: str | None = "exact"

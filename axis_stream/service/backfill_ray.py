@@ -11,7 +11,7 @@ run's folder is removed. Workers read the files and write the partial bases on a
 share with this process (one machine, or a shared mount).
 
 A tree of Stage 1 folds is not the sequential stream: each shard keeps its own top K before the
-shards compete (README, "Backfill on Ray"; ``benchmarks/tree_reduce.py`` measures the difference).
+shards compete (docs/basis.md, "Backfill on Ray"; ``benchmarks/tree_reduce.py`` measures the difference).
 
 Resuming after kill -9: the run's folder is named by the paths given and W, and a rerun reuses
 it. A file that a partial basis's ledger holds is not folded again, a shard already folded into

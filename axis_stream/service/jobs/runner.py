@@ -63,7 +63,7 @@ JOB_PRELOAD = ["axis_stream.service.jobs.process", "open_clip", "torchvision.dat
 def job_processes(start_method: str = "forkserver") -> multiprocessing.context.BaseContext:
     """Where job processes come from. ``forkserver`` (the default): forked from one small server process,
     started with the runner, that imported torch, open_clip and the job code once (``JOB_PRELOAD``), so a
-    job starts in a fraction of a second instead of importing them again (seconds; see RESULTS.md,
+    job starts in a fraction of a second instead of importing them again (seconds; see PERFORMANCE.md,
     adapt_job_time.py); it touches no GPU, so each job still initialises CUDA itself. ``spawn``: a fresh
     interpreter per job. Either way a job is a process of its own, with its own memory."""
     ctx = multiprocessing.get_context(start_method)
