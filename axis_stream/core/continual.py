@@ -164,7 +164,7 @@ def merge_stream(rule: str, task_vectors: Sequence[Mapping[str, Tensor]], matric
     """Fold ``task_vectors`` in order with ``rule`` and return the merged delta of every tensor."""
     if not task_vectors:
         raise ValueError("a continual merge needs at least one task vector")
-    state = None
-    for tv in task_vectors:
+    state = fold(None, task_vectors[0], matrices, rule, **params)
+    for tv in task_vectors[1:]:
         state = fold(state, tv, matrices, rule, **params)
     return merged(state, rule, **params)

@@ -123,7 +123,8 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width, done, q, history, grown = min(small, k // 2 + OVERSAMPLE), 0, None, [], False
+    width, done, q, grown = min(small, k // 2 + OVERSAMPLE), 0, None, False
+    history: list[tuple[int, float]] = []
     for steps in POWER_STEPS:
         while True:
             if q is None:

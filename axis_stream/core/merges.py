@@ -63,8 +63,8 @@ def top_k_factors(dense: Tensor, k: int) -> Factors:
 
 def axis_stream(deltas: Sequence[Tensor], k: int, svd_method: str = "exact", seed: int = 0) -> Factors:
     """AXIS as the daemon runs it: the streaming Stage 1 fold applied to the sources in order."""
-    current = None
-    for d in deltas:
+    current = stage1.fold(None, deltas[0], k, svd=svd_method, seed=seed)
+    for d in deltas[1:]:
         current = stage1.fold(current, d, k, svd=svd_method, seed=seed)
     return current
 
@@ -179,6 +179,7 @@ def build_basis(method: str, task_vectors: Sequence[Mapping[str, Tensor]], matri
     matrices = set(matrices)
     if method in continual.RULES:
         return _continual_basis(method, task_vectors, matrices, k_fraction, kwargs)
+    assert spec.matrix is not None and spec.vector is not None     # every other method has both rules
     factors: dict[str, Factors] = {}
     means: dict[str, Tensor] = {}
     for name in task_vectors[0]:

@@ -240,8 +240,8 @@ def fold_factors(current: Factors | None, other: Factors, k: int) -> Factors:
         raise ValueError(f"new source's factors disagree on the rank: U {tuple(other.U.shape)}, "
                          f"s {tuple(other.s.shape)}, V {tuple(other.V.shape)}")
     dtype = _svd.work_dtype(other.U)
-    top = other.s.sort(descending=True, stable=True).indices[:k]
-    new = (other.U[:, top].to(dtype), other.s[top].to(dtype), other.V[:, top].to(dtype))
+    order = other.s.sort(descending=True, stable=True).indices[:k]
+    new = (other.U[:, order].to(dtype), other.s[order].to(dtype), other.V[:, order].to(dtype))
     total = float(other.s.double().square().sum())
     top = float(other.s.max()) if other.rank else 0.0
     return _fold_in(current, _current_parts(current, dtype), new, k, total, "factored", 0.0, top)

@@ -74,7 +74,7 @@ def exact_svd(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     U, s, Vh = torch.linalg.svd(a.mT if wide else a, full_matrices=False)
     if wide:
         U, Vh = Vh.mT, U.mT
-    keep = numerical_rank_mask(s, tuple(a.shape))[:k]
+    keep = numerical_rank_mask(s, (a.shape[0], a.shape[1]))[:k]
     U, V = normalize_signs(U[:, :k][:, keep], Vh[:k][keep].mT)
     return U, s[:k][keep], V
 
@@ -221,16 +221,19 @@ def _block_lanczos(a: Tensor, floors: Tensor, tol: float, seed: int
     omega = torch.randn(large, b, generator=gen, dtype=a.dtype, device=a.device)
     Q[:, :b] = torch.linalg.qr(a @ omega).Q
     dim, next_check, last, products = 0, b, None, 1
-    history, kept, stop = [], -1, "certified"  # (dim, log excess) since the kept count became ``kept``
-    h = None                                   # the QR factor that made the newest Q block (none before step 1)
+    history: list[tuple[int, float]] = []      # (dim, log excess) since the kept count became ``kept``
+    kept, stop = -1, "certified"
+    h: Tensor | None = None                                  # the QR factor that made the newest Q block (none before step 1)
     while True:
         # Golub-Kahan recurrence A^T Q_i = W_{i-1} h_i^T + W_i rw_i, A W_i = Q_i rw_i^T + Q_{i+1} h_{i+1}
         # (h_i: the QR factor that made Q_i): subtract the local terms, reorthogonalise the rest
         z = a.mT @ Q[:, dim:dim + b]
         if dim:
+            assert h is not None                # made by the step before
             z -= W[:, dim - b:dim] @ h.mT
         w, c, rw = _orthonormalize(z, W[:, :dim])
         if dim:
+            assert h is not None
             c[dim - b:] += h.mT
         W[:, dim:dim + b], R[:dim, dim:dim + b], R[dim:dim + b, dim:dim + b] = w, c, rw
         q, _, h = _orthonormalize(a @ w - Q[:, dim:dim + b] @ rw.mT, Q[:, :dim + b])
