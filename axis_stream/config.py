@@ -314,9 +314,9 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
             raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     cfg = build_dataclass(Config, data, "")
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     for var, name in ENV_OVERRIDES.items():
-        value = env.get(var)
+        value = environ.get(var)
         if value:
             setattr(cfg.paths, name, Path(value))
     for f in dataclasses.fields(cfg.paths):
@@ -329,7 +329,7 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
         if cfg.basis.matrix_patterns == VIT_BLOCK_MATRICES:  # open_clip's names, which no HF model has
             cfg.basis.matrix_patterns = list(HF_BLOCK_MATRICES)
         if cfg.base.hf_cache is None:
-            cfg.base.hf_cache = default_hf_cache(env)
+            cfg.base.hf_cache = default_hf_cache(environ)
         elif not cfg.base.hf_cache.is_absolute():
             cfg.base.hf_cache = base_dir / cfg.base.hf_cache
         local = Path(cfg.base.model).expanduser()
@@ -354,8 +354,8 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
 def convert_value(hint: Any, value: Any, key: str) -> Any:
     """Check one TOML value against the type hint ``hint`` and convert it (paths, ints as floats)."""
     origin = getattr(hint, "__origin__", None)
-    args = getattr(hint, "__args__", ())
-    if dataclasses.is_dataclass(hint):
+    args: tuple[Any, ...] = getattr(hint, "__args__", ())
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, key + ".")
     if origin is list:
         if not isinstance(value, list):

@@ -40,7 +40,7 @@ def own_mode(path: str | Path, mode: int = FILE_MODE) -> None:
         os.chmod(path, mode)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object], mode: int = FILE_MODE) -> Path:
     """Call ``write(tmp_path)``, fsync it, and rename it over ``path``; readers see old or new, never half.
     The file gets ``mode`` (owner and group read, by default), whatever the umask."""
     path = Path(path)

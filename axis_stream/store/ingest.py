@@ -235,7 +235,8 @@ def read_checkpoint(path: str | Path, base_state_dict: Mapping[str, Tensor], *,
         mapping = _check_structure(path, source, base_state_dict, required, base_sha256)
         fmt = {SafetensorsFile: "safetensors", HFFolder: "hf-folder"}.get(type(source), "torch")
         known = hashed is not None and opened is not None and hashed.identity == opened
-        sha, size = hashed.sha256 if known else checkpoint_sha256(path, tick), checkpoint_size(path)
+        sha = hashed.sha256 if known and hashed is not None else checkpoint_sha256(path, tick)
+        size = checkpoint_size(path)
         if opened is None or checkpoint_identity(path) != opened:  # the hash would not be of the bytes opened
             raise errors.SourceChanged(path)
         return Checkpoint(path, sha, size, fmt, dict(source.metadata), mapping, source, base_state_dict, opened,

@@ -150,7 +150,7 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[key]
         buf = torch.empty(end - begin, dtype=torch.uint8)
         self._fh.seek(self._data_start + begin)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data
         for at in range(0, end - begin, _READ_CHUNK):
             if self._fh.readinto(view[at:at + _READ_CHUNK]) != len(view[at:at + _READ_CHUNK]):
                 raise errors.TruncatedFile(self.path, f"tensor {key!r} ends past the end of the file")
@@ -169,8 +169,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _DuplicateKey(f"{twice!r} appears twice in the header")
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(f"{k!r} appears twice in the header")
+            seen.add(k)
     return out
 
 

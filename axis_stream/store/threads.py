@@ -8,6 +8,7 @@ depend on how many threads ran.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -36,7 +37,10 @@ def bounded_map(keys: Sequence[K], prepare: Callable[[K], Callable[[], R]], cost
     cond = threading.Condition()
     in_flight = [0]
 
-    def release(amount: int) -> None:
+    def fits(amount: int) -> bool:
+        return in_flight[0] == 0 or in_flight[0] + amount <= budget
+
+    def release(amount: int, _: object = None) -> None:
         with cond:
             in_flight[0] -= amount
             cond.notify_all()
@@ -47,7 +51,7 @@ def bounded_map(keys: Sequence[K], prepare: Callable[[K], Callable[[], R]], cost
             for key in keys:
                 amount = cost(key)
                 with cond:
-                    cond.wait_for(lambda amount=amount: in_flight[0] == 0 or in_flight[0] + amount <= budget)
+                    cond.wait_for(functools.partial(fits, amount))
                     in_flight[0] += amount
                 try:
                     job = prepare(key)
@@ -55,7 +59,7 @@ def bounded_map(keys: Sequence[K], prepare: Callable[[K], Callable[[], R]], cost
                     release(amount)
                     raise
                 futures[key] = pool.submit(job)
-                futures[key].add_done_callback(lambda _, amount=amount: release(amount))
+                futures[key].add_done_callback(functools.partial(release, amount))
             for i, key in enumerate(keys):
                 out[key] = futures[key].result()
                 if done is not None:
