@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -141,8 +141,9 @@ class Folder:
     def matrix(self, info: dict[str, Any], current: State | None, d: Tensor | Factors | None, version: int,
                count: int) -> MatrixFold:
         """One matrix's fold (``current`` kept as its state when the source leaves it unchanged)."""
-        if self.strategy.dense:
-            return self._dense_matrix(info, current, d, count)
+        if self.strategy.dense:    # a dense strategy's state is a tensor, ``axis``'s always factors
+            return self._dense_matrix(info, cast("Tensor | None", current), d, count)
+        current = cast(Factors, current)
         stats = calibration_stats(info)
         if d is None:
             st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": UNCHANGED, "svd_error": 0.0}
@@ -150,6 +151,7 @@ class Folder:
         else:
             k, new, delta_energy = self._fold_source(current, d, count)
             fs = new.stats
+            assert fs is not None                  # every stage1 fold sets its statistics
             kept_current = min(current.rank, k - fs.new_kept)
             e_cur = float(current.s[:kept_current].double().square().sum())
             e_new = fs.energy_kept * delta_energy
@@ -172,8 +174,8 @@ class Folder:
     def _dense_matrix(self, info: dict[str, Any], current: Tensor | None, d: Tensor | Factors | None, count: int
                       ) -> MatrixFold:
         """A dense strategy's fold of one matrix, with the neutral statistics."""
-        delta = None if d is None else layout.as_matrix(d)
-        new = self.strategy.fold(current, delta, info["k"], count, self.params)
+        delta = None if d is None else layout.as_matrix(cast(Tensor, d))  # fold_basis is axis's only
+        new = cast("Tensor | None", self.strategy.fold(current, delta, info["k"], count, self.params))
         if current is not None and new is not None and torch.equal(new, current):
             new = current
         delta_energy = 0.0 if delta is None else float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
@@ -186,11 +188,12 @@ class Folder:
         """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
         if isinstance(d, Factors):  # another basis: its K was chosen by its own folds
             k = max(current.rank, d.rank) if self.settings.k_mode == "gavish-donoho" else self.static_k(d.shape)
-            return k, self.strategy.fold(current, d, k, count, self.params), float(d.s.double().square().sum())
+            new = cast(Factors, self.strategy.fold(current, d, k, count, self.params))   # axis: factors in, out
+            return k, new, float(d.s.double().square().sum())
         delta = layout.as_matrix(d)
-        k = self.fold_k(tuple(delta.shape), current, delta)
-        new = self.strategy.fold(current, delta, k, count, self.params, svd=self.settings.svd,
-                                 tol=self.settings.svd_tol, seed=0)
+        k = self.fold_k((delta.shape[0], delta.shape[1]), current, delta)
+        new = cast(Factors, self.strategy.fold(current, delta, k, count, self.params, svd=self.settings.svd,
+                                               tol=self.settings.svd_tol, seed=0))
         return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
 
     def vectors(self, state: FoldState, deltas: Iterator[tuple[str, torch.Size, Tensor | None]],
@@ -219,7 +222,7 @@ class Folder:
             return {}
         count = state.scalars.count
         return {name: calibration.factor(self.settings.calibration, calibration_stats(info), count,
-                                         state.matrices[name].s)
+                                         cast(Factors, state.matrices[name]).s)
                 for name, info in state.manifest["matrices"].items() if info["rank"]}
 
     def static_k(self, shape: tuple[int, int]) -> int:
