@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -63,11 +63,11 @@ from axis_stream.config import BasisConfig, Config
 from axis_stream.core import layout
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
-from axis_stream.core.strategies import UNCHANGED
+from axis_stream.core.strategies import UNCHANGED, State
 from axis_stream.store import atomic, ingest, ledger, models, prefetch, versions
 from axis_stream.store.folding import Folder, FoldState, Progress, checked, joined_stats, stats_entry
 from axis_stream.store.records import BasisSnapshot, FoldRecord, share_now
-from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS  # noqa: F401 (the names)
+from axis_stream.store.versions import CURRENT, FACTORS, LOCK, MANIFEST, MEANS, VERSIONS, Written  # noqa: F401 (the names)
 
 FORMAT_VERSION = 2
 STRUCTURAL_SETTINGS = ("matrix_patterns", "conv_as_matrix", "k_mode", "k_fraction", "k_count", "strategy",
@@ -122,7 +122,7 @@ class Basis:
                               "k": self._folder.static_k(shape), "rank": 0, "energy": 0.0,
                               "source_energy": 0.0, "log_scale": 0.0, "reset": 0, "file": None,
                               **stats_entry(SourceStats())}
-        manifest = {
+        manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "version": 0, "parent": None, "restored_from": None,
             "created_at": _now(),
             "identity": {"name": identity.get("name", ""), "pretrained": identity.get("pretrained", ""),
@@ -251,8 +251,8 @@ class Basis:
         merged deltas of the other parameters."""
         state, folder = self._state(version), self._folder
         if not folder.strategy.dense:
-            return BasisSnapshot(state.version, state.matrices, state.vectors, state.scalars.count, state.manifest,
-                                 self._calibration(state))
+            return BasisSnapshot(state.version, cast(dict[str, Factors], state.matrices), state.vectors,
+                                 state.scalars.count, state.manifest, self._calibration(state))
         infos = state.manifest["matrices"]
         factors, means = folder.strategy.stage2(_present(state), state.scalars,
                                                 {name: info["k"] for name, info in infos.items()}, folder.params)
@@ -266,7 +266,7 @@ class Basis:
         vdir = self._vdir(version)
         files = {f: versions.read_verified(vdir / f, manifest)
                  for f in dict.fromkeys(info["file"] for info in manifest["matrices"].values() if info["file"])}
-        dense, out = self._folder.strategy.dense, {}
+        dense, out = self._folder.strategy.dense, cast("dict[str, State | None]", {})
         for name, info in manifest["matrices"].items():
             if dense:
                 out[name] = files[info["file"]][f"{name}::state"] if info["file"] else None
@@ -300,10 +300,10 @@ class Basis:
         for name, info in state.manifest["matrices"].items():
             f, (m, n), r = state.matrices[name], info["shape"], info["rank"]
             if isinstance(f, Factors):
-                parts, what, shape = (f.U, f.s, f.V), f"factors of {name}", f"rank {r} and shape {m}x{n}"
+                parts, what, shape = [f.U, f.s, f.V], f"factors of {name}", f"rank {r} and shape {m}x{n}"
                 good = (tuple(f.U.shape), tuple(f.s.shape), tuple(f.V.shape)) == ((m, r), (r,), (n, r))
             else:
-                parts, what, shape = () if f is None else (f,), f"dense state of {name}", f"shape {m}x{n}"
+                parts, what, shape = [] if f is None else [f], f"dense state of {name}", f"shape {m}x{n}"
                 good = all(tuple(p.shape) == (m, n) for p in parts)
             if not good:
                 raise errors.BasisError(f"{where}: {what}: not of {shape}")
@@ -534,7 +534,7 @@ class Basis:
             f, old = states.get(name), parent["matrices"][name]["file"] if parent else None
             if f is None or (isinstance(f, Factors) and not f.rank):
                 info["file"] = None
-            elif name not in changed and old not in (None, FACTORS):
+            elif parent is not None and name not in changed and old not in (None, FACTORS):
                 info["file"] = old
                 versions.link(self._vdir(parent["version"]) / old, tmp / old)
                 linked[old] = parent["files"][old]
@@ -545,7 +545,7 @@ class Basis:
         save_file({k: v.contiguous() for k, v in means.items()}, tmp / MEANS)
         return linked
 
-    def _commit(self, manifest: dict[str, Any], write_files: Callable[[Path], versions.Written],
+    def _commit(self, manifest: dict[str, Any], write_files: Callable[[Path], Written],
                 before_pointer: Callable[[], None] | None = None) -> None:
         """Write the new version (``versions.write_version``), then prune."""
         versions.write_version(self.directory, manifest, write_files, before_pointer)

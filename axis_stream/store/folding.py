@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -225,7 +225,7 @@ class Folder:
                                          cast(Factors, state.matrices[name]).s)
                 for name, info in state.manifest["matrices"].items() if info["rank"]}
 
-    def static_k(self, shape: tuple[int, int]) -> int:
+    def static_k(self, shape: Sequence[int]) -> int:
         s = self.settings
         if s.k_mode == "count":
             return min(s.k_count, min(shape))
