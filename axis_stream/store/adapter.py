@@ -114,8 +114,9 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
     with warnings.catch_warnings():   # PEFT 0.21 asks transformers 5 a deprecated question; nothing to act on
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
         wrapped = peft.get_peft_model(module, config, adapter_name=ADAPTER_NAME)
-    lora, saved = {}, {}
-    for name, sub in wrapped.base_model.model.named_modules():
+    lora: dict[str, LoraLayer] = {}
+    saved: dict[str, ModulesToSaveWrapper] = {}
+    for name, sub in wrapped.base_model.model.named_modules():  # type: ignore[union-attr]  # torch: Tensor | Module
         if isinstance(sub, LoraLayer):
             lora[name] = sub
         elif isinstance(sub, ModulesToSaveWrapper):
@@ -127,11 +128,12 @@ def write_adapter(module: nn.Module, full: Mapping[str, Tensor], factors: Mappin
         for name, layer in lora.items():
             U, sigma, V = factors[f"{name}.weight"]
             root = sigma.abs().sqrt()
-            layer.lora_A[ADAPTER_NAME].weight.copy_(root[:, None] * V.mT)
-            layer.lora_B[ADAPTER_NAME].weight.copy_(U * (sigma.sign() * root))
+            layer.lora_A[ADAPTER_NAME].weight.copy_(root[:, None] * V.mT)  # type: ignore[operator]  # peft: untyped
+            layer.lora_B[ADAPTER_NAME].weight.copy_(U * (sigma.sign() * root))  # type: ignore[operator]  # (as above)
             if p.lora_bias:
                 bias = deltas.get(f"{name}.bias")
-                layer.lora_B[ADAPTER_NAME].bias.copy_(0 if bias is None else bias)
+                lora_bias = layer.lora_B[ADAPTER_NAME].bias
+                lora_bias.zero_() if bias is None else lora_bias.copy_(bias)  # type: ignore[operator]  # (as above)
         for name in p.saved:             # a tied output embedding's copy is the input one's
             copy = saved[name].modules_to_save[ADAPTER_NAME]
             copy.load_state_dict({k: full[f"{name}.{k}"] for k in copy.state_dict()})
@@ -155,7 +157,7 @@ def _tied_embeddings(module: nn.Module) -> tuple[str, str] | None:
     then keeps their ``modules_to_save`` copies tied (``ensure_weight_tying``), or the LM head would keep
     the base's embedding."""
     try:
-        inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
+        inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()  # type: ignore[operator]  # HF
     except (AttributeError, NotImplementedError):
         return None
     if inputs is None or outputs is None or outputs.weight is not inputs.weight:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from axis_stream.config import BaseConfig, Config
 from axis_stream.errors import ConfigError
 from axis_stream.store import readers
+
+if TYPE_CHECKING:     # imported where a transformers base is built, not by every reader of the store
+    import transformers
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -70,7 +73,7 @@ def create_base(cfg: BaseConfig, device: str | torch.device = "cpu") -> nn.Modul
         archs = readers.hf_config(folder).get("architectures") or ["AutoModel"]
         cls = getattr(transformers, archs[0], transformers.AutoModel)
         if isinstance(cls, type) and issubclass(cls, transformers.CLIPModel):
-            return _clip_for_stage2().from_pretrained(folder, local_files_only=True).to(device)
+            return _clip_for_stage2().from_pretrained(folder, local_files_only=True).to(device)  # type: ignore[arg-type]  # HF
         return cls.from_pretrained(folder, local_files_only=True).to(device)
     import open_clip
 
@@ -122,7 +125,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @functools.cache
-def _clip_for_stage2() -> type:
+def _clip_for_stage2() -> type[transformers.CLIPModel]:
     """transformers' ``CLIPModel`` with the surface Stage 2 uses on an open_clip model: ``encode_image``,
     ``encode_text`` (the projected features) and ``preprocess_cfg`` (read by open_clip's transforms).
     Same modules, so the same state-dict names as the folder's."""
@@ -130,17 +133,18 @@ def _clip_for_stage2() -> type:
 
     class CLIPForStage2(transformers.CLIPModel):
         @classmethod
-        def from_pretrained(cls, folder: Path, **kwargs: Any) -> CLIPForStage2:
+        def from_pretrained(cls, folder: Path, **kwargs: Any) -> CLIPForStage2:  # type: ignore[override]  # folder only
             model = super().from_pretrained(folder, **kwargs)
-            size = model.config.vision_config.image_size
+            size = model.config.vision_config.image_size  # type: ignore[union-attr]  # HF: a CLIPVisionConfig here
             try:
                 proc = json.loads((Path(folder) / "preprocessor_config.json").read_text())
             except FileNotFoundError:
                 proc = {}
-            model.preprocess_cfg = {"size": size, "mode": "RGB", "interpolation": "bicubic",
-                                    "resize_mode": "shortest", "fill_color": 0,
-                                    "mean": tuple(proc.get("image_mean", OPENAI_CLIP_MEAN)),
-                                    "std": tuple(proc.get("image_std", OPENAI_CLIP_STD))}
+            preprocess = {"size": size, "mode": "RGB", "interpolation": "bicubic",
+                          "resize_mode": "shortest", "fill_color": 0,
+                          "mean": tuple(proc.get("image_mean", OPENAI_CLIP_MEAN)),
+                          "std": tuple(proc.get("image_std", OPENAI_CLIP_STD))}
+            model.preprocess_cfg = preprocess  # type: ignore[assignment]  # torch: attributes Tensor | Module
             return model
 
         def encode_image(self, image: Tensor) -> Tensor:
@@ -189,8 +193,8 @@ def load_base(cfg: Config) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The configured base model's state dict and its identity (name, pretrained; sha256 added on create).
     A transformers base's state dict is what its folder stores (a ``readers.BaseWeights`` with its config)."""
     if cfg.base.kind == "transformers":
-        state = readers.read_hf_base(hf_model_dir(cfg.base))
-        return state, {"name": cfg.base.model, "pretrained": f"transformers:{state.config.get('model_type', '')}"}
+        hf = readers.read_hf_base(hf_model_dir(cfg.base))
+        return hf, {"name": cfg.base.model, "pretrained": f"transformers:{(hf.config or {}).get('model_type', '')}"}
     model = create_base(cfg.base)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     return state, {"name": cfg.base.model, "pretrained": cfg.base.pretrained}
