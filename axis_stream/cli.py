@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -148,7 +149,7 @@ def adapt(config_path: str | None, target: str, data_root: str | None, max_train
                    f"or `axis-stream jobs logs --follow {record['id']}`")
         return
     try:
-        for record in _guard(watch_job, socket_path, record["id"]):
+        for record in _guard(watch_job, socket_path, record["id"]):  # noqa: B020 (the id is read once, before the loop)
             click.echo(render.update_line(record))
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; job {record['id']} keeps running (`axis-stream jobs cancel {record['id']}` "
@@ -434,10 +435,8 @@ def basis_rollback(version: int, config_path: str | None, basis_dir: str | None)
 
     cfg, report = config.load(config_path), None
     if basis_dir is None or Path(basis_dir).resolve() == cfg.paths.basis_dir.resolve():
-        try:   # the daemon waits for a fold in progress first: allow for a long one
+        with contextlib.suppress(api.DaemonNotRunning):   # the daemon waits for a fold in progress: allow a long one
             report = api.request(cfg.paths.socket, "basis.rollback", timeout=3600.0, version=version)
-        except api.DaemonNotRunning:
-            pass
     if report is None:
         from axis_stream.store.rollback import rollback
 
