@@ -42,10 +42,7 @@ CONFIGS = {"text": ROOT / "config" / "suite-text-continual.toml",
 PEERS = ("opcm",)
 
 
-def spectral(stats: calibration.SourceStats, count: int, s) -> float:
-    return stats.sigma_max / float(s.double().max())
-
-
+spectral = calibration.CALIBRATIONS["spectral"]   # the product's rule, which the variants scale or cap
 VARIANTS = {**{f"spectral-x{g}": (lambda st, n, s, g=g: g * spectral(st, n, s)) for g in (0.7, 0.5, 0.35)},
             "spectral-sqrt-cap": lambda st, n, s: min(spectral(st, n, s), 1 / math.sqrt(n))}
 

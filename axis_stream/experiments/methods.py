@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor, nn
 
 from axis_stream.adapt.model import SVDAdapted
+from axis_stream.adapt.recipe import Snapshot as StartBasis
 from axis_stream.config import AdaptConfig
 from axis_stream.core import merges, stage1
 from axis_stream.core.registry import Registry, with_defaults
@@ -45,7 +46,7 @@ class Harness(Protocol):
     def prepared(self, run: Run) -> list[dict[str, Tensor]]:
         """The run's source task vectors after its robustness treatment."""
 
-    def basis(self, run: Run) -> Snapshot:
+    def basis(self, run: Run) -> StartBasis:
         """The run's merged basis (a Stage 1 merge of its sources)."""
 
     def budget_count(self, n_fraction: float) -> int:

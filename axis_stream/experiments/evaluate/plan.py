@@ -111,13 +111,13 @@ def plan(exp: Experiment) -> list[Run]:
         levels = [n for n in (exp.levels or range(1, len(pool) + 1)) if n <= len(pool)]
         for method in exp.methods:
             uses = method.uses_sources
-            trained = method.fits
+            fits = method.fits
             for level in (levels if uses else [0]):
                 for k in (exp.stage1.k_fractions if method.is_merge else [None]):
                     for corrupt in (rb.corrupt if uses else [False]):
                         for prune in (rb.prune_ratios if uses else [0.0]):
-                            for seed in (exp.seeds if trained or method.is_merge else exp.seeds[:1]):
-                                for frac in (rb.train_fractions if trained else [1.0]):
+                            for seed in (exp.seeds if fits or method.is_merge else exp.seeds[:1]):
+                                for frac in (rb.train_fractions if fits else [1.0]):
                                     for budget in (exp.budgets if method.trains else [0.0]):
                                         runs.append(Run(method, target, pool[:level], budget, seed, k,
                                                         corrupt, prune, frac))

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from axis_stream.adapt.data import validation_split
 from axis_stream.adapt.device import Amp, Runtime
 from axis_stream.adapt.loop import Loop, accuracy
+from axis_stream.adapt.recipe import Snapshot as StartBasis
 from axis_stream.config import AdaptConfig, BasisConfig, ConfigError
 from axis_stream.core import layout, merges, stage1
 from axis_stream.core.registry import Registry
@@ -85,7 +86,7 @@ class SuiteHarness:
                                   f"({', '.join(sorted(known))})")
         self.paths = self.suite.source_checkpoints([s.name for s in exp.sources], echo)
         self.task_vectors = {name: self._delta(load_file(p)) for name, p in self.paths.items()}
-        self._basis: tuple[tuple, Snapshot] | None = None
+        self._basis: tuple[tuple, StartBasis] | None = None
 
     def _delta(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """``theta_i - theta_pre`` of the floating-point tensors that changed."""
@@ -109,14 +110,13 @@ class SuiteHarness:
         return treated(run, [self.task_vectors[s.name] for s in run.sources], self.exp.robustness,
                                 self.matrices)
 
-    def basis(self, run: Any) -> Snapshot:
+    def basis(self, run: Any) -> StartBasis:
         """The run's merged basis: AXIS streaming from a real ``Basis`` on disk (:meth:`daemon_basis`,
         with its calibration), every other merge in memory (``merges.build_basis``, uncalibrated)."""
         key = run.basis_key()
         if self._basis is None or self._basis[0] != key:
             if run.method.name == "axis":
-                snap = self.daemon_basis(run)
-                built = Snapshot(snap.version, snap.factors, snap.means, dict(snap.calibration))
+                built: StartBasis = self.daemon_basis(run)
             else:
                 built = Snapshot(0, *merges.build_basis(run.method.name, self.prepared(run), self.matrices,
                                                         k_fraction=run.k_fraction, seed=run.seed,
