@@ -65,9 +65,9 @@ def describe(record: dict[str, Any], config: str | None = None) -> list[str]:
     result = record["result"]
     if result is not None:
         lines.append("result:")
-        if result.keys() >= _REPORT_KEYS:     # a Stage 2 report: as ``adapt --local`` prints it
-            lines.extend(f"  {line}" for line in adapt_summary_lines(
-                dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)), config))
+        report = _report_lines(record, config)
+        if report is not None:
+            lines.extend(f"  {line}" for line in report)
         else:
             lines.extend(f"  {k}: {_value(v)}" for k, v in result.items() if k != "start")
             if result.get("start"):
@@ -81,10 +81,9 @@ def final_lines(record: dict[str, Any], config: str | None = None) -> list[str]:
     (``config``: the command's ``--config``, for the export command it prints), and where the log is."""
     took = f" in {_duration(record)}" if record["started_at"] else ""
     lines = [f"job {record['id']} {record['state']}{took}" + (f": {record['error']}" if record["error"] else "")]
-    result = record["result"]
-    if result is not None and result.keys() >= _REPORT_KEYS:
-        lines += adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)),
-                                     config)
+    result, report = record["result"], _report_lines(record, config)
+    if report is not None:
+        lines += report
     elif result is not None:
         lines.append("result: " + ", ".join(f"{k} {_value(v)}" for k, v in result.items()))
     lines.append(f"log: {record['log_path']}")
@@ -94,6 +93,14 @@ def final_lines(record: dict[str, Any], config: str | None = None) -> list[str]:
 _REPORT_KEYS = {"target_name", "num_classes", "sizes", "trainable_params", "n_fraction", "val_accuracy",
                 "initial_val_accuracy", "best_epoch", "test_accuracy", "initial_test_accuracy",
                 "peak_memory_bytes", "peak_memory_kind", "device", "seconds", "basis_version"}
+
+
+def _report_lines(record: dict[str, Any], config: str | None) -> list[str] | None:
+    """A job's result as ``adapt --local`` prints it when it is a Stage 2 report; None otherwise."""
+    result = record["result"]
+    if result is None or not result.keys() >= _REPORT_KEYS:
+        return None
+    return adapt_summary_lines(dict(result, job_id=record["id"], out_dir=str(Path(record["log_path"]).parent)), config)
 
 
 def _value(value: Any) -> str:
