@@ -51,7 +51,7 @@ def export_merged(cfg: Config, out: str | Path, version: int | None = None,
     if cfg.base.kind != "transformers" and out.suffix != ".safetensors":
         raise BasisError(f"{out}: an open_clip export is one file ending in .safetensors")
     say(f"reading the base {cfg.base.model}")
-    basis = Basis.open(cfg.paths.basis_dir, _base_weights(cfg), settings=cfg.basis)
+    basis = _open_with_base(cfg)
     version = basis.version if version is None else version
     say(f"materializing basis version {version}")
     state = basis.materialize(version, with_base=True)
@@ -67,16 +67,18 @@ def export_merged(cfg: Config, out: str | Path, version: int | None = None,
     return write_hf_folder(state, models.hf_model_dir(cfg.base), out, meta, text, max_shard_bytes), version
 
 
-def _base_weights(cfg: Config) -> dict[str, Tensor]:
-    """The base's state dict: an open_clip base's local safetensors file read as it is when it holds exactly
-    the weights the basis was built on (its sha256 says so), which spares the open_clip import (about
-    3 s of a 7 s export, benchmarks/export_time.py); otherwise the model built."""
+def _open_with_base(cfg: Config) -> Basis:
+    """The configured basis with its base: an open_clip base's local safetensors file read as it is when
+    it holds exactly the weights the basis was built on (``Basis.open`` checks their sha256), which
+    spares the open_clip import (about 3 s of a 7 s export, benchmarks/export_time.py); otherwise the
+    model built."""
     path = Path(cfg.base.pretrained or "")
     if cfg.base.kind != "transformers" and path.suffix == ".safetensors" and path.is_file():
-        state = load_file(path)
-        if models.weights_sha256(state) == Basis.open(cfg.paths.basis_dir).manifest["identity"]["sha256"]:
-            return state
-    return models.load_base(cfg)[0]
+        try:
+            return Basis.open(cfg.paths.basis_dir, load_file(path), settings=cfg.basis)
+        except BasisError:   # other weights in the file (or another reason, which the built base meets again)
+            pass
+    return Basis.open(cfg.paths.basis_dir, models.load_base(cfg)[0], settings=cfg.basis)
 
 
 def _write_merged_adapter(cfg: Config, basis: Basis, version: int, state: dict[str, Tensor], out: Path,
