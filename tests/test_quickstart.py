@@ -67,7 +67,7 @@ def test_quickstart_runs_the_whole_product(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "from axis_stream.cli import main; main()", *command[1:]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        status = wait_until(lambda: _status(cfg.paths.socket), 120, "the daemon on the workspace",
+        status = wait_until(lambda: _ready_status(cfg.paths.socket), 120, "the daemon on the workspace ready",
                             alive=lambda: proc.poll() is not None and f"serve exited with {proc.returncode}")
         assert status["ready"] and status["basis"]["version"] == 3 and status["basis"]["sources"] == 3
     finally:
@@ -82,6 +82,12 @@ def _status(socket_path):
         return api.request(socket_path, "status")
     except (api.DaemonNotRunning, AxisError):
         return None
+
+
+def _ready_status(socket_path):
+    """The status once the daemon says it is ready (the control socket answers a moment before)."""
+    status = _status(socket_path)
+    return status if status and status.get("ready") else None
 
 
 def test_cli_offers_the_quickstart():
