@@ -45,8 +45,10 @@ def test_randomized_fold_matches_float64_exact_fold(shape, sources):
     delta = decaying(shape, 7)
     exact = stage1.fold(current64, delta, K)
     fast = stage1.fold(current32, delta.float(), K, svd="randomized")
-    assert fast.stats.svd_method == ("randomized" if sources else "exact")  # an empty basis: the exact path
-    assert fast.stats.svd_error <= 1e-4
+    # an empty basis: the exact path; one source: about half the new components enter, more than the
+    # block takes, so the exact path too (core/entering.py)
+    assert fast.stats.svd_method == {0: "exact", 1: "randomized->exact", 8: "randomized"}[sources]
+    assert fast.stats.svd_error <= 1e-4 or fast.stats.svd_method == "randomized->exact"
     assert fast.stats.new_kept == exact.stats.new_kept
     assert rel(fast.to_dense(), exact.to_dense()) < 1e-4
     assert torch.allclose(fast.s.double(), exact.s, rtol=1e-4, atol=0)
@@ -135,7 +137,8 @@ def test_flat_tail_gives_up_early_and_returns_the_exact_result(monkeypatch):
 def test_the_first_fold_takes_the_exact_path_and_later_folds_the_randomized_one(monkeypatch):
     """An empty basis has no floor: all k new components enter, so there is nothing for a randomized
     attempt to prune, and on a flat tail it fails after costing more than the exact SVD."""
-    a, b = low_rank_plus_noise((600, 240), 0), decaying((600, 240), 7).float()
+    a = low_rank_plus_noise((600, 240), 0)
+    b = spectrum_matrix((600, 240), 7, torch.tensor([0.6, 0.3, 0.2, 0.1], dtype=torch.float64)).float()
     first = stage1.fold(None, a, K, svd="randomized")
     s64, trunc64 = float64_reference(a, K)
     assert first.stats.svd_method == "exact" and first.stats.new_kept == K
@@ -246,3 +249,27 @@ def test_orthogonalize_matches_dense_svd(m, n, r, rank):
     Ud, sd, Vdh = torch.linalg.svd(dense)
     assert torch.allclose(sk, sd[:k], rtol=1e-10)
     assert rel((Uk * sk) @ Vk.T, (Ud[:, :k] * sd[:k]) @ Vdh[:k]) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (64, 64), (300, 120), (120, 300)])
+@pytest.mark.parametrize("kind", ["decaying", "flat-tail"])
+def test_top_k_of_a_float32_matrix_matches_the_float64_svd(shape, kind):
+    """The top k of a float32 matrix come from its float64 Gram matrix: the rank-k result and the
+    singular values match the float64 SVD to well under float32 rounding of the data, including on a
+    rank-plus-noise spectrum whose k-th value sits in a flat bulk (a fine-tune's change)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    if kind == "decaying":
+        a = decaying(shape, 3)
+    else:
+        low = orthonormal(shape[0], 3, g) @ orthonormal(shape[1], 3, g).T
+        a = low + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)
+    a32 = a.float()
+    k = max(1, min(shape) // 3)
+    ref = torch.linalg.svd(a32.double(), full_matrices=False)
+    best = (ref.U[:, :k] * ref.S[:k]) @ ref.Vh[:k]
+    U, s, V = svd.exact_svd(a32, k)
+    assert U.dtype == s.dtype == V.dtype == torch.float32 and s.shape == (k,)
+    assert rel((U * s) @ V.T, best) < 1e-6
+    assert float((s.double() - ref.S[:k]).abs().max() / ref.S[0]) < 1e-6
+    assert float((U.T.double() @ U.double() - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-5
+    assert float((V.T.double() @ V.double() - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-5

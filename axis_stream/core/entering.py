@@ -4,8 +4,8 @@ merged result rather than one by one.
 A fold keeps the top ``k`` of the current basis's components and the new matrix ``A``'s: ``A``'s
 ``j``-th enters iff ``sigma_j > floor_j`` (the current basis's ``(k-1-j)``-th singular value), so the
 result is ``F = C + A_e``, ``C`` the current's top ``k - e`` and ``A_e`` the rank-``e`` truncation of
-``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, grown once to ``2e + 8``
-when the entering set fills it, ``POWER_STEPS`` power iterations in turn) gives Ritz triplets
+``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, ``POWER_STEPS`` power
+iterations in turn) gives Ritz triplets
 ``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
 the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
 
@@ -26,9 +26,11 @@ the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
    ``tests/test_entering.py`` checks it against float64 exact folds.
 
 Otherwise, or when the certificate's decay predicts it only beyond ``GIVE_UP_FACTOR`` times the
-last step count, or the entering set fills the block again once grown (a flat part of the spectrum at the entering boundary: the new matrix's noise bulk
-against a basis still holding noise), the exact SVD is taken (``"randomized->exact"``). The cost
-follows ``e``: a matrix of which nothing can enter is settled at the first check. No I/O, no state.
+last step count, or the entering set takes more than about half the block (then the exact top ``k``
+from the Gram matrix, ``svd.exact_svd``, costs about as much as a block wide enough; this is also
+where a flat part of the spectrum sits at the boundary: the new matrix's noise bulk against a basis
+still holding noise), the exact SVD is taken (``"randomized->exact"``). The cost follows ``e``: a
+matrix of which nothing can enter is settled at the first check. No I/O, no state.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from torch import Tensor
 from axis_stream.core import svd as _svd
 
 OVERSAMPLE = 8             # block columns beyond the entering count
-POWER_STEPS = (2, 4, 8, 16)  # power iterations reached in turn before the exact fallback
+# Power iterations reached in turn before the exact fallback, and when to give up: the exact top k
+# from the Gram matrix costs about ten power steps of the block at ViT-B-32's shapes, so an attempt
+# that would need more than the last step count is not worth finishing.
+POWER_STEPS = (2, 4, 8)
 ROUNDING = 1e-6            # relative to the top Ritz value: closer to a floor than this is a float32 tie
-GIVE_UP_FACTOR = 2.0       # give up when the certificate is predicted only beyond this many times the last step count
+GIVE_UP_FACTOR = 1.0       # give up when the certificate is predicted only beyond this many times the last step count
 
 
 def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
@@ -53,12 +58,38 @@ def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
     return q
 
 
+GRAM_RANGE = 1e-4          # Ritz values down to this share of the top one come from the block's Gram matrix
+
+
 def _ritz(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Ritz triplets of ``a`` on the left space ``q`` (``U^T a = diag(theta) V^T`` exactly) and their
-    residual norms ``||a v - theta u||`` in float64."""
-    ub, theta, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    U, V = q @ ub, vh.mT
+    """Ritz triplets of ``a`` on the left space ``q`` (``U^T a = diag(theta) V^T``) and their
+    residual norms ``||a v - theta u||`` in float64.
+
+    The SVD of the wide ``b = q^T a`` comes from the float64 eigenproblem of its small Gram matrix
+    ``b b^T`` (a fraction of the cost of an SVD of ``b``; ``v = b^T u_b / theta`` is accurate to
+    float64 rounding times ``(theta_0 / theta)^2``), unless a Ritz value lies under ``GRAM_RANGE`` of
+    the top one: then from the SVD of ``b`` itself."""
+    b = q.mT @ a
+    b64 = b.double()
+    lam, ub = torch.linalg.eigh(b64 @ b64.mT)
+    theta, ub = lam.flip(0).clamp_min(0).sqrt(), ub.flip(1)
+    if float(theta[-1]) > GRAM_RANGE * float(theta[0]):
+        V = ((b64.mT @ ub) / theta).to(a.dtype)
+        theta, ub = theta.to(a.dtype), ub.to(a.dtype)
+    else:
+        ub, theta, vh = torch.linalg.svd(b, full_matrices=False)
+        V = vh.mT
+    U = q @ ub
     return U, theta, V, torch.linalg.vector_norm(a @ V - U * theta, dim=0).double()
+
+
+def _entering_at_least(a: Tensor, q: Tensor, floors: Tensor) -> int:
+    """A lower bound on the entering count: the Ritz values of ``a`` on ``q`` (from the small Gram
+    matrix of ``q^T a``) are lower bounds on its singular values, one product with ``a``."""
+    b = (q.mT @ a).double()
+    theta = torch.linalg.eigvalsh(b @ b.mT).flip(0).clamp_min(0).sqrt()
+    k, w = floors.numel(), theta.numel()
+    return int((theta[:k] > floors[:w].double()).int().cumprod(0).sum())
 
 
 def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: bool, tol: float
@@ -123,23 +154,19 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width, done, q, grown = min(small, k // 2 + OVERSAMPLE), 0, None, False
+    width, done = min(small, k // 2 + OVERSAMPLE), 0
+    q = torch.linalg.qr(a @ torch.randn(a.shape[1], width, generator=gen, dtype=a.dtype, device=a.device)).Q
+    if width < small and 2 * _entering_at_least(a, q, floors) + OVERSAMPLE // 2 > width:
+        return None            # before any power step: most of the block enters already
     history: list[tuple[int, float]] = []
     for steps in POWER_STEPS:
-        while True:
-            if q is None:
-                omega = torch.randn(a.shape[1], width, generator=gen, dtype=a.dtype, device=a.device)
-                q, done, history = torch.linalg.qr(a @ omega).Q, 0, []
-            q, done = _power(a, q, steps - done), steps
-            U, theta, V, rho = _ritz(a, q)
-            e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
-            if excess <= 1:
-                return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
-            if 2 * e + OVERSAMPLE // 2 <= width or width >= small:
-                break
-            if grown:          # the entering set grows with the block: a flat part above the floors
-                return None
-            width, q, grown = min(small, 2 * e + OVERSAMPLE), None, True   # it fills the block: a wider one
+        q, done = _power(a, q, steps - done), steps
+        U, theta, V, rho = _ritz(a, q)
+        e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
+        if excess <= 1:
+            return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
+        if 2 * e + OVERSAMPLE // 2 > width and width < small or not math.isfinite(excess):
+            return None        # most of the block enters, or the boundary sits in a flat part: the exact path
         history.append((steps, excess))
         if _hopeless(history):
             return None

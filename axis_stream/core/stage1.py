@@ -273,6 +273,8 @@ def _fold_in(current: Factors | None, parts: list[tuple[Tensor, Tensor, Tensor]]
         # the union's top k is the current basis itself (already orthonormal): returned as it is,
         # so the store can tell an untouched matrix and share its files between versions
         return Factors(current.U, current.s, current.V, stats=stats)
+    if current is None:   # one source's own truncated SVD: already orthonormal, sorted, signs fixed
+        return Factors(chosen.U, chosen.s, chosen.V, stats=stats)
     return Factors(*_svd.orthogonalize(chosen.U, chosen.s, chosen.V, k), stats=stats)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import scipy.linalg
+import scipy.linalg.blas
 import torch
 from torch import Tensor
 
@@ -69,7 +71,10 @@ def normalize_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 def exact_svd(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of a dense matrix (at most its top ``k`` components), numerically-zero components
     dropped, signs normalised. LAPACK runs on the tall orientation: much faster for wide matrices.
+    The top ``k`` of a float32 matrix come from its float64 Gram matrix (``_gram_top``).
     """
+    if k is not None and a.dtype == torch.float32 and 0 < k < min(a.shape):
+        return _gram_top(a, k)
     wide = a.shape[0] < a.shape[1]
     U, s, Vh = torch.linalg.svd(a.mT if wide else a, full_matrices=False)
     if wide:
@@ -77,6 +82,34 @@ def exact_svd(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     keep = numerical_rank_mask(s, (a.shape[0], a.shape[1]))[:k]
     U, V = normalize_signs(U[:, :k][:, keep], Vh[:k][keep].mT)
     return U, s[:k][keep], V
+
+
+def _gram_top(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``exact_svd(a, k)`` of a float32 ``a`` from the top ``k`` eigenpairs of the float64 Gram matrix
+    of its short side (LAPACK's subset solver ``syevr`` through scipy on the CPU, ``eigh`` elsewhere).
+
+    Faster than the float32 SVD (the ``n x n`` eigenproblem instead of a bidiagonalisation of ``a``,
+    only ``k`` eigenvectors) and more accurate: the squared singular values come out with float64's
+    error relative to ``s_max^2``, far below float32 rounding of ``a`` for every component kept
+    (``numerical_rank_mask`` drops those under ``max(m, n) * eps32 * s_max``).
+    """
+    wide = a.shape[0] <= a.shape[1]
+    short = a if wide else a.mT
+    n = short.shape[0]
+    if a.device.type == "cpu":   # syrk: the upper triangle only, half the products
+        x = short.double().numpy()    # BLAS reads it as it lies in memory: no transposing copy
+        gram = scipy.linalg.blas.dsyrk(1.0, x) if x.flags.f_contiguous else scipy.linalg.blas.dsyrk(1.0, x.T, trans=1)
+        w, q = (torch.from_numpy(x) for x in scipy.linalg.eigh(
+            gram, lower=False, subset_by_index=(n - k, n - 1), driver="evr", overwrite_a=True, check_finite=False))
+    else:
+        w, q = torch.linalg.eigh(short.double() @ short.double().mT)
+        w, q = w[n - k:], q[:, n - k:]
+    s = w.flip(0).clamp_min(0).sqrt().float()
+    keep = numerical_rank_mask(s, (a.shape[0], a.shape[1]))
+    s, left = s[keep], q.flip(1)[:, keep].float()
+    right = (short.mT @ left) / s   # float32 is enough here: each column is one product with a
+    U, V = normalize_signs(*((left, right) if wide else (right, left)))
+    return U, s, V
 
 
 def relative_residuals(a: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
