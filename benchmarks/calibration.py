@@ -15,7 +15,8 @@ orders ± their standard deviation, multi-task accuracy and backward transfer.
 ``--variants`` adds rules that exist only for this study (not the product's): the spectral factor
 times a constant (``spectral-x0.7``, ``-x0.5``, ``-x0.35``), and capped at 1/sqrt(t) after t sources
 (``spectral-sqrt-cap``: a merged matrix no farther from the base than one source if the sources were
-orthogonal).
+orthogonal) or at 2/t (``spectral-2/t-cap``: at most twice the running average's strength, about task
+arithmetic's usual lambda of 0.3 for 8 unrelated tasks; 1 up to two sources).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ PEERS = ("opcm",)
 
 spectral = calibration.CALIBRATIONS["spectral"]   # the product's rule, which the variants scale or cap
 VARIANTS = {**{f"spectral-x{g}": (lambda st, n, s, g=g: g * spectral(st, n, s)) for g in (0.7, 0.5, 0.35)},
-            "spectral-sqrt-cap": lambda st, n, s: min(spectral(st, n, s), 1 / math.sqrt(n))}
+            "spectral-sqrt-cap": lambda st, n, s: min(spectral(st, n, s), 1 / math.sqrt(n)),
+            **{f"spectral-{g}/t-cap": (lambda st, n, s, g=g: min(spectral(st, n, s), g / n)) for g in (2, 1.5, 1)}}
 
 
 def add_variants() -> None:
