@@ -56,8 +56,10 @@ def add_variants() -> None:
     config.CALIBRATIONS = (*config.CALIBRATIONS, *VARIANTS)
 
 
-def run(suite: str, orders: list[int], rules: list[str], tables_only: bool) -> list[str]:
+def run(suite: str, orders: list[int], rules: list[str], tables_only: bool, k_fraction: float | None = None
+        ) -> list[str]:
     exp = load_experiment(CONFIGS[suite])
+    kf = exp.stage1.k_fractions[0] if k_fraction is None else k_fraction
     out = ROOT / "benchmarks" / "results" / f"suite-{suite}" / "calibration"
     exp = dataclasses.replace(exp, orders=orders, output_dir=out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,15 +72,16 @@ def run(suite: str, orders: list[int], rules: list[str], tables_only: bool) -> l
         for order, variant in order_variants(exp):
             harness = None
             for rule in rules:
-                method = dataclasses.replace(axis, label=f"axis, calibration {rule}")
-                todo = [dict(method=method.label, order=order, sources=t, k_fraction=exp.stage1.k_fractions[0],
+                label = f"axis, calibration {rule}" + ("" if k_fraction is None else f", K = {kf:.0%}")
+                method = dataclasses.replace(axis, label=label)
+                todo = [dict(method=method.label, order=order, sources=t, k_fraction=kf,
                              seed=exp.seeds[0]) for t in levels]
                 if all(results.has(r) for r in todo):
                     continue
                 harness = harness or SuiteHarness(variant, print)
                 harness.exp = dataclasses.replace(variant, stage1=dataclasses.replace(variant.stage1, calibration=rule))
-                results.append([r for r in harness.multitask(method, order, exp.stage1.k_fractions[0],
-                                                             exp.seeds[0], levels) if not results.has(r)])
+                results.append([r for r in harness.multitask(method, order, kf, exp.seeds[0], levels)
+                                if not results.has(r)])
             for peer in peers:
                 keys = [dict(method=peer.label, order=order, sources=t, k_fraction=None, seed=exp.seeds[0])
                         for t in levels]
@@ -115,7 +118,8 @@ if __name__ == "__main__":
     parser.add_argument("--rules", nargs="+", choices=(*CALIBRATIONS, *VARIANTS), default=list(CALIBRATIONS))
     parser.add_argument("--variants", action="store_true", help="add the study's extra rules (see above)")
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--k-fraction", type=float, help="K of the AXIS basis (default: the experiment's, 10 %%)")
     args = parser.parse_args()
     if args.variants:
         add_variants()
-    print("\n".join(run(args.suite, args.orders, args.rules, args.tables_only)))
+    print("\n".join(run(args.suite, args.orders, args.rules, args.tables_only, args.k_fraction)))
