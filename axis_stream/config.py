@@ -143,9 +143,11 @@ class WatchConfig:
     rescan_interval_s: float = 60.0      # periodic full rescan (inotify overflow, network filesystems)
     discard: str = "delete"              # delete | archive
     incomplete_timeout_s: float = 600.0  # a short file / incomplete folder waits this long unchanged, then quarantine
+    fold_workers: int = 0                # threads folding a checkpoint's matrices; 0: the cores this process may use
 
     def validate(self) -> None:
         _choice("watch.observer", self.observer, ("auto", "inotify", "polling"))
+        _range("watch.fold_workers", self.fold_workers, 0, None)
         _choice("watch.discard", self.discard, ("delete", "archive"))
         for name in ("poll_interval_s", "stable_interval_s", "rescan_interval_s", "incomplete_timeout_s"):
             _range(f"watch.{name}", getattr(self, name), 0.0, None, low_open=True)

@@ -67,6 +67,7 @@ def test_unknown_keys_are_errors_that_name_the_key(tmp_path, text, key):
     ("[watch]\nobserver = 'fanotify'\n", "watch.observer"),
     ("[watch]\ndiscard = 'shred'\n", "watch.discard"),
     ("[watch]\nstable_interval_s = 0\n", "watch.stable_interval_s"),
+    ("[watch]\nfold_workers = -1\n", "watch.fold_workers"),
     ("[watch]\nincomplete_timeout_s = -1\n", "watch.incomplete_timeout_s"),
     ("[watch]\npoll_interval_s = '1s'\n", "watch.poll_interval_s"),
     ("[basis]\nk_fraction = 1.5\n", "basis.k_fraction"),

@@ -21,7 +21,8 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_clip(tmp_path):
         ("fold", 1), ("fold", 2), ("fold", 20), ("Stage 2, AXIS", 1), ("Stage 2, AXIS", 20),
         ("Stage 2, aTLAS", 1), ("Stage 2, aTLAS", 5), ("Stage 2, aTLAS", 20)]
     assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["device"] == "cpu" for r in rows)
-    assert rows[0]["svd"] == {"exact": 8} and rows[2]["svd"] == {"randomized": 8}  # the first fold: exact
+    assert rows[0]["svd"] == {"exact": 8}  # the first fold: exact; the 20th mostly the entering-set path
+    assert set(rows[2]["svd"]) <= {"randomized", "randomized->exact"} and rows[2]["svd"].get("randomized", 0) >= 6
     atlas = [r["trainable"] for r in rows if r["what"] == "Stage 2, aTLAS"]
     assert atlas == sorted(atlas) and atlas[-1] > atlas[0]  # aTLAS's coefficients grow with the sources
     table = (tmp_path / "table.md").read_text()

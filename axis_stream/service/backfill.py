@@ -13,7 +13,6 @@ tree over shards on Ray instead (``backfill_ray.py``): the same rules, not the s
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from axis_stream import errors
 from axis_stream.config import Config
 from axis_stream.service.backfill_ray import backfill_on_ray
-from axis_stream.service.foldworker import FoldWorker, Outcome
+from axis_stream.service.foldworker import FoldWorker, Outcome, default_memory_budget, default_workers
 from axis_stream.service.watcher import is_candidate
 from axis_stream.store.models import load_base
 from axis_stream.store.statelock import lock_state
@@ -39,16 +38,6 @@ def checkpoint_files(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise errors.AxisError(f"{path}: no such file or folder")
     return out
-
-
-def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
-def default_memory_budget() -> int:
-    """Half the memory available now, in bytes."""
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def backfill(config: Config, files: Sequence[Path], on_outcome: Callable[[Outcome], None], *,

@@ -57,6 +57,16 @@ class Outcome:
     seconds: float = 0.0
 
 
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now, in bytes."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
 class FoldWorker:
     """Folds one file into the basis, then discards it (folded) or quarantines it (rejected).
 
