@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 from axis_stream import config
+from axis_stream.service.foldworker import default_memory_budget, default_workers
 from axis_stream.store import models
 from axis_stream.store.basis import Basis
 from axis_stream.store.models import load_base
@@ -114,14 +115,16 @@ def wait_version(basis_dir: Path, version: int, proc: subprocess.Popen, timeout:
 
 def bare_worker(cfg_path: Path, basis_dir: Path) -> None:
     """Subprocess side of the bare measurement: load the base as the daemon does, create a basis,
-    then fold each path read from stdin and print the seconds ``fold_checkpoint`` took."""
+    then fold each path read from stdin, with the daemon's fold threads, and print the seconds
+    ``fold_checkpoint`` took."""
     cfg = config.load(cfg_path, env={})
     base, identity = load_base(cfg)
     basis = Basis.create(basis_dir, base, cfg.basis, identity)
+    workers = cfg.watch.fold_workers or default_workers()
     print("ready", flush=True)
     for line in sys.stdin:
         start = time.perf_counter()
-        basis.fold_checkpoint(Path(line.strip()))
+        basis.fold_checkpoint(Path(line.strip()), workers=workers, memory_budget=default_memory_budget())
         print(time.perf_counter() - start, flush=True)
 
 
