@@ -25,12 +25,14 @@ the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
    under the stated upper bounds on the excluded values (``theta + r``), not a proof-grade bound;
    ``tests/test_entering.py`` checks it against float64 exact folds.
 
-Otherwise, or when the certificate's decay predicts it only beyond ``GIVE_UP_FACTOR`` times the
-last step count, or the entering set takes more than about half the block (then the exact top ``k``
-from the Gram matrix, ``svd.exact_svd``, costs about as much as a block wide enough; this is also
-where a flat part of the spectrum sits at the boundary: the new matrix's noise bulk against a basis
-still holding noise), the exact SVD is taken (``"randomized->exact"``). The cost follows ``e``: a
-matrix of which nothing can enter is settled at the first check. No I/O, no state.
+Otherwise the exact top ``k`` (``svd.exact_svd``, from the Gram matrix) is taken
+(``"randomized->exact"``), and the attempt stops as soon as that is the cheaper way: when the
+entering set takes more than about half the block (checked before any power step from lower bounds,
+and at each check; the exact path then costs about as much as a block wide enough), when a check
+has no finite certificate (the boundary sits in a flat part of the spectrum: the new matrix's noise
+bulk against a basis still holding noise), or when the certificate's decay predicts it only beyond
+``GIVE_UP_FACTOR`` times the last step count. The cost follows ``e``: a matrix of which nothing can
+enter is settled at the first check. No I/O, no state.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ OVERSAMPLE = 8             # block columns beyond the entering count
 POWER_STEPS = (2, 4, 8)
 ROUNDING = 1e-6            # relative to the top Ritz value: closer to a floor than this is a float32 tie
 GIVE_UP_FACTOR = 1.0       # give up when the certificate is predicted only beyond this many times the last step count
+GRAM_RANGE = 1e-4          # Ritz values down to this share of the top one come from the block's Gram matrix
 
 
 def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
@@ -56,9 +59,6 @@ def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
     for _ in range(steps):
         q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
     return q
-
-
-GRAM_RANGE = 1e-4          # Ritz values down to this share of the top one come from the block's Gram matrix
 
 
 def _ritz(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

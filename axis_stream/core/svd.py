@@ -1,5 +1,8 @@
 """Truncated SVDs for Stage 1: the exact dense path and a certified randomized path.
 
+The exact top ``k`` of a float32 matrix come from the float64 Gram matrix of its short side
+(``_gram_top``): faster than a float32 SVD and more accurate.
+
 The randomized path is a block Krylov method (block Golub-Kahan-Lanczos from a seeded Gaussian
 block, Rayleigh-Ritz on the Krylov pair) that grows its subspace only until the wanted triplets are
 certified, then measures their residuals; it falls back to the dense SVD when it cannot certify,
