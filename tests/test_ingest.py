@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 from pathlib import Path
 
@@ -135,9 +136,9 @@ def _write_bad(kind: str, base, tmp_path: Path, make_good) -> tuple[Path, dict]:
         path.write_bytes(b"")
     elif kind == "random-bytes":
         path.write_bytes(os.urandom(4096))
-    elif kind == "random-bytes-pt":
+    elif kind == "random-bytes-pt":   # seeded: 1 in 16,384 random files starts like a pickle (PROTO 2..5)
         path = path.with_suffix(".pt")
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(7).randbytes(4096))
     elif kind == "truncated-pt":
         path = path.with_suffix(".pt")
         torch.save(sd, path)
@@ -243,3 +244,13 @@ def test_validate_state_dict_names_the_given_path(tiny_base):
     sd[MATRIX][0, 0] = float("nan")
     with pytest.raises(errors.NonFinite, match=re.escape(f"finetuned.pt: {MATRIX} contains NaN")):
         ingest.validate_state_dict("CarsVal/finetuned.pt", sd, base)
+
+
+def test_bytes_that_only_start_with_the_pickle_opcode_are_not_a_checkpoint(tiny_base, tmp_path):
+    """0x80 (PROTO) without a protocol 2-5 byte after it is not a torch pickle: one random file in 256
+    starts so, and must not be refused as an untrusted whole-model pickle."""
+    _, base = tiny_base
+    path = tmp_path / "noise.pt"
+    path.write_bytes(b"\x80\xf1" + random.Random(3).randbytes(4094))
+    with pytest.raises(errors.NotACheckpoint):
+        ingest.validate_checkpoint(path, base)

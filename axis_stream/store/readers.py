@@ -371,7 +371,7 @@ def torch_file_kind(path: Path) -> str:
         if not complete:
             raise errors.TruncatedFile(path, "torch zip archive is incomplete (no central directory)")
         return "zip"
-    if magic.startswith(b"\x80"):
+    if magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):   # PROTO 2..5
         return "legacy"
     raise errors.NotACheckpoint(path, "not a torch file (neither a zip archive nor a pickle)")
 
