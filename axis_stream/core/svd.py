@@ -102,7 +102,7 @@ def _gram_top(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if a.device.type == "cpu":   # syrk: the upper triangle only, half the products
         x = short.double().numpy()    # BLAS reads it as it lies in memory: no transposing copy
         gram = scipy.linalg.blas.dsyrk(1.0, x) if x.flags.f_contiguous else scipy.linalg.blas.dsyrk(1.0, x.T, trans=1)
-        w, q = (torch.from_numpy(x) for x in scipy.linalg.eigh(
+        w, q = (torch.from_numpy(t) for t in scipy.linalg.eigh(
             gram, lower=False, subset_by_index=(n - k, n - 1), driver="evr", overwrite_a=True, check_finite=False))
     else:
         w, q = torch.linalg.eigh(short.double() @ short.double().mT)
