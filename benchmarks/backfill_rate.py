@@ -48,7 +48,7 @@ from axis_stream import cluster, config  # noqa: E402
 from axis_stream.core import stage1  # noqa: E402
 from axis_stream.service import backfill  # noqa: E402
 from axis_stream.service.daemon import FoldWorker  # noqa: E402
-from axis_stream.service.foldworker import default_memory_budget, default_workers  # noqa: E402
+from axis_stream.service.foldworker import default_memory_budget, fold_threads  # noqa: E402
 from axis_stream.store import basis as basis_module  # noqa: E402
 from axis_stream.store import readers  # noqa: E402
 from axis_stream.testing import finetuned_like  # noqa: E402
@@ -120,7 +120,7 @@ def run_mode(mode: str, cfg_path: Path, files: list[Path], clock: StageClock) ->
         inbox = cfg.paths.watch_dir
         inbox.mkdir(parents=True, exist_ok=True)
         copies = [Path(shutil.copy(p, inbox / p.name)) for p in files]
-        worker = FoldWorker(cfg, *backfill.load_base(cfg), fold_workers=cfg.watch.fold_workers or default_workers(),
+        worker = FoldWorker(cfg, *backfill.load_base(cfg), fold_workers=fold_threads(cfg.watch),
                             memory_budget=default_memory_budget())   # as serve builds it
         start = time.perf_counter()
         for i, p in enumerate(copies):

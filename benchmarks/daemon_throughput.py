@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 from axis_stream import config
-from axis_stream.service.foldworker import default_memory_budget, default_workers
+from axis_stream.service.foldworker import default_memory_budget, fold_threads
 from axis_stream.store import models
 from axis_stream.store.basis import Basis
 from axis_stream.store.models import load_base
@@ -120,11 +120,11 @@ def bare_worker(cfg_path: Path, basis_dir: Path) -> None:
     cfg = config.load(cfg_path, env={})
     base, identity = load_base(cfg)
     basis = Basis.create(basis_dir, base, cfg.basis, identity)
-    workers = cfg.watch.fold_workers or default_workers()
+    workers, budget = fold_threads(cfg.watch), default_memory_budget()   # as serve sets them at start
     print("ready", flush=True)
     for line in sys.stdin:
         start = time.perf_counter()
-        basis.fold_checkpoint(Path(line.strip()), workers=workers, memory_budget=default_memory_budget())
+        basis.fold_checkpoint(Path(line.strip()), workers=workers, memory_budget=budget)
         print(time.perf_counter() - start, flush=True)
 
 

@@ -83,13 +83,17 @@ def _ritz(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return U, theta, V, torch.linalg.vector_norm(a @ V - U * theta, dim=0).double()
 
 
+def _entering(theta: Tensor, floors: Tensor) -> int:
+    """How many leading values of ``theta`` (descending) beat their floors."""
+    k, w = floors.numel(), theta.numel()
+    return int((theta[:k] > floors[:w]).int().cumprod(0).sum())
+
+
 def _entering_at_least(a: Tensor, q: Tensor, floors: Tensor) -> int:
     """A lower bound on the entering count: the Ritz values of ``a`` on ``q`` (from the small Gram
     matrix of ``q^T a``) are lower bounds on its singular values, one product with ``a``."""
     b = (q.mT @ a).double()
-    theta = torch.linalg.eigvalsh(b @ b.mT).flip(0).clamp_min(0).sqrt()
-    k, w = floors.numel(), theta.numel()
-    return int((theta[:k] > floors[:w].double()).int().cumprod(0).sum())
+    return _entering(torch.linalg.eigvalsh(b @ b.mT).flip(0).clamp_min(0).sqrt(), floors.double())
 
 
 def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: bool, tol: float
@@ -100,7 +104,7 @@ def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: b
     (descending) and residual norms of the whole block; ``held_sq[i]``: the squared norm of the
     current basis's top ``k - i`` components; ``full``: the block spans the whole range."""
     k, w = floors.numel(), theta.numel()
-    e = int((theta[:k] > floors[:w]).int().cumprod(0).sum())
+    e = _entering(theta, floors)
     if e == w and not full:
         return e, math.inf, math.inf          # the entering set fills the block: where it stops is unseen
     up = theta + rho                          # a singular value lies within its residual of each Ritz value

@@ -32,7 +32,7 @@ from axis_stream.service.foldworker import (  # noqa: F401  (re-exported: the da
     FoldWorker,
     Outcome,
     default_memory_budget,
-    default_workers,
+    fold_threads,
     free_name,
     move_into,
     remove,
@@ -141,7 +141,7 @@ class Daemon:
             raise errors.ConfigError(f"base: cannot build {self.config.base.model} with weights "
                                      f"{self.config.base.pretrained or '(random init)'}: {one_line(str(exc))}") from None
         self.worker = FoldWorker(self.config, base, identity, self.metrics, progress=self.watchdog.ping,
-                                 wait_incomplete=True, fold_workers=w.fold_workers or default_workers(),
+                                 wait_incomplete=True, fold_workers=fold_threads(w),
                                  memory_budget=default_memory_budget())
         self.metrics.basis_state(*self.worker.basis_stats())
         self._start_jobs()

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from axis_stream import errors
-from axis_stream.config import Config
+from axis_stream.config import Config, WatchConfig
 from axis_stream.service.api import one_line
 from axis_stream.service.metrics import Metrics
 from axis_stream.store import readers
@@ -65,6 +65,11 @@ def default_workers() -> int:
 def default_memory_budget() -> int:
     """Half the memory available now, in bytes."""
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def fold_threads(watch: WatchConfig) -> int:
+    """The daemon's fold threads: ``watch.fold_workers``, 0 meaning one per core."""
+    return watch.fold_workers or default_workers()
 
 
 class FoldWorker:
