@@ -1,13 +1,15 @@
 """Where a streaming fold's time goes, per checkpoint, against reading, hashing and validating it.
 
 Each source is a checkpoint file folded matrix by matrix with ``stage1.fold`` (``svd="randomized"``,
-K = 10 %, the default settings) into a running basis, in this process. Per file it prints the time of
+K = 10 %, the default settings) into a running basis, in this process, ``--fold-workers`` matrices at
+a time as the daemon's fold threads do (``store.threads.bounded_map``; default one per core, as
+``[watch] fold_workers = 0``; 1: one matrix after the other). Per file it prints the time of
 ``ingest.read_checkpoint`` + every ``Checkpoint.delta`` + ``finish`` (read, sha256, validation: "io
 s") and of the matrix folds, split into: randomized attempts that certified ("attempt s"), attempts
 that failed their certificate ("failed s"), the exact SVDs run after a failed attempt ("fallback s")
 or taken directly ("exact s", the first fold's rule), the extra top-1 SVD of a fold none of whose
-components entered ("re-SVD s") and the rest (pooling, re-orthogonalisation, norms). "ratio" is the
-fold's wall over io; "err" the largest relative Frobenius error of a fold's result against a
+components entered ("re-SVD s") and the rest (pooling, re-orthogonalisation, norms), summed over the
+fold threads (thread-seconds). "fold s" is the file's wall time of its matrix folds, "ratio" that over io; "err" the largest relative Frobenius error of a fold's result against a
 float64 exact fold from the same current basis (``--check``).
 
 Sources:
@@ -23,9 +25,11 @@ Sources:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,46 +44,53 @@ from fold_memory import fine_tuned  # noqa: E402
 from axis_stream import config  # noqa: E402
 from axis_stream.core import entering, layout, stage1  # noqa: E402
 from axis_stream.core import svd as svd_module  # noqa: E402
-from axis_stream.store import ingest, models  # noqa: E402
+from axis_stream.service import foldworker  # noqa: E402
+from axis_stream.store import ingest, models, threads  # noqa: E402
 
 MINILM_SOURCES = Path.home() / ".cache/axis-stream/suites/text/cache/sources"
 COLUMNS = ("attempt", "failed", "fallback", "exact", "re-SVD", "rest")
 
 
 class SVDClock:
-    """Seconds per kind of SVD work inside ``stage1.fold``, by patching the functions it calls."""
+    """Seconds per kind of SVD work inside ``stage1.fold``, by patching the functions it calls; each
+    fold is counted in its own thread and added up (with fold threads: thread-seconds)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.failed = False
+        self.local = threading.local()
+        self.lock = threading.Lock()
         attempt, exact = entering.entering_svd, svd_module.exact_svd
-        clock = self
+        local = self.local
 
         def timed_attempt(*args, **kwargs):
             t0 = time.perf_counter()
             out = attempt(*args, **kwargs)
-            clock.failed = out is None
-            clock.seconds["failed" if clock.failed else "attempt"] += time.perf_counter() - t0
+            local.failed = out is None
+            local.seconds["failed" if local.failed else "attempt"] += time.perf_counter() - t0
             return out
 
         def timed_exact(a, k=None):
             t0 = time.perf_counter()
             out = exact(a, k)
-            kind = "fallback" if clock.failed else "re-SVD" if k == 1 else "exact"
-            clock.seconds[kind] += time.perf_counter() - t0
+            kind = "fallback" if local.failed else "re-SVD" if k == 1 else "exact"
+            local.seconds[kind] += time.perf_counter() - t0
             return out
+
+        local.failed, local.seconds = False, defaultdict(float)   # the --check folds, not counted
 
         entering.entering_svd, svd_module.exact_svd = timed_attempt, timed_exact
 
-    def fold(self, *args, **kwargs) -> tuple[stage1.Factors, float]:
-        """``stage1.fold`` and its wall time; what is not SVD work goes to "rest"."""
-        self.failed = False
-        before = sum(self.seconds.values())
+    def fold(self, *args, **kwargs) -> stage1.Factors:
+        """``stage1.fold``; what is not SVD work goes to "rest"."""
+        self.local.failed, self.local.seconds = False, defaultdict(float)
         t0 = time.perf_counter()
         out = stage1.fold(*args, **kwargs)
         wall = time.perf_counter() - t0
-        self.seconds["rest"] += wall - (sum(self.seconds.values()) - before)
-        return out, wall
+        with self.lock:
+            for kind, sec in self.local.seconds.items():
+                self.seconds[kind] += sec
+            self.seconds["rest"] += wall - sum(self.local.seconds.values())
+        return out
 
 
 def vit_sources(ws: Path, count: int) -> tuple[dict[str, torch.Tensor], list[Path], list[str]]:
@@ -130,27 +141,32 @@ def relative_error(got: stage1.Factors, want: stage1.Factors) -> float:
 
 
 def fold_stream(clock: SVDClock, method: str, base: dict[str, torch.Tensor], files: list[Path], names: list[str],
-                check: bool) -> None:
-    """Fold ``files`` in order into an empty basis with ``svd=method``; one table row per file."""
+                check: bool, workers: int) -> None:
+    """Fold ``files`` in order into an empty basis with ``svd=method``, ``workers`` matrices at a time
+    (as the daemon's fold threads do); one table row per file."""
     basis: dict[str, stage1.Factors | None] = {n: None for n in names}
     for i, path in enumerate(files, 1):
         deltas, io = read(path, base, names)
         clock.seconds.clear()
-        wall, paths, new, err = 0.0, defaultdict(int), 0, 0.0
-        for name in names:
-            if deltas[name] is None:
-                continue
-            d = layout.as_matrix(deltas[name])
-            k = stage1.k_for(tuple(d.shape))
-            out, seconds = clock.fold(basis[name], d, k, svd=method)
-            wall += seconds
+        todo = [n for n in names if deltas[n] is not None]
+        matrices = {n: layout.as_matrix(deltas[n]) for n in todo}
+
+        def prepare(name: str, matrices=matrices):
+            d, current = matrices[name], basis[name]
+            return lambda: clock.fold(current, d, stage1.k_for(tuple(d.shape)), svd=method)
+
+        t0 = time.perf_counter()
+        outs = threads.bounded_map(todo, prepare, lambda n: 0, workers=workers, budget=math.inf)
+        wall = time.perf_counter() - t0
+        paths, new, err = defaultdict(int), 0, 0.0
+        for name, out in outs.items():
             paths[out.stats.svd_method] += 1
             new += out.stats.new_kept
             if check:
-                cur, held = basis[name], dict(clock.seconds)
+                cur, d = basis[name], matrices[name]
                 cur64 = None if cur is None else stage1.Factors(cur.U.double(), cur.s.double(), cur.V.double())
-                err = max(err, relative_error(out, stage1.fold(cur64, d.double(), k, svd="exact")))
-                clock.seconds = defaultdict(float, held)
+                err = max(err, relative_error(out, stage1.fold(cur64, d.double(), stage1.k_for(tuple(d.shape)),
+                                                               svd="exact")))
             basis[name] = stage1.Factors(out.U, out.s, out.V)
         summary = ", ".join(f"{m} {c}" for m, c in sorted(paths.items()))
         print(f"{method:>10} {i:>4} {io:>6.2f} {wall:>7.2f} {wall / io:>6.2f} | "
@@ -165,6 +181,8 @@ def main() -> None:
     parser.add_argument("--svd", nargs="+", choices=svd_module.METHODS, default=["randomized"],
                         help="the fold's SVD path(s), each a stream of its own in this run")
     parser.add_argument("--check", action="store_true", help="compare every fold with a float64 exact fold")
+    parser.add_argument("--fold-workers", type=int, default=0,
+                        help="matrices folded at once, as [watch] fold_workers (0: one per core, the default)")
     args = parser.parse_args()
     clock = SVDClock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,8 +196,10 @@ def main() -> None:
                   + " ".join(f"{c + ' s':>10}" for c in COLUMNS) + f" | {'paths':<36} {'new':>5} {'err':>8}")
         print(header)
         print("-" * len(header))
+        workers = args.fold_workers or foldworker.default_workers()
+        print(f"{workers} fold thread(s)")
         for method in args.svd:
-            fold_stream(clock, method, base, files, names, args.check)
+            fold_stream(clock, method, base, files, names, args.check, workers)
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 

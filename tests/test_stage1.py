@@ -200,6 +200,17 @@ def test_bad_input_raises_value_error_saying_which(bad, message):
         bad()
 
 
+def test_a_finite_matrix_whose_sum_overflows_is_accepted_and_one_nan_among_many_is_not():
+    """The finite check starts from the sum: an overflowing sum of finite entries is no error."""
+    huge = torch.full((8, 8), 3e38)
+    assert torch.isinf(huge.sum())
+    assert stage1.fold(None, huge, 1).shape == (8, 8)   # no "NaN or Inf" error
+    one_nan = torch.randn(64, 32)
+    one_nan[40, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stage1.fold(None, one_nan, 2)
+
+
 def test_k_for_and_gavish_donoho():
     assert stage1.k_for((768, 768)) == 76
     assert stage1.k_for((2304, 768), 0.2) == 153

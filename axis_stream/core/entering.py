@@ -4,9 +4,8 @@ merged result rather than one by one.
 A fold keeps the top ``k`` of the current basis's components and the new matrix ``A``'s: ``A``'s
 ``j``-th enters iff ``sigma_j > floor_j`` (the current basis's ``(k-1-j)``-th singular value), so the
 result is ``F = C + A_e``, ``C`` the current's top ``k - e`` and ``A_e`` the rank-``e`` truncation of
-``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, ``POWER_STEPS`` power
-iterations in turn) gives Ritz triplets
-``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
+``A``. A seeded randomized subspace iteration (a block of ``k/2 + 8`` columns, checked after each of
+``POWER_STEPS`` power iterations) gives Ritz triplets ``(U, theta, V)`` with ``U^T A = diag(theta) V^T`` exactly and residuals ``r_j = ||A v_j - theta_j u_j||``;
 the fold uses ``U_e U_e^T A`` for ``A_e``. It is accepted when
 
 1. the entering set is certain: ``theta_{e-1} > floor_{e-1}`` (Ritz values are lower bounds) and
@@ -45,42 +44,37 @@ from torch import Tensor
 from axis_stream.core import svd as _svd
 
 OVERSAMPLE = 8             # block columns beyond the entering count
-# Power iterations reached in turn before the exact fallback, and when to give up: the exact top k
-# from the Gram matrix costs about ten power steps of the block at ViT-B-32's shapes, so an attempt
-# that would need more than the last step count is not worth finishing.
-POWER_STEPS = (2, 4, 8)
+# The power iterations after which the certificate is checked (a check costs no product with the
+# matrix, only the block's small problems), and when to give up: the exact top k from the Gram matrix
+# costs about ten power steps of the block at ViT-B-32's shapes, so an attempt that would need more
+# than the last step count is not worth finishing.
+POWER_STEPS = (2, 3, 4, 5, 6, 8)
 ROUNDING = 1e-6            # relative to the top Ritz value: closer to a floor than this is a float32 tie
 GIVE_UP_FACTOR = 1.0       # give up when the certificate is predicted only beyond this many times the last step count
 GRAM_RANGE = 1e-4          # Ritz values down to this share of the top one come from the block's Gram matrix
 
 
-def _power(a: Tensor, q: Tensor, steps: int) -> Tensor:
-    """``steps`` subspace iterations ``q <- orth(A A^T q)``, re-orthonormalised each half step."""
-    for _ in range(steps):
-        q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
-    return q
+def _ritz(q: Tensor, z: Tensor, qz: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz triplets of ``A`` on the left space ``q`` (``U^T A = diag(theta) V^T``) and their residual
+    norms ``||A v - theta u||`` in float64, from the products of one subspace iteration from ``q``
+    (``z = A^T q``, ``qz = orth(z)``, ``y = A qz``; the next block is ``orth(y)``): a check costs no
+    product with ``A`` of its own.
 
-
-def _ritz(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Ritz triplets of ``a`` on the left space ``q`` (``U^T a = diag(theta) V^T``) and their
-    residual norms ``||a v - theta u||`` in float64.
-
-    The SVD of the wide ``b = q^T a`` comes from the float64 eigenproblem of its small Gram matrix
-    ``b b^T`` (a fraction of the cost of an SVD of ``b``; ``v = b^T u_b / theta`` is accurate to
-    float64 rounding times ``(theta_0 / theta)^2``), unless a Ritz value lies under ``GRAM_RANGE`` of
-    the top one: then from the SVD of ``b`` itself."""
-    b = q.mT @ a
-    b64 = b.double()
-    lam, ub = torch.linalg.eigh(b64 @ b64.mT)
+    The SVD of ``b = z^T`` comes from the float64 eigenproblem of its small Gram matrix ``z^T z`` (a
+    fraction of the cost of an SVD of ``b``; ``v = z u_b / theta`` is accurate to float64 rounding
+    times ``(theta_0 / theta)^2``), unless a Ritz value lies under ``GRAM_RANGE`` of the top one: then
+    from the SVD of ``b`` itself. ``A v = y (qz^T v)``, as ``v`` lies in the span of ``z``."""
+    z64 = z.double()
+    lam, ub = torch.linalg.eigh(z64.mT @ z64)
     theta, ub = lam.flip(0).clamp_min(0).sqrt(), ub.flip(1)
     if float(theta[-1]) > GRAM_RANGE * float(theta[0]):
-        V = ((b64.mT @ ub) / theta).to(a.dtype)
-        theta, ub = theta.to(a.dtype), ub.to(a.dtype)
+        V = ((z64 @ ub) / theta).to(z.dtype)
+        theta, ub = theta.to(z.dtype), ub.to(z.dtype)
     else:
-        ub, theta, vh = torch.linalg.svd(b, full_matrices=False)
+        ub, theta, vh = torch.linalg.svd(z.mT, full_matrices=False)
         V = vh.mT
     U = q @ ub
-    return U, theta, V, torch.linalg.vector_norm(a @ V - U * theta, dim=0).double()
+    return U, theta, V, torch.linalg.vector_norm(y @ (qz.mT @ V) - U * theta, dim=0).double()
 
 
 def _entering(theta: Tensor, floors: Tensor) -> int:
@@ -89,11 +83,11 @@ def _entering(theta: Tensor, floors: Tensor) -> int:
     return int((theta[:k] > floors[:w]).int().cumprod(0).sum())
 
 
-def _entering_at_least(a: Tensor, q: Tensor, floors: Tensor) -> int:
-    """A lower bound on the entering count: the Ritz values of ``a`` on ``q`` (from the small Gram
-    matrix of ``q^T a``) are lower bounds on its singular values, one product with ``a``."""
-    b = (q.mT @ a).double()
-    return _entering(torch.linalg.eigvalsh(b @ b.mT).flip(0).clamp_min(0).sqrt(), floors.double())
+def _entering_at_least(z: Tensor, floors: Tensor) -> int:
+    """A lower bound on the entering count from ``z = A^T q``: the Ritz values of ``A`` on ``q`` (the
+    singular values of ``z``, from its small Gram matrix) are lower bounds on its singular values."""
+    z64 = z.double()
+    return _entering(torch.linalg.eigvalsh(z64.mT @ z64).flip(0).clamp_min(0).sqrt(), floors.double())
 
 
 def certify(theta: Tensor, rho: Tensor, floors: Tensor, held_sq: Tensor, full: bool, tol: float
@@ -158,22 +152,26 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width, done = min(small, k // 2 + OVERSAMPLE), 0
+    width = min(small, k // 2 + OVERSAMPLE)
     q = torch.linalg.qr(a @ torch.randn(a.shape[1], width, generator=gen, dtype=a.dtype, device=a.device)).Q
-    if width < small and 2 * _entering_at_least(a, q, floors) + OVERSAMPLE // 2 > width:
-        return None            # before any power step: most of the block enters already
     history: list[tuple[int, float]] = []
-    for steps in POWER_STEPS:
-        q, done = _power(a, q, steps - done), steps
-        U, theta, V, rho = _ritz(a, q)
-        e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
-        if excess <= 1:
-            return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
-        if 2 * e + OVERSAMPLE // 2 > width and width < small or not math.isfinite(excess):
-            return None        # most of the block enters, or the boundary sits in a flat part: the exact path
-        history.append((steps, excess))
-        if _hopeless(history):
-            return None
+    for step in range(POWER_STEPS[-1] + 1):
+        z = a.mT @ q
+        if step == 0 and width < small and 2 * _entering_at_least(z, floors) + OVERSAMPLE // 2 > width:
+            return None        # before any power step: most of the block enters already
+        qz = torch.linalg.qr(z).Q
+        y = a @ qz
+        if step in POWER_STEPS:
+            U, theta, V, rho = _ritz(q, z, qz, y)
+            e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
+            if excess <= 1:
+                return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
+            if 2 * e + OVERSAMPLE // 2 > width and width < small or not math.isfinite(excess):
+                return None    # most of the block enters, or the boundary sits in a flat part: the exact path
+            history.append((step, excess))
+            if _hopeless(history):
+                return None
+        q = torch.linalg.qr(y).Q    # the next block
     return None
 
 
