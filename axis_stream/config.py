@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 from collections.abc import Mapping
@@ -109,6 +110,7 @@ class BasisConfig:
     k_count: int = 76
     svd: str = "randomized"              # exact | randomized (certified, falls back to exact)
     svd_tol: float = 1e-4
+    fold_device: str = "cpu"             # where matrix folds run: cpu, cuda or cuda:N (results stored on the CPU)
     keep_versions: int = 5
     trust_pickles: bool = False          # allow whole-model pickles in the watched folder
     allow_other_architectures: bool = False  # fold a model folder of another head (architectures), warned
@@ -127,6 +129,8 @@ class BasisConfig:
                               f"strategy {self.strategy!r} needs 'fraction' or 'count'")
         _choice("basis.k_mode", self.k_mode, ("fraction", "count", "gavish-donoho"))
         _choice("basis.svd", self.svd, ("exact", "randomized"))
+        if not isinstance(self.fold_device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.fold_device):
+            raise ConfigError(f"basis.fold_device: must be cpu, cuda or cuda:N, got {self.fold_device!r}")
         _range("basis.k_fraction", self.k_fraction, 0.0, 1.0, low_open=True)
         _range("basis.k_count", self.k_count, 1, None)
         _range("basis.svd_tol", self.svd_tol, 0.0, None, low_open=True)

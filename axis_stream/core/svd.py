@@ -87,9 +87,10 @@ def exact_svd(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return U, s[:k][keep], V
 
 
-def _gram_top(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _gram_top(a: Tensor, k: int, scipy_lapack: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``exact_svd(a, k)`` of a float32 ``a`` from the top ``k`` eigenpairs of the float64 Gram matrix
-    of its short side (LAPACK's subset solver ``syevr`` through scipy on the CPU, ``eigh`` elsewhere).
+    of its short side: LAPACK's subset solver ``syevr`` through scipy (``scipy_lapack``, the default on
+    the CPU), else torch's ``eigh`` on ``a``'s device (a GPU fold's path, tested on the CPU too).
 
     Faster than the float32 SVD (the ``n x n`` eigenproblem instead of a bidiagonalisation of ``a``,
     only ``k`` eigenvectors) and more accurate: the squared singular values come out with float64's
@@ -99,7 +100,8 @@ def _gram_top(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     wide = a.shape[0] <= a.shape[1]
     short = a if wide else a.mT
     n = short.shape[0]
-    if a.device.type == "cpu":   # syrk: the upper triangle only, half the products
+    if a.device.type == "cpu" if scipy_lapack is None else scipy_lapack:
+        # syrk: the upper triangle only, half the products
         x = short.double().numpy()    # BLAS reads it as it lies in memory: no transposing copy
         gram = scipy.linalg.blas.dsyrk(1.0, x) if x.flags.f_contiguous else scipy.linalg.blas.dsyrk(1.0, x.T, trans=1)
         w, q = (torch.from_numpy(t) for t in scipy.linalg.eigh(

@@ -31,6 +31,7 @@ from axis_stream.service.metrics import Metrics
 from axis_stream.store import readers
 from axis_stream.store.atomic import atomic_write_bytes, fsync_dir, fsync_file
 from axis_stream.store.basis import CURRENT, Basis
+from axis_stream.store.folding import fold_device
 from axis_stream.store.prefetch import Prefetcher
 from axis_stream.store.records import FoldRecord
 from axis_stream.text import printable
@@ -103,6 +104,7 @@ class FoldWorker:
         self._ahead = Prefetcher()                             # the next file's hash, taken during a fold
         self._upcoming: Path | None = None                     # the file to hash during the next fold
         self.basis: Basis | None = None
+        fold_device(config.basis)      # a missing GPU is said at start, not at the first fold
         if (self.paths.basis_dir / CURRENT).exists():
             self.basis = Basis.open(self.paths.basis_dir, base_state, settings=config.basis)
 

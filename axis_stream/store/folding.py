@@ -12,11 +12,12 @@ file is shared with the previous version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -112,6 +113,28 @@ class SourceFold:
     source_energy: float
 
 
+CPU = torch.device("cpu")
+T = TypeVar("T", bound="Tensor | Factors | None")
+
+
+def fold_device(settings: BasisConfig) -> torch.device:
+    """``basis.fold_device`` as a device; a CUDA device must be present (else a ConfigError saying so)."""
+    device = torch.device(settings.fold_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise errors.ConfigError(f"basis.fold_device is {settings.fold_device!r} but CUDA is not available "
+                                 f"(torch {torch.__version__}); set it to \"cpu\"")
+    return device
+
+
+def _moved(x: T, device: torch.device) -> T:
+    """A task matrix, factors (with their stats) or None on ``device``: the same object where it already is."""
+    if isinstance(x, Factors):
+        if x.U.device == device:
+            return x
+        return cast(T, Factors(x.U.to(device), x.s.to(device), x.V.to(device), stats=x.stats))
+    return x if x is None else cast(T, x.to(device))
+
+
 class Folder:
     """Folds a source's tensors into a ``FoldState`` with one basis's settings and strategy."""
 
@@ -119,6 +142,11 @@ class Folder:
         self.settings = settings
         self.strategy: FoldStrategy = FOLD_STRATEGIES[settings.strategy]
         self.params = self.strategy.check(settings.strategy_params)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """Where this folder's matrix folds run, resolved at the first (a reader never needs the GPU)."""
+        return fold_device(self.settings)
 
     def matrices(self, delta: Callable[[str], Tensor | Factors | None], state: FoldState, version: int,
                  progress: Progress | None, workers: int, memory_budget: float) -> SourceFold:
@@ -140,7 +168,15 @@ class Folder:
 
     def matrix(self, info: dict[str, Any], current: State | None, d: Tensor | Factors | None, version: int,
                count: int) -> MatrixFold:
-        """One matrix's fold (``current`` kept as its state when the source leaves it unchanged)."""
+        """One matrix's fold on ``basis.fold_device``: the state and the source go there, the new state
+        comes back to the CPU (``current`` itself when the source leaves it unchanged)."""
+        here = _moved(current, self.device)
+        done = self._matrix(info, here, _moved(d, self.device), version, count)
+        state = current if done.state is here else _moved(done.state, CPU)
+        return dataclasses.replace(done, state=state)
+
+    def _matrix(self, info: dict[str, Any], current: State | None, d: Tensor | Factors | None, version: int,
+                count: int) -> MatrixFold:
         if self.strategy.dense:    # a dense strategy's state is a tensor, ``axis``'s always factors
             return self._dense_matrix(info, cast("Tensor | None", current), d, count)
         current = cast(Factors, current)
