@@ -1,7 +1,9 @@
 """Where a streaming fold's time goes, per checkpoint, against reading, hashing and validating it.
 
 Each source is a checkpoint file folded matrix by matrix with ``stage1.fold`` (``svd="randomized"``,
-K = 10 %, the default settings) into a running basis, in this process, ``--fold-workers`` matrices at
+K = 10 %, the default settings; per matrix the attempt is made or skipped by
+``entering.worth_attempting`` from its last folds, as the daemon does; ``--svd attempt``: at every
+fold) into a running basis, in this process, ``--fold-workers`` matrices at
 a time as the daemon's fold threads do (``store.threads.bounded_map``; default one per core, as
 ``[watch] fold_workers = 0``; 1: one matrix after the other). Per file it prints the time of
 ``ingest.read_checkpoint`` + every ``Checkpoint.delta`` + ``finish`` (read, sha256, validation: "io
@@ -145,15 +147,19 @@ def fold_stream(clock: SVDClock, method: str, base: dict[str, torch.Tensor], fil
     """Fold ``files`` in order into an empty basis with ``svd=method``, ``workers`` matrices at a time
     (as the daemon's fold threads do); one table row per file."""
     basis: dict[str, stage1.Factors | None] = {n: None for n in names}
+    history: dict[str, tuple[int | None, int]] = {n: (None, 0) for n in names}   # as the manifest keeps it
     for i, path in enumerate(files, 1):
         deltas, io = read(path, base, names)
         clock.seconds.clear()
         todo = [n for n in names if deltas[n] is not None]
         matrices = {n: layout.as_matrix(deltas[n]) for n in todo}
 
-        def prepare(name: str, matrices=matrices):
+        def prepare(name: str, matrices=matrices, count=i - 1):
             d, current = matrices[name], basis[name]
-            return lambda: clock.fold(current, d, stage1.k_for(tuple(d.shape)), svd=method)
+            k, svd = stage1.k_for(tuple(d.shape)), "randomized" if method == "attempt" else method
+            if method == "randomized" and not entering.worth_attempting(tuple(d.shape), k, *history[name], count):
+                svd = "exact"    # the daemon's choice per matrix (store.folding.Folder)
+            return lambda: clock.fold(current, d, k, svd=svd)
 
         t0 = time.perf_counter()
         outs = threads.bounded_map(todo, prepare, lambda n: 0, workers=workers, budget=math.inf)
@@ -168,6 +174,7 @@ def fold_stream(clock: SVDClock, method: str, base: dict[str, torch.Tensor], fil
                 err = max(err, relative_error(out, stage1.fold(cur64, d.double(), stage1.k_for(tuple(d.shape)),
                                                                svd="exact")))
             basis[name] = stage1.Factors(out.U, out.s, out.V)
+            history[name] = (out.stats.new_kept, entering.failed_after(history[name][1], out.stats.svd_method))
         summary = ", ".join(f"{m} {c}" for m, c in sorted(paths.items()))
         print(f"{method:>10} {i:>4} {io:>6.2f} {wall:>7.2f} {wall / io:>6.2f} | "
               + " ".join(f"{clock.seconds.get(c, 0.0):>10.2f}" for c in COLUMNS)
@@ -178,8 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("vit", "minilm", "quickstart"), default="minilm")
     parser.add_argument("--count", type=int, default=4, help="checkpoints folded in order")
-    parser.add_argument("--svd", nargs="+", choices=svd_module.METHODS, default=["randomized"],
-                        help="the fold's SVD path(s), each a stream of its own in this run")
+    parser.add_argument("--svd", nargs="+", choices=(*svd_module.METHODS, "attempt"), default=["randomized"],
+                        help="the fold's SVD path(s), each a stream of its own in this run (randomized: as the "
+                             "daemon folds, choosing per matrix whether to attempt; attempt: at every fold)")
     parser.add_argument("--check", action="store_true", help="compare every fold with a float64 exact fold")
     parser.add_argument("--fold-workers", type=int, default=0,
                         help="matrices folded at once, as [watch] fold_workers (0: one per core, the default)")

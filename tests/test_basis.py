@@ -22,7 +22,7 @@ from test_ingest import BAD, _write_bad, one_thread  # noqa: F401 (autouse fixtu
 from axis_stream import errors
 from axis_stream.cli import main
 from axis_stream.config import BasisConfig
-from axis_stream.core import layout, stage1
+from axis_stream.core import entering, layout, stage1
 from axis_stream.render import basis_summary_lines
 from axis_stream.store import atomic, ledger, readers
 from axis_stream.store.basis import Basis
@@ -529,6 +529,31 @@ def test_a_crash_at_every_step_of_the_migration_loses_nothing(tiny_base, make_ch
         if not crashed:
             break
     assert n > 8
+
+
+def test_a_randomized_basis_attempts_per_matrix_as_its_last_folds_say(tiny_base, make_checkpoint, new_basis):
+    basis = new_basis(k_mode="count", k_count=8, svd="randomized")
+    paths, skipped, attempted = [make_checkpoint(s) for s in range(51, 56)], 0, 0
+    for count, path in enumerate(paths):
+        before = basis.manifest["matrices"]
+        basis.fold_checkpoint(path)
+        stats, after = basis.ledger()[-1].matrices, basis.manifest["matrices"]
+        for name, info in before.items():
+            s = stats[name]
+            assert after[name]["entered"] == s["new_kept"]
+            assert after[name]["failed_attempts"] == entering.failed_after(info.get("failed_attempts", 0),
+                                                                           s["svd_method"])
+            if count == 0:
+                assert s["svd_method"] == "exact" and s["new_kept"] == 8   # an empty basis: the exact path
+            elif entering.worth_attempting(tuple(info["shape"]), s["k"], info["entered"],
+                                           info["failed_attempts"], count):
+                attempted += 1
+                assert s["svd_method"] in ("randomized", "randomized->exact"), name
+            else:
+                skipped += 1
+                assert s["svd_method"] == "exact", name
+    # the second fold skips every attempt (all 8 entered the first: they fill a 12-column block); later ones try
+    assert skipped >= len(before) and attempted > 0
 
 
 def test_a_fold_shares_the_files_of_the_matrices_it_leaves_untouched(tiny_base, make_checkpoint, new_basis):

@@ -129,3 +129,16 @@ def test_a_stalled_certificate_is_hopeless_and_a_converging_one_is_not():
     assert entering._hopeless([(2, math.inf), (4, math.inf)])
     assert entering._hopeless([(2, 44.0), (4, math.inf)])      # worse: the boundary moved into a flat part
     assert not entering._hopeless([(2, math.inf), (4, 30.0)])
+
+
+def test_the_attempt_is_skipped_where_the_last_fold_filled_its_block_and_backs_off_after_fallbacks():
+    shape, k = (3072, 768), 76          # a block of 76 // 2 + 8 = 46 columns: 21 entering fill it, 22 do not
+    assert entering.worth_attempting(shape, k, None, 0, 1)
+    assert entering.worth_attempting(shape, k, 21, 0, 1)
+    assert not entering.worth_attempting(shape, k, 22, 0, 1)
+    assert not entering.worth_attempting(shape, k, 76, 0, 1)
+    assert entering.worth_attempting((12, 10), 5, 5, 0, 1)    # the block spans the whole range: nothing to fill
+    due = [[c for c in range(1, 33) if entering.worth_attempting(shape, k, 10, f, c)] for f in (0, 1, 2, 5)]
+    assert due[0] == list(range(1, 33))
+    assert due[1] == list(range(2, 33, 2)) and due[2] == list(range(4, 33, 4)) and due[3] == [8, 16, 24, 32]
+    assert [entering.failed_after(2, m) for m in ("randomized", "randomized->exact", "exact")] == [0, 3, 2]

@@ -31,7 +31,12 @@ and at each check; the exact path then costs about as much as a block wide enoug
 has no finite certificate (the boundary sits in a flat part of the spectrum: the new matrix's noise
 bulk against a basis still holding noise), or when the certificate's decay predicts it only beyond
 ``GIVE_UP_FACTOR`` times the last step count. The cost follows ``e``: a matrix of which nothing can
-enter is settled at the first check. No I/O, no state.
+enter is settled at the first check.
+
+A failed attempt costs 1.3-1.6x the exact path, so the basis (``store.folding.Folder``) asks
+``worth_attempting`` first, from what the matrix's last fold let in and how many attempts in a row fell
+back: a stream's early folds, where most of the block enters, and matrices that do not certify on
+real fine-tunes then take the exact path directly. No I/O, no state.
 """
 
 from __future__ import annotations
@@ -52,6 +57,35 @@ POWER_STEPS = (2, 3, 4, 5, 6, 8)
 ROUNDING = 1e-6            # relative to the top Ritz value: closer to a floor than this is a float32 tie
 GIVE_UP_FACTOR = 1.0       # give up when the certificate is predicted only beyond this many times the last step count
 GRAM_RANGE = 1e-4          # Ritz values down to this share of the top one come from the block's Gram matrix
+BACKOFF_MAX = 3            # after f fallbacks in a row, attempts at every 2**min(f, BACKOFF_MAX)-th fold only
+
+
+def _width(k: int, small: int) -> int:
+    """The attempt's block: about half the entering count's bound plus oversampling, at most the short side."""
+    return min(small, k // 2 + OVERSAMPLE)
+
+
+def _fills(e: int, width: int, small: int) -> bool:
+    """Whether ``e`` entering components take most of the block (the exact path then costs about as
+    much as a block wide enough)."""
+    return 2 * e + OVERSAMPLE // 2 > width and width < small
+
+
+def worth_attempting(shape: tuple[int, int], k: int, entered: int | None, failed: int, count: int) -> bool:
+    """Whether a matrix's fold should try the randomized attempt, from its previous folds: not when
+    the last let in ``entered`` components that would fill most of the block (the attempt stops there
+    at its first check; how many enter changes slowly along a stream), and after ``failed`` fallbacks
+    in a row only at folds ``count`` (sources folded so far) that are multiples of ``2**failed``
+    (capped): on real fine-tunes some matrices never certify. ``entered`` None: no history."""
+    small = min(shape)
+    if entered is not None and _fills(entered, _width(k, small), small):
+        return False
+    return count % 2 ** min(failed, BACKOFF_MAX) == 0
+
+
+def failed_after(failed: int, method: str) -> int:
+    """The count of fallbacks in a row once a fold took ``method`` (an exact fold leaves it as it was)."""
+    return {"randomized": 0, "randomized->exact": failed + 1}.get(method, failed)
 
 
 def _ritz(q: Tensor, z: Tensor, qz: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -152,12 +186,12 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
     h[:held.numel()] = held.double().square()[:k]
     held_sq = torch.cat([h.cumsum(0).flip(0), h.new_zeros(1)])   # held_sq[i] = h[:k - i].sum()
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    width = min(small, k // 2 + OVERSAMPLE)
+    width = _width(k, small)
     q = torch.linalg.qr(a @ torch.randn(a.shape[1], width, generator=gen, dtype=a.dtype, device=a.device)).Q
     history: list[tuple[int, float]] = []
     for step in range(POWER_STEPS[-1] + 1):
         z = a.mT @ q
-        if step == 0 and width < small and 2 * _entering_at_least(z, floors) + OVERSAMPLE // 2 > width:
+        if step == 0 and _fills(_entering_at_least(z, floors), width, small):
             return None        # before any power step: most of the block enters already
         qz = torch.linalg.qr(z).Q
         y = a @ qz
@@ -166,7 +200,7 @@ def entering_svd(a: Tensor, floors: Tensor, held: Tensor, *, tol: float, seed: i
             e, bound, excess = certify(theta.double(), rho, floors.double(), held_sq, width >= small, tol)
             if excess <= 1:
                 return U[:, :e], theta[:e], V[:, :e], bound, float(theta[0])
-            if 2 * e + OVERSAMPLE // 2 > width and width < small or not math.isfinite(excess):
+            if _fills(e, width, small) or not math.isfinite(excess):
                 return None    # most of the block enters, or the boundary sits in a flat part: the exact path
             history.append((step, excess))
             if _hopeless(history):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from axis_stream import errors
 from axis_stream.config import BasisConfig
-from axis_stream.core import calibration, layout, stage1
+from axis_stream.core import calibration, entering, layout, stage1
 from axis_stream.core.calibration import SourceStats
 from axis_stream.core.stage1 import Factors
 from axis_stream.core.strategies import DENSE, FOLD_STRATEGIES, UNCHANGED, FoldStrategy, Scalars, State
@@ -181,11 +181,12 @@ class Folder:
             return self._dense_matrix(info, cast("Tensor | None", current), d, count)
         current = cast(Factors, current)
         stats = calibration_stats(info)
+        history: dict[str, int] = {}
         if d is None:
             st = {"k": info["k"], "new_kept": 0, "energy_kept": 0.0, "svd_method": UNCHANGED, "svd_error": 0.0}
             e_cur, e_new, delta_energy, factors = 1.0, 0.0, 0.0, current
         else:
-            k, new, delta_energy = self._fold_source(current, d, count)
+            k, new, delta_energy = self._fold_source(info, current, d, count)
             fs = new.stats
             assert fs is not None                  # every stage1 fold sets its statistics
             kept_current = min(current.rank, k - fs.new_kept)
@@ -193,6 +194,9 @@ class Folder:
             e_new = fs.energy_kept * delta_energy
             st = {"k": k, "new_kept": fs.new_kept, "energy_kept": round(fs.energy_kept, 6),
                   "svd_method": fs.svd_method, "svd_error": float(f"{fs.svd_error:.3g}")}
+            if not isinstance(d, Factors):   # what the next fold's choice of SVD path reads
+                history = {"entered": fs.new_kept,
+                           "failed_attempts": entering.failed_after(info.get("failed_attempts", 0), fs.svd_method)}
             if stats is not None:
                 held = float(current.s.double().square().sum())
                 stats = stats.after(fs.top_sigma, math.sqrt(delta_energy), e_cur / held if held else 1.0, e_new)
@@ -204,7 +208,7 @@ class Folder:
         st["calibration"] = calibration.factor(self.settings.calibration, stats, count + 1, factors.s)
         entry = dict(info, k=st["k"], rank=factors.rank, energy=float(factors.s.double().square().sum()),
                      source_energy=info["source_energy"] + delta_energy, log_scale=log_scale, reset=reset,
-                     **stats_entry(stats))
+                     **stats_entry(stats), **history)
         return MatrixFold(entry, st, [share, log_scale], factors, delta_energy)
 
     def _dense_matrix(self, info: dict[str, Any], current: Tensor | None, d: Tensor | Factors | None, count: int
@@ -220,15 +224,23 @@ class Folder:
         entry = dict(info, energy=energy, source_energy=info["source_energy"] + delta_energy)
         return MatrixFold(entry, st, [0.0, info["log_scale"]], new, delta_energy)
 
-    def _fold_source(self, current: Factors, d: Tensor | Factors, count: int) -> tuple[int, Factors, float]:
-        """K, the fold and the source's squared norm: a task matrix (``stage1.fold``) or another basis's factors."""
+    def _fold_source(self, info: Mapping[str, Any], current: Factors, d: Tensor | Factors, count: int
+                     ) -> tuple[int, Factors, float]:
+        """K, the fold and the source's squared norm: a task matrix (``stage1.fold``; ``svd = "randomized"``
+        skips its attempt where the matrix's last folds, in ``info``, say it will not pay:
+        ``entering.worth_attempting``) or another basis's factors."""
         if isinstance(d, Factors):  # another basis: its K was chosen by its own folds
             k = max(current.rank, d.rank) if self.settings.k_mode == "gavish-donoho" else self.static_k(d.shape)
             new = cast(Factors, self.strategy.fold(current, d, k, count, self.params))   # axis: factors in, out
             return k, new, float(d.s.double().square().sum())
         delta = layout.as_matrix(d)
-        k = self.fold_k((delta.shape[0], delta.shape[1]), current, delta)
-        new = cast(Factors, self.strategy.fold(current, delta, k, count, self.params, svd=self.settings.svd,
+        shape = (delta.shape[0], delta.shape[1])
+        k = self.fold_k(shape, current, delta)
+        svd = self.settings.svd
+        if svd == "randomized" and not entering.worth_attempting(shape, k, info.get("entered"),
+                                                                 info.get("failed_attempts", 0), count):
+            svd = "exact"
+        new = cast(Factors, self.strategy.fold(current, delta, k, count, self.params, svd=svd,
                                                tol=self.settings.svd_tol, seed=0))
         return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
 
