@@ -156,9 +156,8 @@ def fold_stream(clock: SVDClock, method: str, base: dict[str, torch.Tensor], fil
 
         def prepare(name: str, matrices=matrices, count=i - 1):
             d, current = matrices[name], basis[name]
-            k, svd = stage1.k_for(tuple(d.shape)), "randomized" if method == "attempt" else method
-            if method == "randomized" and not entering.worth_attempting(tuple(d.shape), k, *history[name], count):
-                svd = "exact"    # the daemon's choice per matrix (store.folding.Folder)
+            k = stage1.k_for(tuple(d.shape))   # the daemon's choice per matrix (store.folding.Folder), or always attempt
+            svd = "randomized" if method == "attempt" else entering.fold_path(method, tuple(d.shape), k, *history[name], count)
             return lambda: clock.fold(current, d, k, svd=svd)
 
         t0 = time.perf_counter()

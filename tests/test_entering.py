@@ -132,7 +132,7 @@ def test_a_stalled_certificate_is_hopeless_and_a_converging_one_is_not():
 
 
 def test_the_attempt_is_skipped_where_the_last_fold_filled_its_block_and_backs_off_after_fallbacks():
-    shape, k = (3072, 768), 76          # a block of 76 // 2 + 8 = 46 columns: 21 entering fill it, 22 do not
+    shape, k = (3072, 768), 76          # a block of 76 // 2 + 8 = 46 columns: 22 entering fill it, 21 do not
     assert entering.worth_attempting(shape, k, None, 0, 1)
     assert entering.worth_attempting(shape, k, 21, 0, 1)
     assert not entering.worth_attempting(shape, k, 22, 0, 1)

@@ -83,6 +83,12 @@ def worth_attempting(shape: tuple[int, int], k: int, entered: int | None, failed
     return count % 2 ** min(failed, BACKOFF_MAX) == 0
 
 
+def fold_path(svd: str, shape: tuple[int, int], k: int, entered: int | None, failed: int, count: int) -> str:
+    """The SVD path a fold takes under ``[basis] svd``: ``"randomized"`` gives way to ``"exact"`` where
+    ``worth_attempting`` says the attempt will not pay."""
+    return "exact" if svd == "randomized" and not worth_attempting(shape, k, entered, failed, count) else svd
+
+
 def failed_after(failed: int, method: str) -> int:
     """The count of fallbacks in a row once a fold took ``method`` (an exact fold leaves it as it was)."""
     return {"randomized": 0, "randomized->exact": failed + 1}.get(method, failed)

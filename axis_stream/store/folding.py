@@ -236,10 +236,8 @@ class Folder:
         delta = layout.as_matrix(d)
         shape = (delta.shape[0], delta.shape[1])
         k = self.fold_k(shape, current, delta)
-        svd = self.settings.svd
-        if svd == "randomized" and not entering.worth_attempting(shape, k, info.get("entered"),
-                                                                 info.get("failed_attempts", 0), count):
-            svd = "exact"
+        svd = entering.fold_path(self.settings.svd, shape, k, info.get("entered"), info.get("failed_attempts", 0),
+                                 count)
         new = cast(Factors, self.strategy.fold(current, delta, k, count, self.params, svd=svd,
                                                tol=self.settings.svd_tol, seed=0))
         return k, new, float(torch.linalg.matrix_norm(delta)) ** 2
